@@ -1,0 +1,68 @@
+"""Shared pieces of the command line: the error boundary and common options."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import click
+
+
+def friendly(fn):
+    """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from annify.convert import ConvertError
+        from annify.spec import SpecError
+        from annify.trace import TraceError
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="fvcore")
+        try:
+            return fn(*args, **kwargs)
+        except (ConvertError, SpecError, TraceError, ValueError, KeyError, OSError) as e:
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            raise click.ClickException(
+                text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            ) from None
+
+    return wrapper
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check it can be written; a one-line error otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot create output folder '{p}': {e.strerror}; choose another --out"
+        ) from None
+    if not os.access(p, os.W_OK):
+        raise click.ClickException(f"output folder '{p}' is not writable; choose another --out")
+    return p
+
+
+def parse_size(value: str | None) -> tuple[int, int, int] | None:
+    """'3,224,224' or '3x224x224' -> (3, 224, 224)."""
+    if value is None:
+        return None
+    parts = value.replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) <= 0:
+        raise click.BadParameter(f"expected C,H,W such as 3,224,224, got '{value}'")
+    return size
+
+
+def format_flops(f: float) -> str:
+    """Human-readable FLOPs: 4.11G, 310.4K."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(f) >= scale:
+            return f"{f / scale:.3g}{unit}" if f / scale < 100 else f"{f / scale:.1f}{unit}"
+    return f"{f:.0f}"

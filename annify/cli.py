@@ -1,0 +1,161 @@
+"""The ``annify`` command line: one short command per pipeline stage.
+
+Each command parses its options, calls one library function and prints the result. User mistakes
+become one-line errors with a non-zero exit, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import click
+
+from annify._cli_common import format_flops, friendly, parse_size, writable_dir
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="annify")
+def main() -> None:
+    """Turn any timm model into an anytime neural network: convert, train, eann, predict."""
+
+
+model_options = [
+    click.option("--input-size", help="C,H,W to trace and cost at (default: the model's pretrained config)."),
+    click.option("--num-classes", type=int, help="Classes for every output (default: the model's)."),
+    click.option("--in-chans", type=int, help="Input channels passed to timm.create_model."),
+]
+
+
+def with_model_options(fn):
+    for opt in reversed(model_options):
+        fn = opt(fn)
+    return fn
+
+
+def _kwargs(in_chans):
+    return {"in_chans": in_chans} if in_chans else {}
+
+
+@main.command()
+@click.argument("model")
+@with_model_options
+@friendly
+def inspect(model, input_size, num_classes, in_chans):
+    """List MODEL's candidate tap points in execution order, with their cost.
+
+    Columns: 1-based block index, graph node, module path, feature layout (NCHW, NHWC or tokens
+    NLC), channels, spatial size or token count, cumulative trunk FLOPs (fvcore: one multiply-add
+    = 1 FLOP) and the fraction of the whole model.
+
+    Example: annify inspect resnet50
+    """
+    from annify.convert import inspect_model
+
+    kw = _kwargs(in_chans)
+    if num_classes:
+        kw["num_classes"] = num_classes
+    taps, cum, total = inspect_model(model, parse_size(input_size), **kw)
+    rows = [("block", "node", "module", "layout", "channels", "size", "flops", "fraction")]
+    for t, c in zip(taps, cum):
+        size = "x".join(str(s) for s in t.spatial)
+        rows.append(
+            (
+                str(t.index),
+                t.node,
+                t.module,
+                t.layout,
+                str(t.channels),
+                size,
+                format_flops(c),
+                f"{c / total:.3f}",
+            )
+        )
+    rows.append(("", "(whole model)", "", "", "", "", format_flops(total), "1.000"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def print_cost_table(spec) -> None:
+    """Per-output cost table of a spec."""
+    click.echo(f"{'output':>6}  {'node':<40} {'flops':>9} {'fraction':>8} {'single-exit':>11} {'params':>9}")
+    for i, h in enumerate(spec.heads, 1):
+        node = "model (own classifier)" if h.node == "model" else h.node
+        click.echo(
+            f"{i:>6}  {node:<40} {format_flops(h.flops):>9} {h.fraction:>8.3f} "
+            f"{format_flops(h.flops_single):>11} {format_flops(h.params):>9}"
+        )
+
+
+@main.command()
+@click.argument("model")
+@click.option("--every", type=int, help="A head after blocks S, S+K, ... (K = --every).")
+@click.option("--start", type=int, help="First block with a head, 1-based (default: K).")
+@click.option(
+    "--at", "at", multiple=True, help="A head at this node or glob (repeatable); see `annify inspect`."
+)
+@click.option(
+    "--flops-period",
+    type=float,
+    help="A head at each multiple P of the total cost (P<=1: fraction; P>1: FLOPs).",
+)
+@click.option("--heads", type=int, help="N outputs spaced evenly by cost (the last is the classifier).")
+@click.option("--head-type", help="Head type for the added heads (default: by feature layout).")
+@click.option(
+    "--name", help="Spec name (default: resnet50 -> resann50, densenet169 -> denseann169, else <model>_ann)."
+)
+@click.option("--out", default="zoo", show_default=True, help="Output folder, or a .yaml path.")
+@with_model_options
+@friendly
+def convert(
+    model, every, start, at, flops_period, heads, head_type, name, out, input_size, num_classes, in_chans
+):
+    """Convert MODEL into an anytime network and write its spec.
+
+    Example: annify convert resnet50 --every 2 --out zoo/
+    """
+    from pathlib import Path
+
+    from annify.convert import convert as run_convert
+    from annify.spec import atomic_write, dump
+
+    out_path = Path(out)
+    folder = out_path.parent if out_path.suffix in (".yaml", ".yml") else out_path
+    writable_dir(folder)  # fail before the slow part
+    _, spec, costs = run_convert(
+        model,
+        every=every,
+        start=start,
+        at=list(at) or None,
+        flops_period=flops_period,
+        heads=heads,
+        input_size=parse_size(input_size),
+        num_classes=num_classes,
+        model_kwargs=_kwargs(in_chans),
+        head_type=head_type,
+        name=name,
+    )
+    target = out_path if out_path.suffix in (".yaml", ".yml") else folder / f"{spec.name}.yaml"
+    header = f"annify train {target}\n{spec.name}: {model} with {len(spec.heads)} outputs, written by `annify convert`"
+    atomic_write(target, dump(spec, header))
+    print_cost_table(spec)
+    if costs.unsupported:
+        skipped = ", ".join(f"{k} ({v})" for k, v in sorted(costs.unsupported.items()))
+        click.echo(f"fvcore does not count: {skipped}")
+    click.echo(f"wrote {target}")
+
+
+def _register_stage_commands() -> None:
+    """Commands of the later stages live beside their library code; missing ones are skipped."""
+    import importlib
+
+    for module in ("annify.cli_train", "annify.cli_runtime"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        for command in mod.COMMANDS:
+            main.add_command(command)
+
+
+_register_stage_commands()

@@ -1,0 +1,305 @@
+"""The convert stage: a timm model and a placement in, an anytime network and its spec out.
+
+Placement is declarative: after every K blocks (``every``, ``start``), at named nodes or globs
+(``at``), at multiples of a FLOP period (``flops_period``), or N outputs spaced evenly by cost
+(``heads``). The last block is never given a head: the model's own classifier reads it and is
+always the last output (so ``resnet50 --every 2`` has 8 outputs, as in the paper).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from annify import heads as head_registry
+from annify.cost import CONVENTION, Costs, count
+from annify.rewrite import AnytimeNet
+from annify.spec import HeadSpec, Spec, load_spec
+from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
+
+__all__ = ["ConvertError", "build", "choose", "convert", "create_model", "inspect_model", "load", "spec_name"]
+
+
+class ConvertError(ValueError):
+    """Bad input to the convert stage; the message says what is wrong and how to fix it."""
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with annify's registrations, and close-name suggestions for typos."""
+    import annify.models  # noqa: F401 - registers the cifar_resnet family
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists the names"
+        raise ConvertError(f"unknown model '{name}'{hint}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ConvertError(f"timm could not build '{name}' with {kwargs}: {e}") from None
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The input size from the model's pretrained config (3×224×224 if it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def spec_name(model: str) -> str:
+    """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``."""
+    for plain, ann in (("resnet", "resann"), ("densenet", "denseann")):
+        m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*)", model)
+        if m:
+            return f"{m.group(1)}{ann}{m.group(2)}"
+    return f"{model}_ann"
+
+
+def inspect_model(
+    name: str, input_size: tuple[int, int, int] | None = None, **kwargs
+) -> tuple[list[TapPoint], list[int], int]:
+    """Candidate tap points of a timm model with the trunk's cumulative FLOPs at each, and the total."""
+    model = create_model(name, **kwargs).eval()
+    traced = trace(model, input_size or default_input_size(model), train_graph=False)
+    taps = tap_points(traced)
+    cum, total = _trunk_costs(traced, taps)
+    return taps, cum, total
+
+
+def _trunk_costs(traced: Traced, taps: list[TapPoint]) -> tuple[list[int], int]:
+    net = AnytimeNet(traced, [t.node for t in taps], [nn.Identity() for _ in taps])
+    costs = count(net)
+    return costs.flops[:-1], costs.flops[-1]
+
+
+def _arch(traced: Traced) -> str:
+    cfg = getattr(traced.model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(traced.model).__name__
+
+
+def _tensor_nodes(traced: Traced) -> list[str]:
+    return [q for q in traced.qualnames if traced.shapes.get(q) is not None and len(traced.shapes[q]) >= 2]
+
+
+def choose(
+    traced: Traced,
+    taps: list[TapPoint],
+    every: int | None = None,
+    start: int | None = None,
+    at: list[str] | None = None,
+    flops_period: float | None = None,
+    heads: int | None = None,
+) -> tuple[list[str], dict]:
+    """Pick the nodes that get heads; returns (nodes in execution order, the placement as data)."""
+    given = [k for k, v in dict(every=every, at=at, flops_period=flops_period, heads=heads).items() if v]
+    if len(given) > 1:
+        raise ConvertError(f"choose one placement, not {' and '.join(given)}")
+    if not taps and not at:
+        raise ConvertError(
+            "found no repeated blocks to place heads after; name nodes with --at (see `annify inspect`)"
+        )
+    inner = taps[:-1]  # the last block feeds the model's own classifier
+    if every is not None or start is not None:
+        every = every if every is not None else 1
+        start = start if start is not None else every
+        if every <= 0 or start <= 0:
+            raise ConvertError(
+                f"--every and --start must be positive integers, got every={every} start={start}"
+            )
+        picked = [t.node for t in inner if t.index >= start and (t.index - start) % every == 0]
+        return picked, {"every": every, "start": start}
+    if at:
+        known = _tensor_nodes(traced)
+        picked = []
+        for pattern in at:
+            hits = (
+                fnmatch.filter(known, pattern)
+                if any(c in pattern for c in "*?[")
+                else [pattern] * (pattern in known)
+            )
+            if not hits:
+                close = difflib.get_close_matches(pattern, known, n=1)
+                hint = f" (closest: '{close[0]}')" if close else ""
+                raise ConvertError(
+                    f"node '{pattern}' is not in {_arch(traced)}{hint}. "
+                    f"Hint: annify inspect MODEL lists the tap points"
+                )
+            picked += [h for h in hits if h not in picked]
+        order = {q: i for i, q in enumerate(traced.qualnames)}
+        return sorted(picked, key=order.get), {"at": list(at)}
+    cum, total = _trunk_costs(traced, taps)
+    cum = cum[:-1]  # inner taps only
+    if heads is not None:
+        if heads < 1:
+            raise ConvertError(f"--heads must be at least 1, got {heads}")
+        if heads - 1 > len(inner):
+            raise ConvertError(
+                f"--heads {heads} asks for {heads - 1} added heads but the model has {len(inner)} tap points"
+            )
+        targets = [total * k / heads for k in range(1, heads)]
+        placement = {"heads": heads}
+    elif flops_period is not None:
+        if flops_period <= 0:
+            raise ConvertError(f"--flops-period must be positive, got {flops_period}")
+        period = flops_period * total if flops_period <= 1 else flops_period
+        targets = [period * k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
+        placement = {"flops_period": flops_period}
+    else:
+        raise ConvertError("give a placement: --every K, --at NODE, --flops-period P or --heads N")
+    picked: list[int] = []
+    for target in targets:  # nearest unused tap point by trunk cost
+        free = [i for i in range(len(inner)) if i not in picked]
+        if free:
+            picked.append(min(free, key=lambda i: abs(cum[i] - target)))
+    return [inner[i].node for i in sorted(picked)], placement
+
+
+def _build_net(
+    traced: Traced,
+    nodes: list[str],
+    num_classes: int,
+    head_type: str | None,
+    types: list[str | None] | None = None,
+) -> AnytimeNet:
+    known = set(traced.qualnames)
+    heads = []
+    for i, node in enumerate(nodes):
+        if node not in known:
+            close = difflib.get_close_matches(node, list(known), n=1)
+            hint = f" (closest: '{close[0]}')" if close else ""
+            raise ConvertError(
+                f"node '{node}' is not in the traced model{hint}. Hint: annify inspect MODEL lists the tap points"
+            )
+        try:
+            layout, channels, _, _ = describe_node(traced, node)
+        except ValueError as e:
+            raise ConvertError(f"cannot put a head at '{node}': {e}") from None
+        kind = (types[i] if types else None) or head_type or head_registry.default_for(layout)
+        prefix = getattr(traced.model, "num_prefix_tokens", 0)
+        try:
+            heads.append(head_registry.build(kind, channels, num_classes, layout, num_prefix_tokens=prefix))
+        except (KeyError, ValueError) as e:
+            raise ConvertError(str(e).strip("'\"")) from None
+    try:
+        return AnytimeNet(traced, nodes, heads)
+    except KeyError as e:
+        raise ConvertError(f"node {e} is missing from the train-mode graph; pick another tap point") from None
+
+
+def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=None) -> list[HeadSpec]:
+    block_of = {t.node: t.index for t in taps}
+    frac = costs.fraction
+    entries = []
+    for i, node in enumerate([*nodes, "model"]):
+        entries.append(
+            HeadSpec(
+                node=node,
+                type=(types[i] if types and i < len(nodes) else None),
+                block=block_of.get(node, len(taps) if node == "model" and taps else None),
+                flops=costs.flops[i],
+                fraction=round(frac[i], 4),
+                flops_single=costs.flops_single[i],
+                params=costs.params[i],
+            )
+        )
+    return entries
+
+
+def convert(
+    model: str,
+    every: int | None = None,
+    start: int | None = None,
+    at: list[str] | None = None,
+    flops_period: float | None = None,
+    heads: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+    model_kwargs: dict | None = None,
+    head_type: str | None = None,
+    name: str | None = None,
+) -> tuple[AnytimeNet, Spec, Costs]:
+    """Convert a timm model into an anytime network; returns (network, spec, costs)."""
+    kwargs = dict(model_kwargs or {})
+    m = create_model(model, num_classes, **kwargs).eval()
+    num_classes = m.num_classes if num_classes is None else num_classes
+    size = tuple(input_size) if input_size else default_input_size(m)
+    traced = trace(m, size)
+    taps = tap_points(traced)
+    nodes, placement = choose(traced, taps, every, start, at, flops_period, heads)
+    net = _build_net(traced, nodes, num_classes, head_type)
+    costs = count(net)
+    if num_classes != 1000 or "num_classes" in kwargs:
+        kwargs.pop("num_classes", None)
+    spec = Spec(
+        name=name or spec_name(model),
+        model=model,
+        heads=_head_entries(nodes, taps, costs),
+        input_size=size,
+        num_classes=num_classes,
+        model_kwargs=kwargs,
+        head_type=head_type,
+        placement=placement,
+        cost_convention=CONVENTION,
+    )
+    net.spec = spec
+    return net, spec, costs
+
+
+def build(spec: Spec) -> AnytimeNet:
+    """Rebuild the network a spec describes (fresh weights)."""
+    m = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
+    traced = trace(m, spec.input_size)
+    if spec.heads[-1].node != "model":
+        raise ConvertError("the last entry of 'heads' must be the model's own classifier (node: model)")
+    types = [h.type for h in spec.heads[:-1]]
+    net = _build_net(traced, spec.taps, spec.num_classes, spec.head_type, types)
+    net.spec = spec
+    return net
+
+
+def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> AnytimeNet:
+    """Load the anytime network a spec file describes, with weights from ``checkpoint`` if given.
+
+    ``checkpoint`` is a ``.safetensors`` file or a checkpoint folder holding ``model.safetensors``.
+    """
+    net = build(load_spec(path))
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    return net
+
+
+def load_weights(net: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load safetensors weights into ``net``; a file that does not fit gets a one-line error."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    p = Path(checkpoint)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise ConvertError(
+            f"checkpoint '{checkpoint}' not found (expected a .safetensors file or a folder with model.safetensors)"
+        )
+    try:
+        state = load_file(str(p))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise ConvertError(f"checkpoint '{p}' is not a readable safetensors file ({e})") from None
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        what = (
+            f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}), "
+            f"{len(wrong)} of the wrong shape (e.g. {wrong[:1]})"
+        )
+        raise ConvertError(f"checkpoint '{p}' does not fit this spec: {what}")
+    with torch.no_grad():
+        net.load_state_dict(state, strict=True)

@@ -1,0 +1,159 @@
+"""Per-output cost of an anytime network, counted with fvcore.
+
+Convention, stated once: fvcore counts one fused multiply-add as one FLOP (so resnet50 at 224 is
+4.1 GFLOPs, half of what ``torch.utils.flop_counter`` reports). Costs are counted in eval mode at
+batch size 1, where BatchNorm is counted by fvcore as one FLOP per element (its eval-mode
+affine). Heads are counted like any other module. ``scaled_dot_product_attention``, which fvcore
+leaves at zero, is counted here as batch·heads·L·S·(D + Dv) multiply-adds (QKᵀ plus AV). The
+operators fvcore still skips (elementwise adds, activations, pooling) are reported, never hidden.
+
+For output k (0-based) of an anytime network:
+
+- ``flops``: running anytime, the trunk up to tap k plus every head up to k;
+- ``flops_single``: as a single exit, the trunk up to tap k plus head k only;
+- ``params`` / ``params_single``: the same split for parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():  # fvcore (last release 2022) calls the deprecated torch.jit.script at import
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+from annify.rewrite import AnytimeNet
+
+__all__ = ["CONVENTION", "Costs", "count", "sdpa_flop_jit"]
+
+CONVENTION = (
+    "fvcore FLOPs: one fused multiply-add = 1 FLOP; eval mode, batch 1; "
+    "scaled_dot_product_attention counted as B*H*L*S*(D+Dv)"
+)
+
+
+def sdpa_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: QKᵀ and AV multiply-adds."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-1]:
+        batch *= d  # B·H·L
+    return batch * k[-2] * (q[-1] + v[-1])
+
+
+@dataclass
+class Costs:
+    """Cost of each output, in order; the last is the model's own classifier."""
+
+    flops: list[int]
+    flops_single: list[int]
+    params: list[int]
+    params_single: list[int]
+    trunk_flops: list[int]  # trunk cost of each segment alone
+    head_flops: list[int]
+    unsupported: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> list[float]:
+        """Anytime FLOPs of each output as a fraction of the last output's."""
+        return [f / self.flops[-1] for f in self.flops]
+
+
+class _Probe(nn.Module):
+    """Calls ``fn`` with tensors as traced inputs and every other argument baked in as a constant.
+
+    Segments can carry non-tensor values (sizes read off a tensor); jit tracing takes tensors only.
+    """
+
+    def __init__(self, fn, args: tuple, owner: nn.Module):
+        super().__init__()
+        self.owner = owner  # registered so that jit tracing sees its parameters as parameters
+        self._fn = [fn]
+        self._args = list(args)
+        self._slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def forward(self, *tensors):
+        args = list(self._args)
+        for i, t in zip(self._slots, tensors):
+            args[i] = t
+        out = self._fn[0](*args)
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(t for t in flat if isinstance(t, torch.Tensor))
+
+
+def _fvcore(fn, args: tuple, owner: nn.Module, unsupported: Counter) -> int:
+    probe = _Probe(fn, args, owner)
+    fca = FlopCountAnalysis(probe, tuple(a for a in args if isinstance(a, torch.Tensor)))
+    fca.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    total = int(fca.total())
+    unsupported.update(fca.unsupported_ops())
+    return total
+
+
+def _param_owners(net: AnytimeNet) -> list[set[int]]:
+    """Ids of the parameters each segment reads first (a parameter counts where first used)."""
+    seen: set[int] = set()
+    per_seg = []
+    for seg in net._eval_segments:
+        ids = set()
+        for n in seg.graph.nodes:
+            if n.op == "call_module":
+                ids |= {id(p) for p in net.get_submodule(n.target).parameters()}
+            elif n.op == "get_attr":
+                obj = net
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                if isinstance(obj, nn.Parameter):
+                    ids.add(id(obj))
+        per_seg.append(ids - seen)
+        seen |= ids
+    return per_seg
+
+
+def count(net: AnytimeNet, input_size: tuple[int, int, int] | None = None) -> Costs:
+    """Count each output's FLOPs and parameters (see the module docstring for the convention)."""
+    input_size = tuple(input_size or net.input_size)
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    unsupported: Counter = Counter()
+    trunk, heads, state = [], [], (torch.zeros(1, *input_size, device=device),)
+    with torch.no_grad():
+        for j, seg in enumerate(net.segments):
+            trunk.append(_fvcore(lambda *s, seg=seg: seg.fn(net, *s), state, net, unsupported))
+            if seg.tap is None:
+                break
+            state, feature = net.run_segment(j, state, head=False)
+            heads.append(_fvcore(net.heads[j], (feature,), net.heads[j], unsupported))
+    heads.append(0)  # the model's own classifier is inside the last segment
+    net.train(was_training)
+
+    params_by_id = {id(p): p.numel() for p in net.parameters()}
+    trunk_params = [sum(params_by_id[i] for i in ids) for ids in _param_owners(net)]
+    head_params = [sum(p.numel() for p in h.parameters()) for h in net.heads] + [0]
+
+    def cumulative(xs: list[int]) -> list[int]:
+        out, total = [], 0
+        for v in xs:
+            total += v
+            out.append(total)
+        return out
+
+    trunk_cum, head_cum = cumulative(trunk), cumulative(heads)
+    tp_cum, hp_cum = cumulative(trunk_params), cumulative(head_params)
+    return Costs(
+        flops=[t + h for t, h in zip(trunk_cum, head_cum)],
+        flops_single=[t + h for t, h in zip(trunk_cum, heads)],
+        params=[t + h for t, h in zip(tp_cum, hp_cum)],
+        params_single=[t + h for t, h in zip(tp_cum, head_params)],
+        trunk_flops=trunk,
+        head_flops=heads,
+        unsupported=dict(unsupported),
+    )

@@ -1,0 +1,493 @@
+"""Datasets and loaders for training and evaluating anytime networks.
+
+A data source is one string, so specs and the CLI can name it:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes). Always available offline,
+  small enough that a whole training run takes seconds; the default for tests and examples.
+- ``cifar10:PATH`` / ``cifar100:PATH``: the python-pickle CIFAR release, extracted (``cifar-10-batches-py``
+  or ``cifar-100-python``, or the folder holding it).
+- ``imagefolder:PATH``: ``train/`` and ``val/`` (optionally ``test/``) folders of class folders (ImageNet layout).
+- ``timm:NAME:PATH``: anything ``timm.data.create_dataset(NAME, root=PATH)`` reads from local disk.
+
+Every source yields fixed ``train``/``val``/``test`` splits. Splits never depend on the training seed, so
+runs that differ only in seed are selected on and scored against the same images.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
+
+__all__ = [
+    "DataError",
+    "DataInfo",
+    "TensorImageDataset",
+    "build_datasets",
+    "build_loaders",
+    "data_info",
+    "parse_source",
+    "set_epoch",
+]
+
+ACCEPTED = "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | timm:NAME:PATH"
+SPLIT_SEED = 0  # seeds every split; deliberately not the training seed
+IMAGENET_INPUT = (3, 224, 224)
+
+
+class DataError(ValueError):
+    """A data source that cannot be read; the message names the problem and the fix."""
+
+
+@dataclass
+class DataInfo:
+    """What a model needs to know about a source before seeing any data."""
+
+    num_classes: int
+    input_size: tuple[int, int, int]  # (C, H, W) the model sees
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str  # e.g. "digits", "cifar10:/path", "imagefolder:/path"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_source(source: str) -> tuple[str, str | None]:
+    """Split a source string into its kind and argument.
+
+    Returns ``("digits", None)``, ``(kind, PATH)`` for cifar10/cifar100/imagefolder, and
+    ``("timm", "NAME:PATH")`` for timm sources (NAME may be empty for a plain folder or tar).
+    """
+    kind, sep, arg = source.strip().partition(":")
+    kind = kind.lower()
+    if kind == "digits" and not sep:
+        return kind, None
+    if kind in ("cifar10", "cifar100", "imagefolder") and arg:
+        return kind, arg
+    if kind == "timm" and ":" in arg and arg.partition(":")[2]:
+        return kind, arg
+    raise DataError(f"unknown data source {source!r}; expected one of: {ACCEPTED}")
+
+
+def _existing_dir(kind: str, path: str, hint: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"{kind}: {root} does not exist — {hint}")
+    return root
+
+
+def _check_input_size(input_size: tuple[int, int, int], channels: tuple[int, ...], kind: str) -> None:
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise DataError(f"input_size must be (C, H, W) with positive entries, got {input_size}")
+    if input_size[0] not in channels:
+        raise DataError(f"{kind}: {input_size[0]} channels requested; this source gives {channels}")
+
+
+def _holdout_count(val_size: int | float, pool: int, kind: str) -> int:
+    """Turns ``val_size`` (a count, or a fraction of the training pool) into a count."""
+    count = math.ceil(val_size * pool) if isinstance(val_size, float) else int(val_size)
+    if not 0 < count < pool:
+        raise DataError(f"{kind}: val_size={val_size} leaves no train or no val images out of {pool}")
+    return count
+
+
+def _holdout(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (kept, held out) with a fixed seed, stratified by class when feasible."""
+    from sklearn.model_selection import train_test_split
+
+    n, counts = len(labels), torch.bincount(labels)
+    counts = counts[counts > 0]
+    stratify = labels.numpy() if counts.min() >= 2 and len(counts) <= min(count, n - count) else None
+    kept, held = train_test_split(range(n), test_size=count, random_state=SPLIT_SEED, stratify=stratify)
+    return torch.tensor(sorted(kept)), torch.tensor(sorted(held))
+
+
+# --------------------------------------------------------------------------- in-memory tensor images
+
+
+class PadCropFlip:
+    """Random translation by zero-padding and cropping back, optionally with a horizontal flip.
+
+    Works on one (C, H, W) image in [0, 1], before normalization, so the padding is black: the
+    background of digits and what CIFAR's standard recipe pads with. Draws from torch's global RNG,
+    which the DataLoader seeds per worker, so runs are reproducible.
+    """
+
+    def __init__(self, pad: int, flip: bool):
+        self.pad, self.flip = pad, flip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w = x.shape
+        p = self.pad
+        if p > 0:
+            i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = F.pad(x, (p, p, p, p))[:, i : i + h, j : j + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory, augmented, resized and normalized one sample at a time.
+
+    Args:
+        images: (N, C, H, W), uint8 in 0..255 or float in [0, 1].
+        labels: (N,) class indices.
+        input_size: (C, H, W) to produce; a 1-channel image is repeated when C is 3.
+        mean, std: per output channel.
+        augment: applied at the stored resolution, before resizing; None for evaluation.
+    """
+
+    def __init__(self, images, labels, input_size, mean, std, augment: PadCropFlip | None = None):
+        self.images, self.labels, self.input_size, self.augment = images, labels, tuple(input_size), augment
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        if self.augment is not None:
+            x = self.augment(x)
+        c, h, w = self.input_size
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        x = x.expand(c, -1, -1)  # gray -> RGB when asked; a no-op otherwise
+        return (x - self.mean) / self.std, int(self.labels[index])
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All digits as (images in [0,1], labels), and the fixed (pool, test) index split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    images = torch.tensor(x / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    labels = torch.tensor(y, dtype=torch.long)
+    pool, test = _holdout(labels, math.ceil(0.2 * len(labels)))  # test = 20% (360 images)
+    return images, labels, pool, test
+
+
+def _digits_info() -> DataInfo:
+    # Normalize with the training pool (train + val): independent of val_size, never sees test.
+    images, _, pool, _ = _digits()
+    mean, std = images[pool].mean().item(), images[pool].std().item()
+    return DataInfo(10, (1, 8, 8), (mean,), (std,), "digits")
+
+
+def _digits_datasets(input_size, val_size, augment):
+    info = _digits_info()
+    _check_input_size(input_size, (1, 3), "digits")
+    images, labels, pool, test = _digits()
+    count = _holdout_count(270 if val_size is None else val_size, len(pool), "digits")  # 15% of all
+    kept, held = _holdout(labels[pool], count)
+    train, val = pool[kept], pool[held]
+    mean, std = info.mean * input_size[0], info.std * input_size[0]
+    # Pad-and-crop only: a mirrored digit is a different glyph (or none), so flips would corrupt labels.
+    aug = PadCropFlip(pad=8 // 8, flip=False) if augment else None
+    make = functools.partial(TensorImageDataset, input_size=input_size, mean=mean, std=std)
+    return {
+        "train": make(images[train], labels[train], augment=aug),
+        "val": make(images[val], labels[val]),
+        "test": make(images[test], labels[test]),
+    }
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    train_files: tuple[str, ...]
+    test_file: str
+    label_key: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_CIFAR = {
+    "cifar10": _CifarLayout(
+        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "labels", 10,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": _CifarLayout(
+        "cifar-100-python", ("train",), "test", "fine_labels", 100,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+    ),
+}  # fmt: skip
+
+# The pickles hold numpy arrays and lists; nothing else may be imported while reading them.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_dir(kind: str, path: str) -> Path:
+    """The folder holding the CIFAR batch files: ``path`` itself or its extracted child folder."""
+    layout = _CIFAR[kind]
+    hint = f"point at the extracted {layout.folder} folder (or its parent)"
+    root = _existing_dir(kind, path, hint)
+    for folder in (root, root / layout.folder):
+        if (folder / layout.train_files[0]).is_file():
+            return folder
+    raise DataError(f"{kind}: no '{layout.train_files[0]}' under {root} — {hint}")
+
+
+def _read_cifar_file(kind: str, file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _CIFAR[kind]
+    if not file.is_file():
+        raise DataError(f"{kind}: missing {file} — re-extract the archive")
+    try:
+        with open(file, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        images = torch.as_tensor(batch["data"]).view(-1, 3, 32, 32)
+        labels = torch.as_tensor(batch[layout.label_key], dtype=torch.long)
+    except Exception as err:  # any unreadable content means the same thing to the user
+        msg = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise DataError(f"{kind}: {file} is not a CIFAR batch ({msg}) — re-extract the archive") from err
+    bad_labels = len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes)
+    if images.dtype != torch.uint8 or len(images) != len(labels) or bad_labels:
+        raise DataError(f"{kind}: {file} has malformed images or labels — re-extract the archive")
+    return images, labels
+
+
+def _cifar_info(kind: str, path: str) -> DataInfo:
+    layout = _CIFAR[kind]
+    folder = _cifar_dir(kind, path)
+    return DataInfo(layout.num_classes, (3, 32, 32), layout.mean, layout.std, f"{kind}:{folder}")
+
+
+def _cifar_datasets(kind, path, input_size, val_size, augment):
+    info = _cifar_info(kind, path)
+    _check_input_size(input_size, (3,), kind)
+    folder, layout = Path(info.name.partition(":")[2]), _CIFAR[kind]
+    parts = [_read_cifar_file(kind, folder / name) for name in layout.train_files]
+    images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    test_images, test_labels = _read_cifar_file(kind, folder / layout.test_file)
+    if val_size is None:  # the paper holds out 5,000; small (test-sized) copies hold out 10%
+        val_size = 5000 if len(labels) >= 10000 else 0.1
+    train, val = _holdout(labels, _holdout_count(val_size, len(labels), kind))
+    aug = PadCropFlip(pad=4, flip=True) if augment else None
+    make = functools.partial(TensorImageDataset, input_size=input_size, mean=info.mean, std=info.std)
+    return {
+        "train": make(images[train], labels[train], augment=aug),
+        "val": make(images[val], labels[val]),
+        "test": make(test_images, test_labels),
+    }
+
+
+# --------------------------------------------------------------------------- image folders via timm
+
+
+def _folder_info(path: str) -> DataInfo:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    root = _existing_dir("imagefolder", path, "expected train/ and val/ folders of class folders")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(
+                f"imagefolder: no '{split}' folder under {root} — expected train/ and val/ "
+                "(optionally test/) folders of class folders, ImageNet layout"
+            )
+    classes = [d for d in (root / "train").iterdir() if d.is_dir()]
+    if not classes:
+        raise DataError(f"imagefolder: {root / 'train'} has no class folders — put images in train/<class>/")
+    return DataInfo(
+        len(classes), IMAGENET_INPUT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, f"imagefolder:{root}"
+    )
+
+
+def _timm_dataset(label: str, name: str, root: Path, split: str, class_map=None, search_split=True):
+    """``timm.data.create_dataset`` with its assorted failures turned into one-line DataErrors."""
+    from timm.data import create_dataset
+
+    try:
+        ds = create_dataset(name, root=str(root), split=split, class_map=class_map, search_split=search_split)
+    except Exception as err:  # timm raises AssertionError, RuntimeError, OSError, ... by reader
+        msg = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise DataError(f"{label}: cannot read split '{split}' from {root} ({msg}) — check the path") from err
+    if isinstance(ds, IterableDataset):
+        raise DataError(f"{label}: {name!r} is a streaming dataset — use a map-style folder, tar or hfds")
+    if len(ds) == 0:
+        raise DataError(f"{label}: split '{split}' under {root} is empty — add images")
+    return ds
+
+
+def _class_map(ds) -> dict | None:
+    return getattr(getattr(ds, "reader", None), "class_to_idx", None) or getattr(ds, "class_to_idx", None)
+
+
+def _num_classes(label: str, ds) -> int:
+    classes = _class_map(ds) or getattr(ds, "classes", None)
+    if not classes:
+        raise DataError(f"{label}: cannot tell the number of classes — use a dataset with class folders")
+    return len(classes)
+
+
+def _halves(ds) -> tuple[Subset, Subset]:
+    """Even and odd samples. Readers list files grouped by class, so both halves keep the class mix."""
+    return Subset(ds, range(0, len(ds), 2)), Subset(ds, range(1, len(ds), 2))
+
+
+def _timm_split_datasets(train, val, test, input_size, augment, mean, std, kind):
+    """Attach timm's ImageNet-style transforms; with no test set, val is split in half into val/test."""
+    from timm.data import create_transform
+
+    _check_input_size(input_size, (3,), kind)
+    train.transform = create_transform(input_size, is_training=augment, mean=mean, std=std)
+    evaluate = create_transform(input_size, is_training=False, mean=mean, std=std)
+    for ds in (val, test):
+        if ds is not None:
+            ds.transform = evaluate
+    val, test = _halves(val) if test is None else (val, test)
+    return {"train": train, "val": val, "test": test}
+
+
+def _imagefolder_datasets(path, input_size, augment):
+    info = _folder_info(path)
+    root, label = Path(info.name.partition(":")[2]), "imagefolder"
+    # search_split=False: the split folders are given, so a class named "train" cannot be mistaken for one
+    train = _timm_dataset(label, "", root / "train", "train", None, False)
+    classes = _class_map(train)
+    val = _timm_dataset(label, "", root / "val", "validation", classes, False)
+    has_test = (root / "test").is_dir()
+    test = _timm_dataset(label, "", root / "test", "test", classes, False) if has_test else None
+    return _timm_split_datasets(train, val, test, input_size, augment, info.mean, info.std, label)
+
+
+def _timm_datasets(arg, input_size, augment):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    name, _, path = arg.partition(":")
+    label = f"timm:{name}"
+    root = _existing_dir(label, path, "point at the dataset folder or tar")
+    train = _timm_dataset(label, name, root, "train")
+    val = _timm_dataset(label, name, root, "validation", _class_map(train))
+    info = DataInfo(
+        _num_classes(label, train), IMAGENET_INPUT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, f"timm:{arg}"
+    )
+    size = input_size or info.input_size
+    return info, _timm_split_datasets(train, val, None, size, augment, info.mean, info.std, label)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def data_info(source: str) -> DataInfo:
+    """Class count, native input size and normalization of a source, reading as little as possible.
+
+    digits, CIFAR and image folders answer from constants and a directory listing; ``timm:`` sources
+    are built (timm has no cheaper way to count classes).
+    """
+    kind, arg = parse_source(source)
+    if kind == "digits":
+        return _digits_info()
+    if kind in _CIFAR:
+        return _cifar_info(kind, arg)
+    if kind == "imagefolder":
+        return _folder_info(arg)
+    return _timm_datasets(arg, None, augment=False)[0]
+
+
+def build_datasets(
+    source: str,
+    input_size: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    val_size: int | float | None = None,
+    augment: bool = True,
+) -> dict[str, Dataset]:
+    """The ``train``/``val``/``test`` datasets of a source, yielding ``(image, label)`` pairs.
+
+    Args:
+        source: see ``parse_source``.
+        input_size: (C, H, W) the model sees; defaults to the source's native size. digits accept
+            1 or 3 channels (gray repeated), the others 3; H and W are reached by bilinear resizing
+            (tensor sources) or timm's resize and crop (image folders).
+        seed: accepted so callers can pass the run seed, but unused: splits use ``SPLIT_SEED`` so every
+            run is selected and scored on the same images, and augmentation draws from torch's RNG.
+        val_size: images held out of train for validation, as a count or a fraction of the training
+            pool. Defaults: digits 270 (15% of all), CIFAR 5,000 (10% when train has < 10,000).
+            Folder sources take their validation set from disk and ignore it.
+        augment: random augmentation on train (digits: translation only; CIFAR: translation and
+            flip; folders: timm's RandomResizedCrop, flip and color jitter). val/test are never augmented.
+    """
+    del seed  # see the docstring: splits are fixed on purpose
+    kind, arg = parse_source(source)
+    if kind == "timm":
+        return _timm_datasets(arg, input_size, augment)[1]
+    size = input_size or data_info(source).input_size
+    if kind == "digits":
+        return _digits_datasets(size, val_size, augment)
+    if kind in _CIFAR:
+        return _cifar_datasets(kind, arg, size, val_size, augment)
+    return _imagefolder_datasets(arg, size, augment)
+
+
+def build_loaders(
+    datasets: dict[str, Dataset],
+    batch_size: int,
+    workers: int = 0,
+    distributed: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> dict[str, DataLoader]:
+    """A DataLoader per split: ``train`` shuffled reproducibly from ``seed``, the others in order.
+
+    With ``distributed`` every split gets a DistributedSampler (train shuffled from ``seed``); call
+    ``set_epoch`` before each epoch so the shuffle changes. Note that a distributed eval sampler pads
+    the last batch with repeats so every rank gets the same count. ``drop_last`` applies to train only.
+    """
+    loaders = {}
+    for split, ds in datasets.items():
+        train = split == "train"
+        generator = torch.Generator().manual_seed(seed)  # also seeds each worker's augmentation RNG
+        sampler = (
+            DistributedSampler(ds, shuffle=train, seed=seed, drop_last=drop_last and train)
+            if distributed
+            else None
+        )
+        loaders[split] = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last and train,
+            generator=generator,
+        )
+    return loaders
+
+
+def set_epoch(loaders: dict[str, DataLoader], epoch: int) -> None:
+    """Tell distributed samplers the epoch, so each epoch shuffles differently; a no-op otherwise."""
+    for loader in loaders.values():
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)

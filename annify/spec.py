@@ -1,0 +1,201 @@
+"""Specs: plain, commented YAML that fully describes an anytime network.
+
+A spec names a timm model (and its keyword arguments), the input size, the class count and one
+entry per output, in order; the last entry is the model's own classifier. Loading collects every
+problem and reports them together, each with the key that is wrong. ``yaml.safe_load`` only: a
+spec never names Python to import and run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["HeadSpec", "Spec", "SpecError", "atomic_write", "dump", "load_spec", "parse"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message lists every problem with its key."""
+
+
+@dataclass
+class HeadSpec:
+    """One output. ``node`` is the qualified FX node the head reads (``model`` for the classifier)."""
+
+    node: str
+    type: str | None = None  # head type from annify.heads; None: the default for the layout
+    block: int | None = None  # 1-based block index of the tap point, where it is a block output
+    flops: int | None = None  # cumulative anytime FLOPs (fvcore) at the spec's input size
+    fraction: float | None = None  # flops / the last output's flops
+    flops_single: int | None = None  # trunk up to here plus this head alone
+    params: int | None = None  # cumulative parameters, running anytime
+
+
+@dataclass
+class Spec:
+    """An anytime network: a timm model plus its outputs."""
+
+    name: str
+    model: str
+    heads: list[HeadSpec]
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    num_classes: int = 1000
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_type: str | None = None
+    placement: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    cost_convention: str | None = None
+
+    @property
+    def taps(self) -> list[str]:
+        """Nodes read by the added heads (every output but the last)."""
+        return [h.node for h in self.heads[:-1]]
+
+
+_TOP_KEYS = {f for f in Spec.__dataclass_fields__}
+_HEAD_KEYS = {f for f in HeadSpec.__dataclass_fields__}
+
+
+def parse(data: Any, source: str = "spec") -> Spec:
+    """Validate plain data (as read from YAML) into a ``Spec``; raise ``SpecError`` listing every problem."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"{source}: expected a mapping of keys (model, input_size, heads, ...), got {type(data).__name__}"
+        )
+    for key in sorted(set(data) - _TOP_KEYS):
+        errors.append(f"unknown key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})")
+    for key in ("model", "heads"):
+        if key not in data:
+            errors.append(f"'{key}' is required")
+    if "model" in data and not isinstance(data["model"], str):
+        errors.append("'model' must be a timm model name")
+    size = data.get("input_size", (3, 224, 224))
+    if not (
+        isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)
+    ):
+        errors.append(f"'input_size' must be [C, H, W] with positive integers, got {size!r}")
+    nc = data.get("num_classes", 1000)
+    if not (isinstance(nc, int) and nc > 0):
+        errors.append(f"'num_classes' must be a positive integer, got {nc!r}")
+    for key in ("model_kwargs", "placement", "train"):
+        if not isinstance(data.get(key, {}), dict):
+            errors.append(f"'{key}' must be a mapping")
+    heads: list[HeadSpec] = []
+    raw = data.get("heads", [])
+    if not isinstance(raw, list) or not raw:
+        errors.append("'heads' must be a non-empty list, one entry per output (the last is the classifier)")
+        raw = []
+    for i, h in enumerate(raw):
+        if not isinstance(h, dict) or not isinstance(h.get("node"), str):
+            errors.append(f"heads[{i}]: needs a 'node' (a name from `annify inspect MODEL`)")
+            continue
+        bad = sorted(set(h) - _HEAD_KEYS)
+        if bad:
+            errors.append(f"heads[{i}]: unknown key '{bad[0]}' (known: {', '.join(sorted(_HEAD_KEYS))})")
+            continue
+        heads.append(HeadSpec(**h))
+    nodes = [h.node for h in heads[:-1]]
+    dup = sorted({n for n in nodes if nodes.count(n) > 1})
+    if dup:
+        errors.append(f"heads: node '{dup[0]}' appears twice")
+    if errors:
+        raise SpecError(f"{source}: " + "; ".join(errors))
+    name = data.get("name") or f"{data['model']}_ann"
+    return Spec(
+        name=name,
+        model=data["model"],
+        heads=heads,
+        input_size=tuple(size),
+        num_classes=nc,
+        model_kwargs=dict(data.get("model_kwargs") or {}),
+        head_type=data.get("head_type"),
+        placement=dict(data.get("placement") or {}),
+        train=dict(data.get("train") or {}),
+        cost_convention=data.get("cost_convention"),
+    )
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file '{p}' does not exist; write one with `annify convert MODEL --out DIR`")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse(data, str(p))
+
+
+def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
+    p = Path(path)
+    mode = "wb" if isinstance(text, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_COMMENTS = {
+    "name": "name of the anytime network",
+    "model": "timm model name (annify registers the paper's cifar_resnet_n{n}_c{c} family too)",
+    "model_kwargs": "keyword arguments for timm.create_model (default: none)",
+    "input_size": "[C, H, W] the network is traced and costed at",
+    "num_classes": "classes predicted by every output",
+    "head_type": "default head type for added heads (default: by layout: NCHW bn_relu_pool_linear, else norm_pool_linear)",
+    "placement": "how the tap points were chosen (informational; `heads` is what is built)",
+    "cost_convention": "how flops are counted",
+    "train": "training settings for `annify train` (defaults: SGD lr 0.1, momentum 0.9, wd 1e-4, lr/10 at 1/2 and 3/4)",
+    "heads": "one entry per output, in order; the last is the model's own classifier (node: model)",
+}
+
+
+def dump(spec: Spec, header: str = "") -> str:
+    """The spec as commented YAML (a comment on each key) that ``load_spec`` reads back unchanged."""
+    data = asdict(spec)
+    data["input_size"] = list(spec.input_size)
+    data["heads"] = [{k: v for k, v in h.items() if v is not None} for h in data["heads"]]
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()] if header else []
+    order = [
+        "name",
+        "model",
+        "model_kwargs",
+        "input_size",
+        "num_classes",
+        "head_type",
+        "placement",
+        "cost_convention",
+        "train",
+        "heads",
+    ]
+    for key in order:
+        value = data[key]
+        if value in (None, {}) and key not in ("model_kwargs",):
+            continue
+        lines.append(f"# {_COMMENTS[key]}")
+        if key == "heads":
+            lines.append("heads:")
+            for i, h in enumerate(value):
+                body = yaml.safe_dump([h], sort_keys=False, default_flow_style=None, width=200).rstrip()
+                lines.append(f"  # output {i + 1}")
+                lines.extend("  " + line for line in body.splitlines())
+        else:
+            if key in ("input_size", "model_kwargs", "placement"):
+                inline = yaml.safe_dump(value, default_flow_style=True, width=200).strip()
+                lines.append(f"{key}: {inline}")
+            else:
+                lines.append(yaml.safe_dump({key: value}, sort_keys=False, width=200).rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,330 @@
+"""Leaf-aware torch.fx tracing of timm models, and the tap points where heads can go.
+
+The recipe follows timm's own FX support (``timm/layers/_fx.py``) and torchvision's
+``feature_extraction``: modules and functions that timm registers as "notrace" stay leaves,
+``forward()`` keyword defaults are passed as concrete arguments (hiera's ``mask=None``), and the
+model is put through ``train(); eval()`` first to clear trace-time caches (LeViT, EfficientFormer).
+
+Python branches on ``self.training`` are frozen at trace time, so a model is traced twice, in eval
+and in train mode; the train graph is kept only where it differs (stochastic depth, for example).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models.feature_extraction import NodePathTracer
+
+__all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "tap_points", "trace"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class TraceError(RuntimeError):
+    """A model that torch.fx cannot trace; the message names the module and the way out."""
+
+
+@dataclass
+class Traced:
+    """A model traced in eval mode (and in train mode where the graphs differ).
+
+    Attributes:
+        model: the traced module (the tracer may attach ``_tensor_constant*`` attributes to it).
+        eval_graph: the graph traced in eval mode.
+        train_graph: the graph traced in train mode, or None where it equals the eval graph.
+        eval_names: FX node name -> qualified name (``layer1.0.act3``) for the eval graph.
+        train_names: the same for the train graph.
+        input_size: (C, H, W) the shapes were propagated with.
+    """
+
+    model: nn.Module
+    eval_graph: fx.Graph
+    train_graph: fx.Graph | None
+    eval_names: dict[str, str]
+    train_names: dict[str, str]
+    input_size: tuple[int, int, int]
+    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+
+    def node(self, qualname: str, train: bool = False) -> fx.Node:
+        """The node of the eval (or train) graph with this qualified name."""
+        graph = self.train_graph if train and self.train_graph is not None else self.eval_graph
+        names = self.train_names if train and self.train_graph is not None else self.eval_names
+        for n in graph.nodes:
+            if names.get(n.name) == qualname:
+                return n
+        raise KeyError(qualname)
+
+    @property
+    def qualnames(self) -> list[str]:
+        """Qualified names of the eval graph's computing nodes, in execution order."""
+        return [
+            self.eval_names[n.name] for n in self.eval_graph.nodes if n.op not in ("placeholder", "output")
+        ]
+
+
+@dataclass
+class TapPoint:
+    """A place in the graph where a head can read features."""
+
+    index: int  # 1-based block index
+    node: str  # qualified name of the node whose value the head reads
+    module: str  # module path of the block
+    layout: str  # NCHW, NHWC, NLC or NC
+    channels: int
+    spatial: tuple[int, ...]  # (H, W) or (L,) or ()
+    shape: tuple[int, ...]
+
+
+def _tracer() -> NodePathTracer:
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    return NodePathTracer(
+        leaf_modules=list(get_notrace_modules()),
+        autowrap_functions=list(get_notrace_functions()),
+        autowrap_modules=(math, torchvision.ops),
+        param_shapes_constant=True,
+    )
+
+
+def _concrete_args(model: nn.Module) -> dict | None:
+    params = list(inspect.signature(model.forward).parameters.items())
+    concrete = {k: p.default for i, (k, p) in enumerate(params) if i and p.default is not p.empty}
+    return concrete or None
+
+
+def _trace_mode(model: nn.Module, training: bool) -> tuple[fx.Graph, dict[str, str]]:
+    model.train(training)
+    tracer = _tracer()
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    except Exception as e:  # torch.fx raises many types; all mean "cannot trace"
+        raise TraceError(_explain_trace_failure(model, e)) from e
+    # get_attr targets resolve on the model; keep the tracer's constants there.
+    names = {n.name: tracer.node_to_qualname.get(n, n.name) for n in graph.nodes}
+    return graph, names
+
+
+def _explain_trace_failure(model: nn.Module, err: Exception) -> str:
+    """Name the innermost module whose forward raised, and how to mark it as a leaf."""
+    tb = err.__traceback__
+    culprit = None
+    by_code = {}
+    for name, mod in model.named_modules():
+        fwd = getattr(type(mod), "forward", None)
+        if fwd is not None and hasattr(fwd, "__code__"):
+            by_code.setdefault(fwd.__code__, (name, type(mod)))
+    while tb is not None:
+        hit = by_code.get(tb.tb_frame.f_code)
+        if hit is not None:
+            culprit = hit
+        tb = tb.tb_next
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if culprit is None:
+        return f"torch.fx cannot trace {type(model).__name__}: {first}"
+    name, cls = culprit
+    return (
+        f"torch.fx cannot trace module '{name or '<root>'}' ({cls.__module__}.{cls.__name__}): {first}. "
+        f"Mark it as a leaf: timm.layers.register_notrace_module({cls.__name__})"
+    )
+
+
+def _graph_signature(graph: fx.Graph, names: dict[str, str]) -> list[tuple]:
+    return [(n.op, names.get(n.name), str(n.target)) for n in graph.nodes]
+
+
+def trace(model: nn.Module, input_size: tuple[int, int, int], train_graph: bool = True) -> Traced:
+    """Trace ``model`` in eval mode (and train mode where that graph differs) and propagate shapes.
+
+    Args:
+        model: any module torch.fx can trace; timm's notrace registrations are honoured.
+        input_size: (C, H, W) for shape propagation.
+        train_graph: also trace in train mode (keep False for inference-only uses).
+    """
+    was_training = model.training
+    model.train()
+    model.eval()  # clears trace-time caches keyed on device strings (levit, efficientformer)
+    eval_graph, eval_names = _trace_mode(model, training=False)
+    t_graph, t_names = None, {}
+    if train_graph:
+        t_graph, t_names = _trace_mode(model, training=True)
+        if _graph_signature(t_graph, t_names) == _graph_signature(eval_graph, eval_names):
+            t_graph, t_names = None, {}
+    model.train(was_training)
+    traced = Traced(model, eval_graph, t_graph, eval_names, t_names, tuple(input_size))
+    traced.shapes = _propagate_shapes(traced)
+    return traced
+
+
+def _propagate_shapes(traced: Traced) -> dict[str, tuple[int, ...] | None]:
+    model = traced.model
+    was_training = model.training
+    model.eval()
+    gm = fx.GraphModule(model, traced.eval_graph)
+    example = torch.zeros(2, *traced.input_size)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    model.train(was_training)
+    shapes = {}
+    for n in traced.eval_graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        shapes[traced.eval_names[n.name]] = tuple(meta.shape) if hasattr(meta, "shape") else None
+    return shapes
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Module paths of the model's repeated units, in registration order.
+
+    A block is a child of an innermost container (Sequential, ModuleList, ModuleDict) holding at least
+    two children of the same class from outside ``torch.nn``: ResNet bottlenecks, dense layers,
+    transformer blocks. Sibling containers holding a single such unit (EfficientNet's one-block
+    stages) count too.
+    """
+
+    def own_class(m: nn.Module) -> bool:
+        return not type(m).__module__.startswith("torch.nn")
+
+    def qualifies(c: nn.Module) -> bool:
+        if not isinstance(c, _CONTAINERS):
+            return False
+        children = list(c.children())
+        kinds = [type(m) for m in children if own_class(m) and not isinstance(m, _CONTAINERS)]
+        top = max((kinds.count(k) for k in set(kinds)), default=0)
+        return top >= 2 and 2 * top > len(children)
+
+    modules = dict(model.named_modules())
+    chosen = [name for name, mod in modules.items() if qualifies(mod)]
+    # innermost only: swin's `layers` holds stages whose `blocks` qualify on their own
+    chosen = [c for c in chosen if not any(o != c and o.startswith(f"{c}.") for o in chosen)]
+    blocks: list[str] = []
+    for name in chosen:
+        blocks.extend(f"{name}.{n}".lstrip(".") for n, _ in modules[name].named_children())
+    # sibling stages holding a single unit (efficientnet_b0's first and last stage)
+    parents = {c.rpartition(".")[0] for c in chosen if "." in c}
+    for parent in parents:
+        for cn, c in modules[parent].named_children():
+            path = f"{parent}.{cn}"
+            units = list(c.named_children())
+            if isinstance(c, _CONTAINERS) and path not in chosen and len(units) == 1:
+                un, u = units[0]
+                if own_class(u) and not isinstance(u, _CONTAINERS):
+                    blocks.append(f"{path}.{un}")
+    return blocks
+
+
+def _block_output(graph: fx.Graph, names: dict[str, str], path: str) -> fx.Node | None:
+    inside = [
+        n for n in graph.nodes if names.get(n.name) == path or names.get(n.name, "").startswith(path + ".")
+    ]
+    members = set(inside)
+    outs = [n for n in inside if any(u not in members for u in n.users)]
+    return outs[-1] if outs else None
+
+
+def _dense_cat(node: fx.Node) -> fx.Node:
+    """For a block output consumed first by a ``torch.cat`` of features already computed, that cat.
+
+    Inside a DenseNet block the next layer (or the block's end) concatenates every feature map
+    produced so far; the paper's DenseANN heads read that concatenation.
+    """
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    users = sorted(node.users, key=order.get)
+    if not users:
+        return node
+    first = users[0]
+    if first.op == "call_function" and first.target is torch.cat:
+        inputs = first.args[0] if first.args else first.kwargs.get("tensors", ())
+        if isinstance(inputs, (list, tuple)) and all(order[a] <= order[node] for a in inputs):
+            return first
+    return node
+
+
+def _channels_of(node: fx.Node, model: nn.Module) -> int | None:
+    """Channel count of the nearest module producing ``node`` (walking back through first args)."""
+    seen = 0
+    n = node
+    while n is not None and seen < 64:
+        seen += 1
+        if n.op == "call_module":
+            try:
+                m = model.get_submodule(n.target)
+            except AttributeError:
+                m = None
+            for attr in ("out_channels", "num_features", "out_features", "embed_dim", "dim"):
+                v = getattr(m, attr, None)
+                if isinstance(v, int):
+                    return v
+            shape = getattr(m, "normalized_shape", None)
+            if shape:
+                return int(shape[-1])
+        args = [a for a in n.args if isinstance(a, fx.Node)]
+        if n.op == "call_function" and n.target is torch.cat:
+            return None  # a concatenation: the sum of inputs; let the shape decide
+        n = args[0] if args else None
+    return None
+
+
+def layout_of(shape: tuple[int, ...], channels: int | None) -> str:
+    """NCHW, NHWC, NLC or NC for a feature tensor of ``shape`` (batch first)."""
+    if len(shape) == 2:
+        return "NC"
+    if len(shape) == 3:
+        return "NLC"
+    if len(shape) != 4:
+        raise ValueError(f"cannot read a head from a {len(shape)}-D tensor {tuple(shape)}")
+    if channels is not None and shape[1] == channels and shape[3] != channels:
+        return "NCHW"
+    if channels is not None and shape[3] == channels and shape[1] != channels:
+        return "NHWC"
+    if shape[2] == shape[3] and shape[1] != shape[2]:
+        return "NCHW"
+    if shape[1] == shape[2] and shape[3] != shape[1]:
+        return "NHWC"
+    return "NCHW"
+
+
+def describe_node(traced: Traced, qualname: str) -> tuple[str, int, tuple[int, ...], tuple[int, ...]]:
+    """(layout, channels, spatial, shape) of the value at ``qualname``; ValueError if not a tensor."""
+    shape = traced.shapes.get(qualname)
+    if shape is None:
+        raise ValueError(f"node '{qualname}' does not produce a single tensor")
+    node = traced.node(qualname)
+    layout = layout_of(shape, _channels_of(node, traced.model))
+    if layout == "NCHW":
+        return layout, shape[1], tuple(shape[2:]), shape
+    if layout == "NHWC":
+        return layout, shape[3], tuple(shape[1:3]), shape
+    if layout == "NLC":
+        return layout, shape[2], (shape[1],), shape
+    return layout, shape[1], (), shape
+
+
+def tap_points(traced: Traced) -> list[TapPoint]:
+    """Candidate tap points: the output of every block, in execution order (1-based index)."""
+    graph, names = traced.eval_graph, traced.eval_names
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found = []
+    for path in find_blocks(traced.model):
+        out = _block_output(graph, names, path)
+        if out is None:
+            continue
+        out = _dense_cat(out)
+        q = names[out.name]
+        try:
+            layout, ch, spatial, shape = describe_node(traced, q)
+        except ValueError:
+            continue  # a block passing tuples on: not a place for a head
+        found.append((order[out], path, q, layout, ch, spatial, shape))
+    found.sort(key=lambda t: t[0])
+    taps, seen = [], set()
+    for _, path, q, layout, ch, spatial, shape in found:
+        if q in seen:
+            continue
+        seen.add(q)
+        taps.append(TapPoint(len(taps) + 1, q, path, layout, ch, spatial, tuple(shape[1:])))
+    return taps

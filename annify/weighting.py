@@ -1,0 +1,305 @@
+"""Loss-weight schemes for anytime networks: the total loss is ``sum_i weights[i] * loss_i``.
+
+A scheme holds the K per-head weights and may adapt them from the losses it sees. The trainer calls
+``update`` once per *optimizer step* (not per gradient-accumulation micro-step) with the K detached
+per-head losses of that step, reads ``weights`` for the next step, calls ``set_progress`` at the start
+of each epoch, and checkpoints ``state_dict()``.
+
+Under ``torch.distributed`` the adaptive schemes all-reduce (mean) the per-head values before their
+EMA update, so every rank holds identical weights and optimizes the same function: one collective of
+K float32 values per step. The EMA is linear, so this equals averaging the per-rank EMAs.
+
+Schemes live in a small registry filled by ``@register(name)``; ``get(name, num_heads, **hparams)``
+builds one. References: Hu et al., "Learning Anytime Predictions in Neural Networks via Adaptive
+Loss Balancing", AAAI 2019 (AdaLoss, Eq. 7); Kaya et al., "Shallow-Deep Networks", ICML 2019 (SDN).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["WeightScheme", "available", "get", "per_head_grad_norms", "register"]
+
+_REGISTRY: dict[str, type[WeightScheme]] = {}
+
+# EMA values are clamped into [_EPS, _BIG] before taking ratios, so a head whose loss reaches 0 gets
+# weight 1 instead of 0/0, and an (impossible in practice) overflowing EMA gets weight gamma.
+_EPS = 1e-12
+_BIG = torch.finfo(torch.float32).max
+
+
+def register(name: str) -> Callable[[type[WeightScheme]], type[WeightScheme]]:
+    """Class decorator that adds a weight scheme to the registry under ``name``."""
+
+    def deco(cls: type[WeightScheme]) -> type[WeightScheme]:
+        if name in _REGISTRY:
+            raise ValueError(f"weight scheme {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of the registered weight schemes, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, num_heads: int, **hparams: float | int) -> WeightScheme:
+    """Build the scheme ``name`` for ``num_heads`` outputs; ``hparams`` go to its constructor."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown weight scheme {name!r}; available: {', '.join(available())}")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    cls = _REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_heads")]
+    for key in hparams:
+        if key not in accepted:
+            raise ValueError(
+                f"weight scheme {name!r} has no hyperparameter {key!r}; accepted: {', '.join(accepted) or 'none'}"
+            )
+    return cls(num_heads, **hparams)
+
+
+def _mean_across_ranks(values: Tensor) -> Tensor:
+    """All-reduce (mean) a small float vector over the default process group; identity when not distributed."""
+    values = values.detach().to(torch.float32)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return values.cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buf = values.to(device).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG; divide ourselves
+    return (buf / dist.get_world_size()).cpu()
+
+
+def per_head_grad_norms(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each head's loss gradient over ``params``: ``||d loss_i / d params||_2`` for each i.
+
+    Costs one extra backward pass per head (graphs are retained so the trainer can still backward the
+    weighted sum). Pass the shared trainable parameters (e.g. the backbone's). Parameters a head does
+    not reach contribute 0. Returns a detached 1-D float32 tensor on the parameters' device.
+    """
+    norms = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+        sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        norms.append(torch.stack(sq).sum().sqrt() if sq else loss.new_zeros((), dtype=torch.float32))
+    return torch.stack(norms).detach().to(torch.float32)
+
+
+class WeightScheme:
+    """Base of all schemes: fixed weights, no state beyond them, ``update`` only checks its input.
+
+    Subclasses set ``self._weights`` in ``__init__`` and override what they need.
+    """
+
+    name: str = ""
+    needs_grad_norms: bool = False
+
+    def __init__(self, num_heads: int) -> None:
+        self.num_heads = num_heads
+        self._weights = torch.ones(num_heads, dtype=torch.float32)
+
+    @property
+    def weights(self) -> Tensor:
+        """Current weights: 1-D float32 CPU tensor of K entries (a copy)."""
+        return self._weights.clone()
+
+    def _check(self, values: Tensor, what: str = "losses") -> Tensor:
+        if values.dim() != 1 or values.numel() != self.num_heads:
+            raise ValueError(
+                f"{what} must be a 1-D tensor of {self.num_heads} values, got shape {tuple(values.shape)}"
+            )
+        return values.detach()
+
+    def update(self, losses: Tensor) -> None:
+        """Observe the detached per-head losses of one optimizer step (fixed schemes ignore them)."""
+        self._check(losses)
+
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """Tell the scheme which epoch starts (0-based) out of ``epochs``; most schemes ignore it."""
+
+    def state_dict(self) -> dict:
+        return {"num_heads": self.num_heads, "weights": self._weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_heads"] != self.num_heads:
+            raise ValueError(f"state is for {state['num_heads']} heads, this scheme has {self.num_heads}")
+        self._weights = state["weights"].detach().to(torch.float32).cpu().clone()
+
+
+@register("const")
+class Const(WeightScheme):
+    """CONST: every output weighs 1, the usual choice in anytime/early-exit training (paper, Sec. 5)."""
+
+
+@register("linear")
+class Linear(WeightScheme):
+    """LINEAR: weights rise linearly from 0.25 at the first output to 1 at the last (paper, Sec. 5)."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__(num_heads)
+        if num_heads > 1:
+            self._weights = torch.linspace(0.25, 1.0, num_heads, dtype=torch.float32)
+
+
+@register("half_end")
+class HalfEnd(WeightScheme):
+    """Half the total weight on the final output, the other half spread evenly over the earlier ones.
+
+    Normalized so the weights sum to K, like CONST, keeping the loss scale (and thus the learning rate)
+    comparable: last = K/2, every other = (K/2)/(K-1). With K = 1 the single weight is 1.
+    """
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__(num_heads)
+        if num_heads > 1:
+            self._weights.fill_(num_heads / 2 / (num_heads - 1))
+            self._weights[-1] = num_heads / 2
+
+
+@register("opt")
+class Opt(WeightScheme):
+    """OPT: all weight on one output (``head``, 0-based, negative counts from the end).
+
+    Trains the paper's per-output reference network, against which anytime errors are reported.
+    """
+
+    def __init__(self, num_heads: int, head: int = -1) -> None:
+        super().__init__(num_heads)
+        if not isinstance(head, int) or not -num_heads <= head < num_heads:
+            raise ValueError(f"opt head {head} out of range for {num_heads} heads")
+        self.head = head
+        self._weights.zero_()
+        self._weights[head] = 1.0
+
+
+@register("adaloss")
+class AdaLoss(WeightScheme):
+    """AdaLoss (Hu et al. 2019, Eq. 7): weights inversely proportional to each head's expected loss.
+
+    Each optimizer step the EMA ``l_hat_i <- m * l_hat_i + (1 - m) * l_i`` is updated (started from
+    the first losses seen). Every ``period`` steps (after steps period, 2*period, ...) the weights
+    become ``B_i = (1 - gamma) * min_j l_hat_j / l_hat_i + gamma``: the gradient of
+    ``sum_i alpha (1 - gamma) ln l_i + gamma l_i`` with ``alpha = min_j l_hat_j``, so the largest
+    weight is exactly 1 and none falls below gamma. Weights are all ones before the first refresh.
+
+    The EMA is kept in float32 (it is in the state dict). Non-finite inputs (e.g. an AMP overflow
+    step) leave that head's EMA unchanged; for the ratio the EMA is clamped to [1e-12, float32 max]
+    so a zero loss gives weight 1 rather than 0/0. Under ``torch.distributed`` the inputs are averaged
+    over ranks first, so every rank holds the same weights.
+
+    Args:
+        num_heads: number of outputs K.
+        gamma: mixture weight of the uniform weights (paper: 0.05; 0 is pure AdaLoss, 1 is CONST).
+        momentum: EMA momentum m (paper: 0.9).
+        period: optimizer steps between weight refreshes, ``e`` in the paper (paper: 1).
+    """
+
+    def __init__(self, num_heads: int, gamma: float = 0.05, momentum: float = 0.9, period: int = 1) -> None:
+        super().__init__(num_heads)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be a positive int, got {period!r}")
+        self.gamma, self.momentum, self.period = gamma, momentum, period
+        self.ema: Tensor | None = None  # float32, K entries; None until the first update
+        self.step = 0
+
+    def update(self, losses: Tensor) -> None:
+        self._observe(_mean_across_ranks(self._check(losses)))
+
+    def _observe(self, values: Tensor) -> None:
+        finite = torch.isfinite(values)
+        if self.ema is None:
+            self.ema = values.clone()
+        else:
+            moved = self.momentum * self.ema + (1.0 - self.momentum) * values
+            self.ema = torch.where(
+                finite & torch.isfinite(self.ema), moved, torch.where(finite, values, self.ema)
+            )
+        self.step += 1
+        if self.step % self.period == 0:
+            safe = torch.nan_to_num(self.ema, nan=_BIG, posinf=_BIG, neginf=_EPS).clamp(_EPS, _BIG).double()
+            ratio = safe.min() / safe  # exactly 1 at the smallest expected loss
+            weights = torch.where(ratio == 1.0, 1.0, (1.0 - self.gamma) * ratio + self.gamma)
+            self._weights = weights.to(torch.float32)
+
+    def state_dict(self) -> dict:
+        ema = None if self.ema is None else self.ema.clone()
+        return {**super().state_dict(), "ema": ema, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.ema = None if state["ema"] is None else state["ema"].detach().to(torch.float32).cpu().clone()
+        self.step = int(state["step"])
+
+
+@register("adaloss_grad")
+class AdaLossGrad(AdaLoss):
+    """First-order AdaLoss: the AdaLoss rule fed each head's gradient norm instead of its loss.
+
+    The paper (Sec. 6) names this "first-order" variant as future work: normalizing by gradient
+    magnitude also cancels unknown loss offsets, not just scales. The authors' TF code
+    (``--adaloss_order 1``) feeds half the mean squared gradient; here it is the L2 norm, so that with
+    gamma = 0 each weighted head gradient has the same norm.
+
+    The trainer must pass ``grad_norms`` on every ``update`` call, e.g. from
+    :func:`per_head_grad_norms` over the shared trainable parameters: one extra backward per head
+    per optimizer step (``period`` only delays the weight refresh). Per-rank norms are averaged.
+    """
+
+    needs_grad_norms = True
+
+    def update(self, losses: Tensor, grad_norms: Tensor | None = None) -> None:
+        self._check(losses)
+        if grad_norms is None:
+            raise ValueError(
+                "adaloss_grad needs grad_norms (one per head); compute them with per_head_grad_norms"
+            )
+        self._observe(_mean_across_ranks(self._check(grad_norms, "grad_norms")))
+
+
+@register("sdn")
+class SDN(WeightScheme):
+    """SDN's linear ramp (Kaya et al. 2019): internal output i weighs ``min(C_i, 0.01 + epoch * C_i / epochs)``.
+
+    ``C_i = 0.9 * i / (K - 1)`` for the K - 1 internal outputs, which is SDN's
+    [0.15, 0.3, 0.45, 0.6, 0.75, 0.9] for K - 1 = 6; the final output always weighs 1. SDN counts
+    epochs from 1, so with ``set_progress(epoch, epochs)`` taking the 0-based epoch about to start,
+    the ramp uses ``epoch + 1``: the last epoch reaches ``C_i`` exactly, as in SDN. Before the first
+    ``set_progress`` the internal weights are ``min(C_i, 0.01)``.
+    """
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__(num_heads)
+        k = num_heads - 1
+        self.max_coeffs = torch.arange(1, k + 1, dtype=torch.float64) * 0.9 / max(k, 1)
+        self.epoch, self.epochs = -1, 1
+        self._refresh()
+
+    def _refresh(self) -> None:
+        tau = torch.clamp(0.01 + (self.epoch + 1) * self.max_coeffs / self.epochs, max=self.max_coeffs)
+        self._weights = torch.cat([tau, torch.ones(1, dtype=torch.float64)]).to(torch.float32)
+
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        if epochs < 1 or not 0 <= epoch < epochs:
+            raise ValueError(f"need 0 <= epoch < epochs, got epoch={epoch}, epochs={epochs}")
+        self.epoch, self.epochs = epoch, epochs
+        self._refresh()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch": self.epoch, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.epoch, self.epochs = int(state["epoch"]), int(state["epochs"])
+        self._refresh()
