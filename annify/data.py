@@ -456,12 +456,15 @@ def build_loaders(
     distributed: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    persistent_workers: bool = True,
 ) -> dict[str, DataLoader]:
     """A DataLoader per split: ``train`` shuffled reproducibly from ``seed``, the others in order.
 
     With ``distributed`` every split gets a DistributedSampler (train shuffled from ``seed``); call
     ``set_epoch`` before each epoch so the shuffle changes. Note that a distributed eval sampler pads
     the last batch with repeats so every rank gets the same count. ``drop_last`` applies to train only.
+    ``persistent_workers=False`` starts fresh workers each epoch, seeded from the loader's generator:
+    what a trainer that reseeds the generator per epoch needs for exactly reproducible resumes.
     """
     loaders = {}
     for split, ds in datasets.items():
@@ -478,7 +481,7 @@ def build_loaders(
             shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=persistent_workers and workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last and train,
             generator=generator,

@@ -1,0 +1,124 @@
+"""The ``train`` and ``eval`` commands (added to ``annify.cli.main`` through ``COMMANDS``)."""
+
+from __future__ import annotations
+
+import click
+import yaml
+
+from annify._cli_common import friendly
+
+SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
+SOURCES = "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | timm:NAME:PATH"
+
+
+def _hparams(values: tuple[str, ...]) -> dict | None:
+    """('gamma=0.07', 'period=10') -> {'gamma': 0.07, 'period': 10}."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"expected KEY=VALUE such as gamma=0.07, got '{item}'", param_hint="--hparam"
+            )
+        out[key.strip()] = yaml.safe_load(value)
+    return out or None
+
+
+@click.command("train")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
+@click.option("--weights", help=f"Loss weighting: {SCHEMES} (default: the spec's, else adaloss).")
+@click.option(
+    "--head", type=int, help="With --weights opt: the output to train, 1-based (default: the last)."
+)
+@click.option(
+    "--hparam", multiple=True, help="Weight-scheme hyperparameter KEY=VALUE, e.g. gamma=0.07 (repeatable)."
+)
+@click.option("--epochs", type=int, help="Epochs (default: the spec's, else 300).")
+@click.option("--batch-size", type=int, help="Images per step and process (default: the spec's, else 64).")
+@click.option("--lr", type=float, help="Initial learning rate (default: the spec's, else 0.1).")
+@click.option("--seed", type=int, help="Seed of initialization, data order and augmentation (default: 0).")
+@click.option("--out", help="Run folder (default: runs/<spec file name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
+@click.option("--init", help="Start the trunk from 'timm' (its pretrained weights) or a state dict file.")
+@click.option("--freeze-trunk", is_flag=True, default=None, help="Train the added heads only.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@friendly
+def train(
+    spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
+    compile_, amp, device, workers,
+):  # fmt: skip
+    """Train the anytime network SPEC and write a run folder.
+
+    The run folder holds config.yaml (the resolved spec and settings), metrics.jsonl (one line per
+    epoch), checkpoints/last and checkpoints/best, anytime.json/.csv (error of every output on val
+    and test, with its FLOPs) and the plots anytime.png and weights.png. Settings come from the
+    spec's train: section, overridden by these options. Under torchrun every process trains a
+    shard of each batch (DistributedDataParallel).
+
+    \b
+    Example: annify train specs/cifar_resann_n7_c16.yaml --data digits --epochs 10 --out runs/digits
+    Example: torchrun --nproc_per_node 2 -m annify train specs/cifar_resann_n7_c16.yaml \\
+               --data cifar10:data/cifar-10-batches-py --out runs/c10
+    """
+    from pathlib import Path
+
+    from annify.evaluate import format_table
+    from annify.train import train as run_train
+
+    result = run_train(
+        spec,
+        out=out or Path("runs") / Path(spec).stem,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weights=weights,
+        weight_hparams=_hparams(hparam),
+        head=head,
+        seed=seed,
+        init=init,
+        freeze_trunk=freeze_trunk,
+        device=device,
+        amp=amp,
+        compile=compile_,
+        resume=resume,
+        workers=workers,
+        log=click.echo,
+    )
+    if result.rank == 0:
+        click.echo(format_table(result.table))
+        click.echo(f"wrote {result.out} ({result.epochs_done} epochs, {result.seconds:.1f} s)")
+
+
+@click.command("eval")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--checkpoint", required=True, help="A .safetensors file or a folder holding model.safetensors."
+)
+@click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@friendly
+def eval_(spec, checkpoint, data, batch_size, device, workers):
+    """Print the anytime table of SPEC with CHECKPOINT's weights: every output's error on val and test.
+
+    Columns: output, the node its head reads, cumulative FLOPs (fvcore), fraction of the whole
+    network's FLOPs, top-1 error (%) on the validation and test splits.
+
+    \b
+    Example: annify eval runs/digits/config.yaml --checkpoint runs/digits/checkpoints/last
+    """
+    from annify.evaluate import evaluate_checkpoint, format_table
+
+    rows = evaluate_checkpoint(
+        spec, checkpoint, data=data, batch_size=batch_size, device=device, workers=workers
+    )
+    click.echo(format_table(rows))
+
+
+COMMANDS = [train, eval_]

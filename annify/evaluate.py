@@ -1,0 +1,306 @@
+"""The evaluate stage: every output's top-1 error, anytime tables, relative-to-OPT numbers, plots.
+
+Anytime evaluation runs every sample through every output and reports each output's error against
+its cumulative FLOPs (``annify.cost``). Errors are fractions in [0, 1] in the tables and files, and
+percentages in what is printed and plotted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from annify.data import build_datasets, build_loaders, data_info, parse_source
+from annify.spec import Spec, atomic_write, load_spec
+
+__all__ = [
+    "Evaluation",
+    "anytime_table",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit_to_data",
+    "format_table",
+    "nearest_outputs",
+    "plot_anytime",
+    "plot_weights",
+    "relative_to_opt",
+    "resolve_device",
+    "save_table",
+]
+
+FIXED_SIZE_SOURCES = ("digits", "cifar10", "cifar100")  # tensor sources with one native resolution
+
+
+@dataclass
+class Evaluation:
+    """Per-output results on one split, in output order."""
+
+    errors: list[float]  # top-1 error, a fraction in [0, 1]
+    losses: list[float]  # mean cross-entropy
+    count: int  # samples seen (summed over ranks)
+
+
+def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
+    """The spec a data source needs, and a one-line note when it differs from ``spec``.
+
+    The class count always comes from the data. Sources with one native resolution (digits 8×8,
+    CIFAR 32×32) also set H×W; the spec keeps its channel count (digits' gray is repeated to 3
+    channels when the model wants 3). Folder sources resize to any size, so the spec's size stays.
+    """
+    info = data_info(source)
+    c, h, w = spec.input_size
+    size = (c, *info.input_size[1:]) if parse_source(source)[0] in FIXED_SIZE_SOURCES else (c, h, w)
+    if info.num_classes == spec.num_classes and tuple(size) == tuple(spec.input_size):
+        return spec, None
+    shape = "×".join(map(str, size))
+    note = (
+        f"note: {info.name} has {info.num_classes} classes at {shape}; rebuilding {spec.name} for it "
+        f"(the spec says {spec.num_classes} classes at {'×'.join(map(str, spec.input_size))})"
+    )
+    return replace(spec, num_classes=info.num_classes, input_size=tuple(size)), note
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` (this process's GPU under torchrun) or ``cuda:N``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{device}'; use auto, cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}, but torch sees no CUDA device; use --device cpu")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device '{device}'; use auto, cpu or cuda")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module,
+    loader,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+) -> Evaluation:
+    """Top-1 error and mean cross-entropy of every output of ``net`` over ``loader``.
+
+    Runs in eval mode and puts every module back in the mode it had. Under ``torch.distributed``
+    the counts are summed over ranks, so give each rank its own shard of the split (every rank
+    evaluating the whole split also gives the right numbers, just slower).
+
+    Args:
+        amp: bf16 autocast (CUDA).
+        channels_last: feed images in channels-last memory format.
+    """
+    device = torch.device(device)
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    sums = None  # (2K + 1,) float64: wrong answers of each output, loss sums of each output, samples
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outs = net(x)  # K × (B, num_classes)
+            wrong = torch.stack([(o.argmax(1) != y).sum() for o in outs]).double()
+            loss = torch.stack([F.cross_entropy(o.float(), y, reduction="sum") for o in outs]).double()
+            batch = torch.cat([wrong, loss, loss.new_tensor([len(y)])])
+            sums = batch if sums is None else sums + batch
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if sums is None:
+        raise ValueError("evaluate got an empty loader")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    k, n = (len(sums) - 1) // 2, sums[-1].item()
+    return Evaluation((sums[:k] / n).tolist(), (sums[k : 2 * k] / n).tolist(), int(n))
+
+
+def evaluate_checkpoint(
+    spec_path: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    data: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 0,
+) -> list[dict]:
+    """The anytime table (see ``anytime_table``) of a spec with a checkpoint's weights on val and test.
+
+    ``data`` defaults to the spec's ``train.data`` (a run's config.yaml has it), else digits; the
+    network is fitted to the data as the trainer does (``fit_to_data``), and FLOPs are counted at
+    that input size.
+    """
+    from annify.convert import build, load_weights
+    from annify.cost import count
+
+    spec = load_spec(spec_path)
+    source = data or spec.train.get("data") or "digits"
+    spec, _ = fit_to_data(spec, source)
+    net = build(spec)
+    load_weights(net, checkpoint)
+    flops = count(net, spec.input_size).flops
+    dev = resolve_device(device)
+    net.to(dev)
+    datasets = build_datasets(source, input_size=spec.input_size, augment=False)
+    loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, batch_size, workers)
+    amp = dev.type == "cuda"
+    val, test = (evaluate(net, loaders[s], dev, amp=amp) for s in ("val", "test"))
+    return anytime_table([h.node for h in spec.heads], flops, val, test)
+
+
+def anytime_table(
+    nodes: Sequence[str], flops: Sequence[int], val: Evaluation, test: Evaluation | None = None
+) -> list[dict]:
+    """One row per output: output (1-based), node, flops, fraction, val_error, test_error."""
+    rows = []
+    for i, (node, f) in enumerate(zip(nodes, flops, strict=True)):
+        rows.append(
+            {
+                "output": i + 1,
+                "node": node,
+                "flops": int(f),
+                "fraction": round(f / flops[-1], 4),
+                "val_error": val.errors[i],
+                "test_error": None if test is None else test.errors[i],
+            }
+        )
+    return rows
+
+
+def save_table(rows: list[dict], folder: str | os.PathLike) -> None:
+    """Write ``anytime.json`` and ``anytime.csv`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    atomic_write(folder / "anytime.json", json.dumps(rows, indent=1) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(folder / "anytime.csv", buf.getvalue())
+
+
+def format_table(rows: list[dict]) -> str:
+    """The anytime table as aligned text, errors in percent."""
+    from annify._cli_common import format_flops
+
+    def pct(e: float | None) -> str:
+        return "-" if e is None else f"{100 * e:.2f}"
+
+    lines = [("output", "node", "flops", "fraction", "val err %", "test err %")]
+    for r in rows:
+        node = "model (own classifier)" if r["node"] == "model" else r["node"]
+        lines.append(
+            (
+                str(r["output"]),
+                node,
+                format_flops(r["flops"]),
+                f"{r['fraction']:.3f}",
+                pct(r["val_error"]),
+                pct(r["test_error"]),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(
+            v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
+
+
+def relative_to_opt(errors: Sequence[float], opt_errors: Sequence[float]) -> list[float]:
+    """Relative increase of error over OPT, in percent, per output (the paper's Table 1).
+
+    ``opt_errors[i]`` is the error of a network trained for output i alone (``--weights opt
+    --head i``). 2.73 means 2.73% worse than OPT: an OPT error of 10% becomes 10.27%.
+    """
+    if len(errors) != len(opt_errors):
+        raise ValueError(f"{len(errors)} errors but {len(opt_errors)} OPT errors")
+    out = []
+    for e, o in zip(errors, opt_errors, strict=True):
+        out.append(100.0 * (e - o) / o if o > 0 else (0.0 if e == 0 else math.inf))
+    return out
+
+
+def nearest_outputs(
+    fractions: Sequence[float], targets: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+) -> list[int]:
+    """Indices of the outputs whose cost fraction is nearest each target (Table 1's 1/4, 1/2, 3/4, 1)."""
+    return [min(range(len(fractions)), key=lambda i: abs(fractions[i] - t)) for t in targets]
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def _axes(title: str | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def plot_anytime(
+    tables: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str | None = None
+) -> None:
+    """Error (%) against cumulative FLOPs, one line per table, log-scale FLOPs; written atomically.
+
+    Args:
+        tables: label -> [(flops, error as a fraction), ...] in output order.
+    """
+    fig, ax = _axes(title)
+    for label, points in tables.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs (fvcore, cumulative)")
+    ax.set_ylabel("top-1 error (%)")
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def plot_weights(
+    history: Sequence[tuple[float, Sequence[float]]],
+    path: str | os.PathLike,
+    xlabel: str = "epoch",
+    title: str | None = None,
+) -> None:
+    """Each output's loss weight over training, from ``[(x, [w_1, ..., w_K]), ...]``; written atomically."""
+    if not history:
+        raise ValueError("plot_weights needs at least one point")
+    fig, ax = _axes(title)
+    xs = [x for x, _ in history]
+    for i in range(len(history[0][1])):
+        ax.plot(xs, [w[i] for _, w in history], marker=".", label=f"output {i + 1}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss weight")
+    ax.legend(fontsize="small", ncol=2)
+    _save_figure(fig, path)

@@ -1,0 +1,634 @@
+"""The train stage: an anytime network's training recipe, read top to bottom.
+
+setup (settings, devices, data, network, optimizer, weight scheme, resume) → loop (one weighted
+loss ``sum_i w_i * CE_i`` per step, the weight scheme updated once per optimizer step) → evaluate
+(every output on val and test) → save (run folder).
+
+The recipe is the paper's: SGD, lr 0.1, momentum 0.9, weight decay 1e-4, no Nesterov, lr / 10 at
+1/2 and 3/4 of the epochs. A spec's ``train:`` section changes the defaults; arguments (the command
+line) win over both.
+
+Run folder ``out``::
+
+    config.yaml          the resolved spec, its train: section holding every setting of the run
+    metrics.jsonl        one JSON line per epoch (train loss, val error, weights, lr, images/s)
+    checkpoints/last/    model.safetensors + state.pt (optimizer, scheduler, weight scheme, RNGs)
+    checkpoints/best/    model.safetensors + best.json, lowest mean val error over the outputs
+    anytime.json / .csv  per output: node, flops, fraction, val_error, test_error (final weights)
+    anytime.png          error against FLOPs;  weights.png: each output's loss weight per epoch
+
+Reproducibility: every random draw of epoch e (shuffle, augmentation, dropout) is seeded from
+(seed, e), so a run resumed from ``checkpoints/last`` ends with the same weights as one never
+interrupted (exactly, on CPU, with or without DataLoader workers). Checkpoint folders are swapped in by renames, so a kill at any
+moment leaves the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset
+
+from annify import weighting
+from annify.convert import build, load_weights
+from annify.cost import CONVENTION, count
+from annify.data import build_datasets, build_loaders, set_epoch
+from annify.evaluate import (
+    Evaluation,
+    anytime_table,
+    evaluate,
+    fit_to_data,
+    plot_anytime,
+    plot_weights,
+    resolve_device,
+    save_table,
+)
+from annify.spec import Spec, SpecError, atomic_write, dump, load_spec
+
+__all__ = ["DEFAULTS", "CheckpointError", "RunResult", "TrainingDiverged", "resolve_settings", "train"]
+
+DEFAULTS: dict[str, Any] = {
+    "data": "digits",  # data source, see annify.data
+    "epochs": 300,  # paper: 300 on CIFAR
+    "batch_size": 64,  # per process
+    "opt": "sgd",  # timm optimizer name
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,  # timm's convention: not on biases and norm parameters
+    "nesterov": False,
+    "milestones": [0.5, 0.75],  # lr × decay_rate after these fractions (floats) or epoch counts (ints)
+    "decay_rate": 0.1,
+    "weights": "adaloss",  # weight scheme, see annify.weighting
+    "weight_hparams": {},  # e.g. {gamma: 0.05}
+    "head": None,  # for weights=opt: the output trained (1-based, as in the tables); default the last
+    "seed": 0,
+    "init": None,  # "timm" (the model's pretrained weights) or a state dict file
+    "freeze_trunk": False,  # train the added heads only
+}
+
+
+class TrainingDiverged(ValueError):
+    """A loss became NaN or infinite; the message names the output and the last good checkpoint."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says which file and why."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    out: Path  # the run folder
+    spec: Spec  # the resolved spec (data's classes and size, costs, train settings)
+    net: nn.Module  # the trained network (final weights, on the training device)
+    epochs_done: int
+    table: list[dict]  # anytime rows, see annify.evaluate.anytime_table
+    seconds: float  # wall time of this call
+    rank: int  # 0 on the process that wrote the files
+
+
+def resolve_settings(spec_train: dict, overrides: dict) -> dict:
+    """DEFAULTS, then the spec's ``train:`` section, then the non-None ``overrides``; validated."""
+    errors = [
+        f"train: unknown key '{k}' (known: {', '.join(DEFAULTS)})" for k in spec_train if k not in DEFAULTS
+    ]
+    cfg = {**DEFAULTS, **{k: v for k, v in spec_train.items() if k in DEFAULTS}}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("epochs", "batch_size"):
+        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
+            errors.append(f"{key} must be a positive integer, got {cfg[key]!r}")
+    for key in ("lr", "momentum", "weight_decay", "decay_rate"):
+        if not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
+            errors.append(f"{key} must be a non-negative number, got {cfg[key]!r}")
+    if not (
+        isinstance(cfg["milestones"], list) and all(isinstance(m, (int, float)) for m in cfg["milestones"])
+    ):
+        errors.append(f"milestones must be a list of fractions or epoch counts, got {cfg['milestones']!r}")
+    if cfg["weights"] not in weighting.available():
+        errors.append(
+            f"unknown weight scheme '{cfg['weights']}' (available: {', '.join(weighting.available())})"
+        )
+    if cfg["head"] is not None and cfg["weights"] != "opt":
+        errors.append(f"head is for --weights opt, not {cfg['weights']}")
+    if cfg["head"] is not None and not (isinstance(cfg["head"], int) and cfg["head"] >= 1):
+        errors.append(f"head is an output number, 1 for the first, got {cfg['head']!r}")
+    if not isinstance(cfg["weight_hparams"], dict):
+        errors.append("weight_hparams must be a mapping such as {gamma: 0.05}")
+    if cfg["freeze_trunk"] and cfg["weights"] == "adaloss_grad":
+        errors.append(
+            "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
+        )
+    if errors:
+        raise SpecError("; ".join(errors))
+    cfg["milestones"] = list(cfg["milestones"])
+    cfg["weight_hparams"] = dict(cfg["weight_hparams"])
+    return cfg
+
+
+def train(
+    spec_or_path: Spec | str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    data: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weights: str | None = None,
+    weight_hparams: dict | None = None,
+    head: int | None = None,
+    seed: int | None = None,
+    init: str | None = None,
+    freeze_trunk: bool | None = None,
+    device: str = "auto",
+    amp: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    resume: bool = False,
+    workers: int = 0,
+    stop_after: int | None = None,
+    log: Callable[[str], Any] = print,
+) -> RunResult:
+    """Train an anytime network and write its run folder (see the module docstring).
+
+    Arguments left at None take the spec's ``train:`` value, else ``DEFAULTS``. ``amp`` (bf16
+    autocast) and ``channels_last`` apply on CUDA only. Under ``torchrun`` (WORLD_SIZE > 1) this
+    runs DistributedDataParallel (gloo on CPU, nccl on CUDA); ``batch_size`` is per process and
+    rank 0 writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same
+    settings (it starts afresh, with a note, when there is none). ``stop_after`` ends the run once
+    that many epochs are done, as a time-limited job would; ``resume`` continues it later.
+    """
+    started = time.perf_counter()
+    # ---------------------------------------------------------------- setup: settings and devices
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    overrides = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights, head=head)
+    overrides.update(weight_hparams=weight_hparams, seed=seed, init=init, freeze_trunk=freeze_trunk)
+    cfg = resolve_settings(spec.train, overrides)
+    world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    say = log if rank == 0 else (lambda *_: None)
+    cuda = dev.type == "cuda"
+    use_amp, use_cl = amp and cuda, channels_last and cuda
+    out, ckpt_root = Path(out), Path(out) / "checkpoints"
+    try:
+        # ------------------------------------------------------------ setup: run folder
+        last = _find_checkpoint(ckpt_root, "last")
+        if last is not None and not resume:
+            raise ValueError(
+                f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            )
+        if resume and last is None:
+            say(f"note: no checkpoint in {out} to resume from; starting from scratch")
+
+        # ------------------------------------------------------------ setup: data and network
+        spec, note = fit_to_data(spec, cfg["data"])
+        if note:
+            say(note)
+        datasets = build_datasets(cfg["data"], input_size=spec.input_size)
+        # fresh workers each epoch: their seeds then come from the generator reseeded per epoch below
+        train_loader = build_loaders(
+            {"train": datasets["train"]},
+            cfg["batch_size"],
+            workers,
+            distributed=world > 1,
+            seed=cfg["seed"],
+            persistent_workers=False,
+        )["train"]
+        shards = {s: Subset(datasets[s], range(rank, len(datasets[s]), world)) for s in ("val", "test")}
+        eval_loaders = build_loaders(shards, cfg["batch_size"], workers)
+
+        torch.manual_seed(cfg["seed"])
+        net = build(spec)
+        costs = count(net, spec.input_size)  # at the size actually trained
+        spec = _with_costs(spec, costs, cfg)
+        nodes = [h.node for h in spec.heads]
+        if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
+            _load_init(net, spec, cfg["init"], say)
+        if cfg["freeze_trunk"]:
+            for name, p in net.named_parameters():
+                p.requires_grad_(name.startswith("heads."))
+        net.to(dev)
+        if use_cl:
+            net.to(memory_format=torch.channels_last)
+
+        # ------------------------------------------------------------ setup: optimizer, weights, resume
+        if last is not None:
+            load_weights(net, last)  # a checkpoint of another spec gets a one-line ConvertError
+        optimizer, scheduler = _optimizer(net, cfg)
+        scheme_hp = dict(cfg["weight_hparams"])
+        if cfg["weights"] == "opt" and cfg["head"] is not None:
+            scheme_hp["head"] = cfg["head"] - 1
+        scheme = weighting.get(cfg["weights"], net.num_outputs, **scheme_hp)
+        start_epoch, best = 0, math.inf
+        if last is not None:
+            start_epoch, best = _restore(last, cfg, optimizer, scheduler, scheme)
+            say(f"resuming {out} after epoch {start_epoch}")
+        if rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            for leftover in ckpt_root.glob(".tmp-*"):  # a write that a kill interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
+            machine = f"device={dev} amp={'bf16' if use_amp else 'off'} compile={compile} world_size={world}"
+            header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
+            header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
+            atomic_write(out / "config.yaml", dump(spec, header))
+            _keep_metrics(out / "metrics.jsonl", start_epoch)
+
+        model: nn.Module = net
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if cuda else None)
+        if compile:
+            model = torch.compile(model)
+        trunk_params = [
+            p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("heads.")
+        ]
+
+        # ------------------------------------------------------------ loop
+        from tqdm.auto import tqdm
+
+        val: Evaluation | None = None
+        done = start_epoch
+        for epoch in range(start_epoch, cfg["epochs"]):
+            if stop_after is not None and epoch >= stop_after:
+                break
+            _seed_all(_epoch_seed(cfg["seed"], epoch, rank))
+            train_loader.generator.manual_seed(_epoch_seed(cfg["seed"], epoch, 0))  # shuffle (one process)
+            set_epoch({"train": train_loader}, epoch)  # shuffle (DistributedSampler)
+            scheduler.step(epoch)
+            scheme.set_progress(epoch, cfg["epochs"])
+            _train_mode(net, cfg["freeze_trunk"])
+            loss_sum = torch.zeros(net.num_outputs, dtype=torch.float64)  # (K,) summed over steps
+            steps, images, tic = 0, 0, time.perf_counter()
+            bar = tqdm(
+                train_loader,
+                desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                leave=False,
+                disable=True if rank != 0 else None,  # None: off when not a TTY
+            )
+            for x, y in bar:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if use_cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    outs = model(x)  # K × (B, num_classes)
+                losses = torch.stack([F.cross_entropy(o.float(), y) for o in outs])  # (K,)
+                mean = _mean_across_ranks(losses.detach())  # the same on every rank: all stop together
+                if not torch.isfinite(mean).all():
+                    raise _diverged(
+                        mean, nodes, epoch, steps + 1, ckpt_root, last is not None or epoch > start_epoch
+                    )
+                total = (scheme.weights.to(dev) * losses).sum()
+                if not total.requires_grad:
+                    raise ValueError("nothing to train: every output with a nonzero weight is frozen")
+                norms = (
+                    weighting.per_head_grad_norms(list(losses), trunk_params)
+                    if scheme.needs_grad_norms
+                    else None
+                )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if norms is None:
+                    scheme.update(losses.detach())
+                else:
+                    scheme.update(losses.detach(), norms)
+                loss_sum += mean.double()
+                steps, images = steps + 1, images + len(y) * world
+                bar.set_postfix_str("loss " + "|".join(f"{v:.2f}" for v in mean.tolist()))
+            seconds = time.perf_counter() - tic
+            if world > 1:  # DDP syncs buffers before each forward; the last forward's BN updates differ
+                for b in net.buffers():
+                    dist.broadcast(b, 0)
+
+            # -------------------------------------------------------- evaluate (val) and save
+            val = evaluate(net, eval_loaders["val"], dev, use_amp, use_cl)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": (loss_sum / max(steps, 1)).tolist(),
+                "val_error": val.errors,
+                "val_loss": val.losses,
+                "weights": scheme.weights.tolist(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": round(images / seconds, 1),
+                "time_s": round(seconds, 3),
+            }
+            score = sum(val.errors) / len(val.errors)  # anytime quality: mean error over the outputs
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                say(_epoch_line(row, cfg["epochs"]))
+                state = {
+                    "epoch": epoch + 1,
+                    "best": min(best, score),
+                    "settings": cfg,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scheme": scheme.state_dict(),
+                    "rng": _rng_state(),
+                }
+                weights_file = _weights_writer(net)
+                _write_folder(
+                    ckpt_root / "last", {"model.safetensors": weights_file, "state.pt": _saver(state)}
+                )
+                if score < best:
+                    info = {"epoch": epoch + 1, "val_error": val.errors}
+                    _write_folder(
+                        ckpt_root / "best", {"model.safetensors": weights_file, "best.json": _json(info)}
+                    )
+            best, done = min(best, score), epoch + 1
+
+        # ------------------------------------------------------------ evaluate (final weights)
+        if val is None:
+            val = evaluate(net, eval_loaders["val"], dev, use_amp, use_cl)
+        test = evaluate(net, eval_loaders["test"], dev, use_amp, use_cl)
+        table = anytime_table(nodes, costs.flops, val, test)
+
+        # ------------------------------------------------------------ save
+        if rank == 0:
+            save_table(table, out)
+            curves = {s: [(r["flops"], r[f"{s}_error"]) for r in table] for s in ("val", "test")}
+            plot_anytime(curves, out / "anytime.png", title=f"{spec.name}, {cfg['weights']}, {cfg['data']}")
+            history = [(r["epoch"], r["weights"]) for r in _read_metrics(out / "metrics.jsonl")]
+            if history:
+                plot_weights(history, out / "weights.png", title=f"{cfg['weights']} weights")
+        if world > 1:
+            dist.barrier()
+        return RunResult(out, spec, net, done, table, time.perf_counter() - started, rank)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------- setup helpers
+
+
+def _with_costs(spec: Spec, costs, cfg: dict) -> Spec:
+    """The spec with each output's cost at its input size, and the run's settings as ``train:``."""
+    heads = [
+        replace(h, flops=f, fraction=round(fr, 4), flops_single=fs, params=p)
+        for h, f, fr, fs, p in zip(
+            spec.heads, costs.flops, costs.fraction, costs.flops_single, costs.params, strict=True
+        )
+    ]
+    return replace(spec, heads=heads, cost_convention=CONVENTION, train=dict(cfg))
+
+
+def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
+    """Load timm-format trunk weights (the model's classifier too when its shape fits); heads stay fresh."""
+    import timm
+
+    import annify.models  # noqa: F401 - registers the cifar_resnet family
+
+    source = f"--init {init}"
+    if init == "timm":
+        cfg = timm.models.get_pretrained_cfg(spec.model)
+        if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
+            raise ValueError(
+                f"timm has no pretrained weights for {spec.model}; pass --init PATH to a state dict"
+            )
+        kwargs = {**spec.model_kwargs, "num_classes": spec.num_classes}
+        state = timm.create_model(spec.model, pretrained=True, **kwargs).state_dict()
+    else:
+        if not Path(init).is_file():
+            raise ValueError(f"{source}: no such file; pass 'timm' or a .safetensors/.pth state dict")
+        try:
+            state = timm.models.load_state_dict(init, use_ema=False)
+        except Exception as e:  # safetensors, pickle and zip readers each raise their own types
+            raise ValueError(f"{source} is not a readable state dict ({str(e).splitlines()[0]})") from None
+    own = net.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith("heads.")]
+    if unexpected or missing:
+        raise ValueError(
+            f"{source} does not fit {spec.model}: {len(unexpected)} unknown keys (e.g. {unexpected[:1]}), "
+            f"{len(missing)} trunk weights missing (e.g. {missing[:1]})"
+        )
+    classifier = (timm.models.get_pretrained_cfg_value(spec.model, "classifier") or "") + "."
+    wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if any(not k.startswith(classifier) for k in wrong):
+        bad = next(k for k in wrong if not k.startswith(classifier))
+        raise ValueError(
+            f"{source}: {bad} has shape {tuple(state[bad].shape)}, the model {tuple(own[bad].shape)}"
+        )
+    if wrong:
+        say(
+            f"note: {source}: skipped {', '.join(sorted(wrong))} (another class count); the classifier starts fresh"
+        )
+    with torch.no_grad():
+        net.load_state_dict({k: v for k, v in state.items() if k not in wrong}, strict=False)
+    say(f"loaded {len(state) - len(wrong)} tensors from {init}; the {len(net.heads)} added heads start fresh")
+
+
+def _optimizer(net: nn.Module, cfg: dict):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    extra = {"nesterov": cfg["nesterov"]} if cfg["opt"] in ("sgd", "momentum", "nesterov") else {}
+    optimizer = create_optimizer_v2(
+        net, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"], **extra
+    )
+    epochs = cfg["epochs"]
+    # a fraction f decays the lr for the epochs that start at or after f of the run
+    at = [math.ceil(round(m * epochs, 6)) if isinstance(m, float) else m for m in cfg["milestones"]]
+    # timm decays once t + 1 reaches a milestone; t + 1 = m + 1 keeps the first m epochs at the full lr
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="multistep",
+        num_epochs=epochs,
+        decay_milestones=[m + 1 for m in at],
+        decay_rate=cfg["decay_rate"],
+    )
+    return optimizer, scheduler
+
+
+def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
+    """Train mode; with a frozen trunk only the heads train (trunk BatchNorm statistics stay put)."""
+    if freeze_trunk:
+        net.eval()
+        net.heads.train()
+    else:
+        net.train()
+
+
+def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.cpu()
+
+
+def _diverged(mean, nodes, epoch, step, ckpt_root: Path, have_checkpoint: bool) -> TrainingDiverged:
+    i = next(i for i, v in enumerate(mean.tolist()) if not math.isfinite(v))
+    node = "the model's classifier" if nodes[i] == "model" else nodes[i]
+    value = "nan" if math.isnan(mean[i]) else "inf"
+    where = (
+        f"last good checkpoint: {ckpt_root / 'last'}" if have_checkpoint else "no checkpoint was written yet"
+    )
+    return TrainingDiverged(
+        f"loss of output {i + 1} ({node}) is {value} at epoch {epoch + 1} step {step}; {where}"
+    )
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    def nums(xs, scale=1.0, fmt=".2f"):
+        return " ".join(f"{scale * x:{fmt}}" for x in xs)
+
+    return (
+        f"epoch {row['epoch']}/{epochs}  loss {nums(row['train_loss'])}  val err % {nums(row['val_error'], 100, '.1f')}"
+        f"  w {nums(row['weights'])}  lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f}s"
+    )
+
+
+# -------------------------------------------------------------------- reproducibility
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and CUDA
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and lists, which ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -------------------------------------------------------------------- checkpoints and run files
+
+
+def _find_checkpoint(root: Path, name: str) -> Path | None:
+    """``root/name``, or the previous one a kill left mid-swap (see ``_write_folder``)."""
+    for folder in (root / name, root / f".old-{name}"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write a checkpoint folder atomically: fill a temporary sibling, then swap it in by renames.
+
+    A kill before the first rename leaves ``dest`` as it was; between the renames ``dest`` is
+    briefly missing and ``.old-<name>`` holds the previous one, which ``_find_checkpoint`` takes.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    umask = os.umask(0)  # mkdtemp makes the folder 0700; give it the mode a plain mkdir would
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        old = dest.with_name(f".old-{dest.name}")
+        if dest.exists():  # else an earlier kill left the previous one in ``old``: keep it until the swap
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _weights_writer(net: nn.Module) -> Callable[[Path], None]:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    return lambda path: save_file(tensors, str(path))
+
+
+def _saver(state: dict) -> Callable[[Path], None]:
+    return lambda path: torch.save(state, path)
+
+
+def _json(data: dict) -> Callable[[Path], None]:
+    return lambda path: path.write_text(json.dumps(data) + "\n")
+
+
+def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int, float]:
+    """Load optimizer, scheduler, weight scheme and RNG states; return (epochs done, best score)."""
+    path = folder / "state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no state.pt; delete it to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, ... all mean the same to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint state {path} is unreadable ({msg}); delete {folder} to start over"
+        ) from None
+    saved = state.get("settings", {})
+    changed = [k for k in cfg if saved.get(k, DEFAULTS[k]) != cfg[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k, DEFAULTS[k])!r} in the run, {cfg[k]!r} now" for k in changed)
+        raise CheckpointError(
+            f"the run in {folder.parent.parent} used other settings ({diffs}); resume with the same ones"
+        )
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheme.load_state_dict(state["scheme"])
+        _set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint state {path} does not fit this run ({str(e).splitlines()[0]})"
+        ) from None
+    return int(state["epoch"]), float(state["best"])
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line a kill cut short
+    return rows
+
+
+def _keep_metrics(path: Path, epochs_done: int) -> None:
+    """Drop lines of epochs after the checkpoint (written before a kill), so a resume does not repeat them."""
+    rows = [r for r in _read_metrics(path) if r.get("epoch", 0) <= epochs_done]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
