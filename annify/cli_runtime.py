@@ -1,0 +1,139 @@
+"""The ``predict`` and ``export`` commands: anytime inference on image files, and deployable files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from annify._cli_common import format_flops, friendly, writable_dir
+
+
+def _read_labels(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--checkpoint", required=True, help="Weights: a .safetensors file or a folder with model.safetensors."
+)
+@click.option(
+    "--budget-flops", type=float, help="Per-image FLOP budget: the latest output that fits (e.g. 2e9)."
+)
+@click.option(
+    "--deadline-ms", type=float, help="Wall-clock deadline per image: the latest output ready by then."
+)
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Text file with one class name per line (default: class indices).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
+@friendly
+def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json):
+    """Classify IMAGE files with the anytime network SPEC, within a FLOP budget or a deadline.
+
+    Each image is resized, center-cropped and normalized for the spec's model, then run segment by
+    segment. Without --budget-flops or --deadline-ms every output is computed and the last is used.
+    The deadline is checked between segments, after one untimed warm-up pass; an image whose first
+    output was not ready in time still gets it, marked LATE. Prints the top-k classes, the output
+    used (1-based) and the FLOPs spent per image; --json gives the 0-based output_index.
+
+    Example: annify predict zoo/resann50.yaml --checkpoint runs/resann50 --budget-flops 2e9 cat.jpg
+    """
+    import torch
+
+    from annify.convert import load
+    from annify.runtime import AnytimeRunner, load_image
+
+    names = _read_labels(labels)
+    net = load(spec, checkpoint)
+    runner = AnytimeRunner(net)
+    if budget_flops is not None:
+        runner.select(budget_flops)  # fail on a budget below the first output before reading images
+    inputs = [load_image(path, net.spec) for path in images]
+    if deadline_ms is not None:  # one untimed pass, so the first image does not pay for warm-up
+        for _ in runner.steps(inputs[0].unsqueeze(0)):
+            pass
+    rows = []
+    for path, x in zip(images, inputs, strict=True):
+        result = runner.run(x.unsqueeze(0), budget_flops=budget_flops, deadline_ms=deadline_ms)
+        probs = torch.softmax(result.logits[0].float(), dim=-1)
+        top = probs.topk(min(topk, probs.numel()))
+        rows.append(
+            {
+                "image": str(path),
+                "output_index": result.output_index,
+                "num_outputs": net.num_outputs,
+                "flops": result.flops_spent,
+                "elapsed_ms": round(result.elapsed_ms, 3),
+                "late": result.late,
+                "topk": [
+                    {
+                        "class": int(c),
+                        **({"label": names[c]} if names and c < len(names) else {}),
+                        "prob": float(p),
+                    }
+                    for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                ],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        classes = ", ".join(f"{t.get('label', t['class'])} ({t['prob']:.3f})" for t in row["topk"])
+        late = " LATE" if row["late"] else ""
+        click.echo(
+            f"{row['image']}: {classes} | output {row['output_index'] + 1}/{row['num_outputs']}, "
+            f"{format_flops(row['flops'])} FLOPs, {row['elapsed_ms']:.1f} ms{late}"
+        )
+
+
+@click.command("export")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--checkpoint", required=True, help="Weights: a .safetensors file or a folder with model.safetensors."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript", "all"]),
+    default="all",
+    show_default=True,
+    help="File format(s) to write.",
+)
+@click.option("--out", default="export", show_default=True, help="Output folder.")
+@click.option("--no-check", is_flag=True, help="Skip running each file against PyTorch (atol 1e-4).")
+@friendly
+def export_command(spec, checkpoint, fmt, out, no_check):
+    """Export SPEC's truncated networks and segments to ONNX and/or TorchScript, with manifest.json.
+
+    NAME_out{k} maps the image to output k (0-based); NAME_seg{j} runs segment j from the carried
+    tensors. Each file is checked against PyTorch unless --no-check.
+
+    Example: annify export zoo/resann50.yaml --checkpoint runs/resann50 --format onnx --out export/
+    """
+    from annify.convert import load
+    from annify.export import FORMATS, export
+
+    folder = writable_dir(out)
+    net = load(spec, checkpoint)
+    manifest = export(net, folder, formats=FORMATS if fmt == "all" else (fmt,), check=not no_check)
+    for f in manifest["files"]:
+        checked = "" if f["max_abs_diff"] is None else f"  max diff {f['max_abs_diff']:.1e}"
+        click.echo(
+            f"{folder / f['path']}  {f['kind']} {f['output']}  {format_flops(f['flops'])} FLOPs{checked}"
+        )
+    if not manifest["segments_exported"]:
+        click.echo("segments carry non-tensor values: exported the truncated networks only")
+    click.echo(f"wrote {folder / 'manifest.json'}")
+
+
+COMMANDS = [predict, export_command]

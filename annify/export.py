@@ -1,0 +1,276 @@
+"""Export an anytime network to ONNX and TorchScript, one file per truncated network and per segment.
+
+- ``<name>_out{k}``: input → output k (0-based), a single-exit network: segments 0..k and head k
+  only (the heads before k are left out; its logits equal ``forward_until(x, k + 1)[-1]``).
+- ``<name>_seg{j}``: segment j alone, carried tensors in → carried tensors out plus output j's
+  logits, so a serving loop can stop after any segment (segment 0 takes the image).
+
+Each file is a pruned ``torch.fx.GraphModule`` of the segment graphs (only the submodules they
+use), traced with ``torch.onnx.export(dynamo=False)`` (the TorchScript-based exporter, opset 17,
+which the widest range of runtimes reads) or ``torch.jit.trace``. Batch size is dynamic where the
+model allows it, and every file is checked against PyTorch at a batch size other than the traced
+one. Some models carry non-tensor values across a cut (sizes read off a tensor); tracing would bake
+them into a segment file as constants, valid for one input shape only, so for such models only the
+truncated networks are exported (they compute those values inside) and the manifest says so.
+
+Files are written to a temporary name, checked, then moved into place; ``manifest.json`` lists
+them with their inputs, outputs and FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from annify.rewrite import AnytimeNet
+from annify.runtime import batched_carry, exit_flops, segment_costs
+from annify.spec import atomic_write
+
+__all__ = ["FORMATS", "ExportError", "export"]
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 17
+ATOL = 1e-4
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or does not reproduce PyTorch; the message says which."""
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    g = fx.Graph()
+    g.output(g.graph_copy(graph, {}))
+    return g
+
+
+class _Piece(nn.Module):
+    """Segments ``first..last`` of ``net`` with head ``last`` at the end, as a standalone module.
+
+    Returns the logits, or with ``with_state`` the values carried out of ``last`` followed by them.
+    """
+
+    def __init__(self, net: AnytimeNet, first: int, last: int, with_state: bool):
+        super().__init__()
+        segs = net.segments[first : last + 1]
+        self.parts = nn.ModuleList(fx.GraphModule(net, _copy(s.graph)) for s in segs)
+        self.taps = [s.tap for s in segs]
+        self.carries = [s.carry for s in segs]
+        self.head = net.heads[last] if segs[-1].tap is not None else None
+        self.with_state = with_state
+
+    def forward(self, *inputs):
+        state, values = inputs, None
+        for part, tap, carry in zip(self.parts, self.taps, self.carries, strict=True):
+            values = part(*state)
+            if tap is not None:
+                state = tuple(values[:carry])
+        if self.head is None:  # the model's own classifier ends the last segment
+            return values
+        logits = self.head(values[self.taps[-1]])
+        return (*state, logits) if self.with_state else logits
+
+
+@dataclass
+class _Job:
+    """One module to export, with traced and check inputs and PyTorch's outputs on the check inputs."""
+
+    kind: str  # "truncated" or "segment"
+    index: int  # output k / segment j, 0-based
+    module: nn.Module
+    trace_args: tuple
+    check_args: tuple
+    reference: list[torch.Tensor]
+    inputs: list[str]
+    outputs: list[str]
+    batched_in: list[bool]  # which inputs / outputs have the batch dimension
+    batched_out: list[bool]
+    flops: float  # per-sample cost of running this file
+
+
+def _jobs(net: AnytimeNet, x_trace, x_check, trunk: list[float], head: list[float]) -> list[_Job]:
+    """The truncated networks, then the segments unless some segment carries a non-tensor value."""
+    n = net.num_outputs
+    states_trace, states_check = [(x_trace,)], [(x_check,)]  # the input of each segment
+    for j in range(n - 1):
+        states_trace.append(net.run_segment(j, states_trace[-1], head=False)[0])
+        states_check.append(net.run_segment(j, states_check[-1], head=False)[0])
+    jobs = [
+        _Job("truncated", k, _Piece(net, 0, k, with_state=False).eval(), (x_trace,), (x_check,),
+             [net.forward_until(x_check, k + 1)[-1]], ["x"], ["logits"], [True], [True],
+             sum(trunk[: k + 1]) + head[k])
+        for k in range(n)
+    ]  # fmt: skip
+    if not all(isinstance(v, torch.Tensor) for s in states_trace for v in s):
+        return jobs
+    batched = [[True], *batched_carry(net), []]  # per segment input; the last one carries nothing out
+    for j in range(n):
+        carried, logits = net.run_segment(j, states_check[j])
+        ins = ["x"] if j == 0 else [f"in{i}" for i in range(len(states_trace[j]))]
+        outs = [f"out{i}" for i in range(len(carried))] + ["logits"]
+        jobs.append(
+            _Job("segment", j, _Piece(net, j, j, with_state=True).eval(), states_trace[j], states_check[j],
+                 [*carried, logits], ins, outs, batched[j], [*batched[j + 1], True], trunk[j] + head[j])
+        )  # fmt: skip
+    return jobs
+
+
+def _write(job: _Job, fmt: str, folder: Path, name: str, check: bool) -> dict:
+    """Export one job in one format (temp file, check, rename); its manifest entry."""
+    target = folder / f"{name}_{'out' if job.kind == 'truncated' else 'seg'}{job.index}{_SUFFIX[fmt]}"
+    names = job.inputs + job.outputs
+    dynamic = {n: {0: "batch"} for n, b in zip(names, job.batched_in + job.batched_out, strict=True) if b}
+    tmp = _tmp(target)
+    try:
+        _export_file(job.module, tuple(job.trace_args), tmp, fmt, job.inputs, job.outputs, dynamic)
+        diff = _check(tmp, fmt, job.check_args, job.inputs, job.reference, target.name) if check else None
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "path": target.name, "format": fmt, "kind": job.kind, "output": job.index,
+        "inputs": _describe(job.inputs, job.trace_args, job.batched_in),
+        "outputs": _describe(job.outputs, job.reference, job.batched_out),
+        "flops": job.flops, "max_abs_diff": diff,
+    }  # fmt: skip
+
+
+def _describe(names: list[str], tensors, batched: list[bool]) -> list[dict]:
+    """Names and shapes for the manifest, with "batch" for a dynamic batch dimension."""
+    return [
+        {"name": n, "shape": ["batch", *t.shape[1:]] if b else list(t.shape)}
+        for n, t, b in zip(names, tensors, batched, strict=True)
+    ]
+
+
+def _tmp(target: Path) -> Path:
+    """A temporary name beside ``target``; the exporter creates the file (so the umask applies)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _export_file(module, args, path, fmt, in_names, out_names, dynamic) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            try:
+                torch.onnx.export(
+                    module, args, str(path), dynamo=False, opset_version=OPSET,
+                    input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
+                )  # fmt: skip
+            except ImportError as e:
+                raise ExportError(f"ONNX export needs {e.name or 'onnx'}; pip install annify[onnx]") from None
+        else:
+            torch.jit.save(torch.jit.trace(module, args, check_trace=False), str(path))
+
+
+def _run_file(path, fmt, args, in_names) -> list[torch.Tensor]:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {n: a.numpy() for n, a in zip(in_names, args, strict=True)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ deprecates TorchScript; it still loads
+        out = torch.jit.load(str(path))(*args)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _check(path, fmt, args, in_names, reference, label) -> float:
+    try:
+        got = _run_file(path, fmt, args, in_names)
+    except Exception as e:  # a runtime that rejects the file: report it as an export failure
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{label}: {fmt} file does not run at batch {len(args[0])}: {first}") from None
+    if len(got) != len(reference):
+        raise ExportError(f"{label}: {fmt} file returns {len(got)} outputs, PyTorch {len(reference)}")
+    diff = 0.0
+    for g, r in zip(got, reference, strict=True):
+        if tuple(g.shape) != tuple(r.shape):
+            raise ExportError(f"{label}: {fmt} output shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+        diff = max(diff, float((g.float() - r.float()).abs().max()) if r.numel() else 0.0)
+    if diff > ATOL:
+        raise ExportError(f"{label}: {fmt} output differs from PyTorch by {diff:.2e} (> {ATOL:g})")
+    return diff
+
+
+def export(
+    net: AnytimeNet,
+    out_dir: str | os.PathLike,
+    formats: tuple[str, ...] | list[str] = FORMATS,
+    check: bool = True,
+) -> dict:
+    """Export every truncated network and every segment of ``net``; returns the manifest.
+
+    Args:
+        net: the network; exported in eval mode (its mode is restored afterwards).
+        out_dir: created if needed; files are named after ``net.spec.name``.
+        formats: any of ``"onnx"``, ``"torchscript"``.
+        check: run each file (onnxruntime / ``torch.jit.load``) on a fresh input and require its
+            outputs to match PyTorch's within ``atol=1e-4``; a mismatch raises ``ExportError``.
+    """
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(
+            f"unknown export format {bad[0] if bad else '(none)'}; choose from {', '.join(FORMATS)}"
+        )
+    if check and "onnx" in formats:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ExportError("checking ONNX files needs onnxruntime; pip install annify[onnx]") from None
+    spec = getattr(net, "spec", None)
+    name = spec.name if spec is not None else "anytime"
+    input_size = tuple(spec.input_size if spec is not None else net.input_size)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    anytime = exit_flops(net)
+    trunk, head = segment_costs(net)
+    generator = torch.Generator().manual_seed(0)
+    x_trace = torch.randn(2, *input_size, generator=generator)
+    x_check = torch.randn(3, *input_size, generator=generator)
+
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            jobs = _jobs(net, x_trace, x_check, trunk, head)
+            segments_exported = any(job.kind == "segment" for job in jobs)
+            files = []
+            for job in jobs:
+                for fmt in formats:
+                    files.append(_write(job, fmt, folder, name, check))
+    finally:
+        net.train(was_training)
+
+    manifest = {
+        "name": name,
+        "model": spec.model if spec is not None else None,
+        "input_size": list(input_size),
+        "num_classes": spec.num_classes if spec is not None else None,
+        "opset": OPSET if "onnx" in formats else None,
+        "cost_convention": getattr(spec, "cost_convention", None),
+        "flops": anytime,
+        "segments_exported": segments_exported,
+        "note": (
+            "outputs and segments are 0-based; 'flops' per file is its own per-sample cost "
+            "(truncated: trunk to output k plus head k; segment: its trunk plus its head); "
+            "the top-level 'flops' are cumulative anytime FLOPs per output"
+            + (
+                ""
+                if segments_exported
+                else "; segments carry non-tensor values, so only truncated networks are exported"
+            )
+        ),
+        "files": files,
+    }
+    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
