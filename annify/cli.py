@@ -143,6 +143,24 @@ def convert(
     click.echo(f"wrote {target}")
 
 
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
+@click.option("--model", default="cifar_resnet_n3_c8", show_default=True, help="A CIFAR-style ResNet from timm's registry.")
+@click.option("--epochs", default=15, show_default=True, help="Epochs per training run.")
+@click.option("--seed", default=0, show_default=True)
+@friendly
+def demo(out, model, epochs, seed):
+    """The main job on the embedded digits: convert a CIFAR-style ResANN, train it with AdaLoss and
+    with CONST, print both anytime tables side by side and plot them.
+
+    Example: annify demo --out runs/demo
+    """
+    from annify.demo import demo as run_demo
+
+    writable_dir(out)
+    run_demo(out, model=model, epochs=epochs, seed=seed, log=click.echo)
+
+
 def _register_stage_commands() -> None:
     """Commands of the later stages live beside their library code; missing ones are skipped."""
     import importlib
