@@ -16,15 +16,25 @@ from annify.convert import (
     spec_name,
 )
 from annify.cost import CONVENTION, Costs, count
+from annify.export import export
 from annify.rewrite import AnytimeNet
+from annify.runtime import AnytimeRunner, EANNRuntime, budget_curve, early_exit
 from annify.spec import HeadSpec, Spec, SpecError, dump, load_spec
 from annify.trace import TapPoint, TraceError, tap_points, trace
+from annify.train import RunResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CONVENTION",
     "AnytimeNet",
+    "AnytimeRunner",
+    "EANNRuntime",
+    "RunResult",
+    "budget_curve",
+    "early_exit",
+    "export",
+    "train",
     "ConvertError",
     "Costs",
     "HeadSpec",

@@ -145,7 +145,12 @@ def convert(
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
-@click.option("--model", default="cifar_resnet_n3_c8", show_default=True, help="A CIFAR-style ResNet from timm's registry.")
+@click.option(
+    "--model",
+    default="cifar_resnet_n3_c8",
+    show_default=True,
+    help="A CIFAR-style ResNet from timm's registry.",
+)
 @click.option("--epochs", default=15, show_default=True, help="Epochs per training run.")
 @click.option("--seed", default=0, show_default=True)
 @friendly

@@ -37,13 +37,17 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     _, spec, _ = convert(model, every=1, input_size=(1, 8, 8), num_classes=10, model_kwargs={"in_chans": 1})
     spec_path = out / f"{spec.name}.yaml"
-    atomic_write(spec_path, dump(spec, f"annify train {spec_path}\n{spec.name} for the embedded digits (annify demo)"))
+    atomic_write(
+        spec_path, dump(spec, f"annify train {spec_path}\n{spec.name} for the embedded digits (annify demo)")
+    )
     log(f"converted {model}: {len(spec.heads)} outputs -> {spec_path}")
 
     tables: dict[str, list[dict]] = {}
     for scheme in schemes:
         log(f"training with {scheme} for {epochs} epochs ...")
-        result = train(spec_path, out=out / scheme, data="digits", epochs=epochs, weights=scheme, seed=seed, log=log)
+        result = train(
+            spec_path, out=out / scheme, data="digits", epochs=epochs, weights=scheme, seed=seed, log=log
+        )
         tables[scheme] = result.table
 
     text = side_by_side(tables)
@@ -64,7 +68,9 @@ def side_by_side(tables: dict[str, list[dict]]) -> str:
 
     schemes = list(tables)
     first = tables[schemes[0]]
-    head = f"{'output':>6}  {'flops':>8}  {'fraction':>8}  " + "  ".join(f"{s + ' test err %':>18}" for s in schemes)
+    head = f"{'output':>6}  {'flops':>8}  {'fraction':>8}  " + "  ".join(
+        f"{s + ' test err %':>18}" for s in schemes
+    )
     lines = [head]
     for i, row in enumerate(first):
         errs = "  ".join(f"{100 * tables[s][i]['test_error']:>18.2f}" for s in schemes)
