@@ -54,9 +54,12 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def spec_name(model: str) -> str:
-    """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``."""
+    """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``.
+
+    The CIFAR family keeps its prefix: cifar_resnet_n7_c16 → cifar_resann_n7_c16.
+    """
     for plain, ann in (("resnet", "resann"), ("densenet", "denseann")):
-        m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*)", model)
+        m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*|_n\d.*)", model)
         if m:
             return f"{m.group(1)}{ann}{m.group(2)}"
     return f"{model}_ann"
@@ -98,7 +101,9 @@ def choose(
     heads: int | None = None,
 ) -> tuple[list[str], dict]:
     """Pick the nodes that get heads; returns (nodes in execution order, the placement as data)."""
-    given = [k for k, v in dict(every=every, at=at, flops_period=flops_period, heads=heads).items() if v]
+    given = [
+        k for k, v in dict(every=every or start, at=at, flops_period=flops_period, heads=heads).items() if v
+    ]
     if len(given) > 1:
         raise ConvertError(f"choose one placement, not {' and '.join(given)}")
     if not taps and not at:
@@ -129,7 +134,7 @@ def choose(
                 hint = f" (closest: '{close[0]}')" if close else ""
                 raise ConvertError(
                     f"node '{pattern}' is not in {_arch(traced)}{hint}. "
-                    f"Hint: annify inspect MODEL lists the tap points"
+                    f"Hint: annify inspect {_arch(traced)} lists the tap points"
                 )
             picked += [h for h in hits if h not in picked]
         order = {q: i for i, q in enumerate(traced.qualnames)}
@@ -175,7 +180,8 @@ def _build_net(
             close = difflib.get_close_matches(node, list(known), n=1)
             hint = f" (closest: '{close[0]}')" if close else ""
             raise ConvertError(
-                f"node '{node}' is not in the traced model{hint}. Hint: annify inspect MODEL lists the tap points"
+                f"node '{node}' is not in {_arch(traced)}{hint}. "
+                f"Hint: annify inspect {_arch(traced)} lists the tap points"
             )
         try:
             layout, channels, _, _ = describe_node(traced, node)
@@ -191,6 +197,8 @@ def _build_net(
         return AnytimeNet(traced, nodes, heads)
     except KeyError as e:
         raise ConvertError(f"node {e} is missing from the train-mode graph; pick another tap point") from None
+    except ValueError as e:  # taps out of execution order (a hand-edited spec)
+        raise ConvertError(f"heads: {e}") from None
 
 
 def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=None) -> list[HeadSpec]:
@@ -277,7 +285,7 @@ def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -
 
 def load_weights(net: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Load safetensors weights into ``net``; a file that does not fit gets a one-line error."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(checkpoint)
@@ -289,7 +297,7 @@ def load_weights(net: nn.Module, checkpoint: str | os.PathLike) -> None:
         )
     try:
         state = load_file(str(p))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ConvertError(f"checkpoint '{p}' is not a readable safetensors file ({e})") from None
     own = net.state_dict()
     missing = [k for k in own if k not in state]

@@ -2,10 +2,11 @@
 
 Convention, stated once: fvcore counts one fused multiply-add as one FLOP (so resnet50 at 224 is
 4.1 GFLOPs, half of what ``torch.utils.flop_counter`` reports). Costs are counted in eval mode at
-batch size 1, where BatchNorm is counted by fvcore as one FLOP per element (its eval-mode
-affine). Heads are counted like any other module. ``scaled_dot_product_attention``, which fvcore
-leaves at zero, is counted here as batch·heads·L·S·(D + Dv) multiply-adds (QKᵀ plus AV). The
-operators fvcore still skips (elementwise adds, activations, pooling) are reported, never hidden.
+batch size 1, where fvcore counts BatchNorm as its eval-mode affine: two FLOPs per element (one
+without affine parameters). Heads are counted like any other module. ``scaled_dot_product_attention``,
+which fvcore leaves at zero, is counted here as batch·heads·L·S·(D + Dv) multiply-adds (QKᵀ plus
+AV). The operators fvcore still skips (elementwise adds, activations, pooling) are reported, never
+hidden.
 
 For output k (0-based) of an anytime network:
 

@@ -143,6 +143,9 @@ def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
     try:
         with os.fdopen(fd, mode) as f:
             f.write(text)
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -135,7 +136,12 @@ def _explain_trace_failure(model: nn.Module, err: Exception) -> str:
 
 
 def _graph_signature(graph: fx.Graph, names: dict[str, str]) -> list[tuple]:
-    return [(n.op, names.get(n.name), str(n.target)) for n in graph.nodes]
+    # the tracer numbers its tensor constants on across traces (eval `_tensor_constant0` is train
+    # `_tensor_constant17`): compare them by position, not by number
+    def plain(s: str | None) -> str | None:
+        return re.sub(r"^_tensor_constant\d+$", "_tensor_constant", s) if s else s
+
+    return [(n.op, plain(names.get(n.name)), plain(str(n.target))) for n in graph.nodes]
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], train_graph: bool = True) -> Traced:

@@ -1,0 +1,198 @@
+"""The command line, through click's CliRunner: what users type and what they see."""
+
+import os
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import annify
+from annify.cli import main
+from annify.spec import SpecError
+
+TINY = ["cifar_resnet_n3_c8", "--in-chans", "1", "--input-size", "1,8,8", "--num-classes", "5"]
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit code 1, one `Error: ...` line, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0]
+
+
+def test_inspect_prints_a_row_for_every_tap_point(run):
+    result = run("inspect", *TINY)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["block", "node", "module", "layout", "channels", "size", "flops", "fraction"]
+    model = annify.create_model("cifar_resnet_n3_c8", in_chans=1)
+    taps = annify.tap_points(annify.trace(model, (1, 8, 8), train_graph=False))
+    rows = lines[1:-1]
+    assert len(rows) == len(taps) == 9
+    for row, tap in zip(rows, taps, strict=True):
+        index, node, module, layout, channels, size = row.split()[:6]
+        assert (int(index), node, module, layout, int(channels)) == (
+            tap.index,
+            tap.node,
+            tap.module,
+            tap.layout,
+            tap.channels,
+        )
+        assert size == "x".join(map(str, tap.spatial))
+    fractions = [float(r.split()[-1]) for r in rows]
+    assert fractions == sorted(fractions) and fractions[-1] < 1
+    assert lines[-1].split()[0] == "(whole" and lines[-1].endswith("1.000")
+
+
+def test_convert_writes_a_spec_that_loads(run, tmp_path):
+    result = run("convert", "resnet26", "--every", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "resann26.yaml"
+    assert os.listdir(tmp_path) == ["resann26.yaml"]  # and no temporary file left behind
+    assert target.read_text().startswith(f"# annify train {target}\n")
+    spec = annify.load_spec(target)
+    assert [h.node for h in spec.heads] == ["layer1.1.act3", "layer2.1.act3", "layer3.1.act3", "model"]
+    # the cost table: a header, one row per output, the skipped operators, where it wrote
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["output", "node", "flops", "fraction", "single-exit", "params"]
+    assert [line.split()[:2] for line in lines[1:5]] == [
+        ["1", "layer1.1.act3"],
+        ["2", "layer2.1.act3"],
+        ["3", "layer3.1.act3"],
+        ["4", "model"],
+    ]
+    assert lines[4].split()[-3:-1] == ["1.000", "2.36G"]
+    assert lines[5].startswith("fvcore does not count: aten::add")
+    assert lines[-1] == f"wrote {target}"
+
+
+def test_convert_to_a_yaml_path(run, tmp_path):
+    target = tmp_path / "specs" / "mine.yaml"
+    result = run("convert", *TINY, "--every", "4", "--out", str(target))
+    assert result.exit_code == 0, result.output
+    spec = annify.load_spec(target)
+    assert spec.name == "cifar_resann_n3_c8"
+    assert spec.input_size == (1, 8, 8) and spec.num_classes == 5 and spec.model_kwargs == {"in_chans": 1}
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_has_help_with_an_example(run, name):
+    result = run(name, "--help")
+    assert result.exit_code == 0
+    examples = [line.strip() for line in result.output.splitlines() if line.strip().startswith("Example:")]
+    assert examples and examples[0].startswith("Example: annify ")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["resnet5O", "--every", "2"], ["unknown model 'resnet5O'", "did you mean resnet50"]),
+        ([*TINY, "--at", "stages.9.add"], ["node 'stages.9.add'", "annify inspect cifar_resnet_n3_c8"]),
+        ([*TINY, "--every", "0"], ["--every and --start must be positive"]),
+        ([*TINY, "--heads", "999"], ["--heads 999 asks for 998 added heads"]),
+        ([*TINY, "--every", "2", "--heads", "3"], ["choose one placement"]),
+        ([*TINY, "--every", "2", "--head-type", "mlp"], ["unknown head type 'mlp'"]),
+    ],
+    ids=["unknown-model", "node-not-found", "every-0", "heads-999", "two-placements", "head-type"],
+)
+def test_convert_mistakes_are_one_line_errors_and_write_nothing(run, tmp_path, args, fragments):
+    out = tmp_path / "out"
+    result = run("convert", *args, "--out", str(out))
+    assert_one_line_error(result, *fragments)
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_inspect_mistakes_are_one_line_errors(run):
+    assert_one_line_error(run("inspect", "resnet5O"), "unknown model 'resnet5O'")
+
+
+def test_bad_input_size_is_a_usage_error(run, tmp_path):
+    result = run(
+        "convert", "cifar_resnet_n3_c8", "--every", "2", "--input-size", "3,x", "--out", str(tmp_path)
+    )
+    assert result.exit_code == 2
+    assert "Error: Invalid value: expected C,H,W such as 3,224,224, got '3,x'" in result.output
+    assert "Traceback" not in result.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_under_a_regular_file_is_refused(run, tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a folder\n")
+    result = run("convert", *TINY, "--every", "2", "--out", str(plain / "specs"))
+    assert_one_line_error(result, "cannot create output folder", "choose another --out")
+    assert os.listdir(tmp_path) == ["plain.txt"]
+    assert plain.read_text() == "not a folder\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def test_unwritable_output_folder_is_refused(run, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = run("convert", *TINY, "--every", "2", "--out", str(locked))
+        assert_one_line_error(result, "is not writable", "choose another --out")
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o700)
+
+
+SPEC_COMMANDS = sorted(n for n, c in main.commands.items() if c.params and c.params[0].name == "spec")
+
+
+def _invoke_with_spec(run, name: str, spec: str):
+    """Run command ``name`` on ``spec``, with a placeholder for every other required parameter."""
+    args = [name, spec]
+    for param in main.commands[name].params[1:]:
+        if param.required:
+            args += ["placeholder"] if isinstance(param, click.Argument) else [param.opts[0], "placeholder"]
+    return run(*args)
+
+
+def _files(folder) -> set[str]:
+    """Files under ``folder`` (an output folder made before the spec is read may stay, empty)."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+
+
+@pytest.mark.parametrize("name", SPEC_COMMANDS)
+def test_malformed_spec_is_a_one_line_error_naming_the_line(run, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # commands with default output folders write nothing here either
+    (tmp_path / "bad.yaml").write_text("model: resnet26\nheads:\n  - node: model\n    block: [4\n")
+    result = _invoke_with_spec(run, name, "bad.yaml")
+    assert_one_line_error(result, "malformed YAML at line 5")
+    assert _files(tmp_path) == {"bad.yaml"}
+
+
+@pytest.mark.parametrize("name", SPEC_COMMANDS)
+def test_missing_spec_is_a_one_line_error(run, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke_with_spec(run, name, "missing.yaml")
+    assert_one_line_error(result, "'missing.yaml' does not exist")
+    assert _files(tmp_path) == set()
+
+
+def test_malformed_spec_is_a_spec_error_with_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: resnet26\nheads:\n  - node: model\n    block: [4\n")
+    with pytest.raises(SpecError, match="malformed YAML at line 5"):
+        annify.load(path)
+
+
+def test_missing_spec_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        annify.load(tmp_path / "missing.yaml")

@@ -1,0 +1,273 @@
+"""The convert stage: the paper's placements, the other placement rules, naming, rebuilding, bad input."""
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+import annify
+from annify import ConvertError, build, convert, spec_name
+from annify.convert import choose
+from annify.spec import parse
+
+# Placement does not depend on the input size; 64×64 keeps tracing and costing quick.
+SMALL = (3, 64, 64)
+
+
+def nodes(spec) -> list[str]:
+    return [h.node for h in spec.heads]
+
+
+def placed(model: str, **placement) -> tuple[list[str], list[int]]:
+    """The nodes and 1-based block indices ``convert`` picks, and the last block (tracing only, no costing)."""
+    traced = annify.trace(annify.create_model(model).eval(), SMALL, train_graph=False)
+    taps = annify.tap_points(traced)
+    picked, _ = choose(traced, taps, **placement)
+    index = {t.node: t.index for t in taps}
+    return picked, [index[n] for n in picked] + [len(taps)]
+
+
+def test_resann50_after_every_two_bottlenecks():
+    picked, blocks = placed("resnet50", every=2)
+    assert picked == [
+        "layer1.1.act3",
+        "layer2.0.act3",
+        "layer2.2.act3",
+        "layer3.0.act3",
+        "layer3.2.act3",
+        "layer3.4.act3",
+        "layer4.0.act3",
+    ]
+    assert blocks == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 outputs: layer4.2 feeds the classifier
+    assert spec_name("resnet50") == "resann50"
+
+
+def test_resann101_after_every_three_bottlenecks():
+    picked, blocks = placed("resnet101", every=3)
+    assert len(blocks) == 11  # outputs, the classifier included
+    assert blocks == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33]
+    assert picked[:3] == ["layer1.2.act3", "layer2.2.act3", "layer3.1.act3"]
+    assert picked[-1] == "layer3.22.act3"
+
+
+def test_resann26_end_to_end():
+    net, spec, costs = convert("resnet26", every=2, input_size=SMALL)
+    assert nodes(spec) == ["layer1.1.act3", "layer2.1.act3", "layer3.1.act3", "model"]
+    assert [h.block for h in spec.heads] == [2, 4, 6, 8]
+    assert spec.name == "resann26"
+    assert spec.placement == {"every": 2, "start": 2}
+    assert net.num_outputs == len(costs.flops) == 4
+
+
+def test_denseann169_every_fourteen_dense_layers_from_the_twelfth():
+    picked, blocks = placed("densenet169", start=12, every=14)
+    assert blocks == [12, 26, 40, 54, 68, 82]
+    assert picked == [
+        "features.denseblock2.denselayer7.cat",  # block 1 has 6 layers: layer 12 is block 2's 6th
+        "features.denseblock3.denselayer9.cat",
+        "features.denseblock3.denselayer23.cat",
+        "features.denseblock4.denselayer5.cat",
+        "features.denseblock4.denselayer19.cat",
+    ]
+    assert spec_name("densenet169") == "denseann169"
+
+
+@pytest.fixture(scope="module")
+def tiny_traced():
+    """The tiny model traced once, for placements that need no costing."""
+    model = annify.create_model("cifar_resnet_n3_c8", 5, in_chans=1).eval()
+    traced = annify.trace(model, (1, 8, 8), train_graph=False)
+    return traced, annify.tap_points(traced)
+
+
+def test_start_and_every(tiny_traced):
+    picked, placement = choose(*tiny_traced, start=3, every=3)
+    assert picked == ["stages.0.2.add", "stages.1.2.add"]  # block 9 feeds the classifier
+    assert placement == {"every": 3, "start": 3}
+    picked, placement = choose(*tiny_traced, every=1)
+    assert len(picked) == 8 and placement == {"every": 1, "start": 1}
+    picked, _ = choose(*tiny_traced, start=2)  # every defaults to 1
+    assert picked[0] == "stages.0.1.add" and len(picked) == 7
+
+
+def test_the_last_block_never_gets_a_head(tiny_traced):
+    assert choose(*tiny_traced, start=9, every=1)[0] == []
+
+
+def test_heads_n_spaces_outputs_evenly_by_cost(make_tiny):
+    _, spec, costs = make_tiny(heads=4)
+    assert len(spec.heads) == len(costs.flops) == 4
+    fractions = [h.fraction for h in spec.heads]
+    for k, f in enumerate(fractions, 1):
+        assert f == pytest.approx(k / 4, abs=0.08)
+    assert spec.placement == {"heads": 4}
+
+
+def test_flops_period_as_fraction_and_as_flops(make_tiny, tiny_traced):
+    _, spec, costs = make_tiny(flops_period=0.25)
+    assert len(spec.heads) == 4
+    for k, h in enumerate(spec.heads, 1):
+        assert h.fraction == pytest.approx(k / 4, abs=0.08)
+    picked, placement = choose(*tiny_traced, flops_period=costs.flops[-1] / 4)  # in FLOPs
+    assert picked == nodes(spec)[:-1]
+    assert placement == {"flops_period": costs.flops[-1] / 4}
+    assert spec.placement == {"flops_period": 0.25}
+
+
+def test_at_exact_names_in_execution_order(make_tiny):
+    _, spec, _ = make_tiny(at=["stages.2.0.add", "stages.0.1.conv1"])
+    assert nodes(spec) == ["stages.0.1.conv1", "stages.2.0.add", "model"]
+    assert [h.block for h in spec.heads] == [None, 7, 9]  # a node inside a unit is no block output
+    assert spec.placement == {"at": ["stages.2.0.add", "stages.0.1.conv1"]}
+
+
+def test_at_globs(tiny_traced):
+    picked, _ = choose(*tiny_traced, at=["stages.1.*.add", "stages.1.0.add"])  # overlapping globs
+    assert picked == ["stages.1.0.add", "stages.1.1.add", "stages.1.2.add"]
+    picked, _ = choose(*tiny_traced, at=["stages.?.0.norm1"])
+    assert picked == ["stages.0.0.norm1", "stages.1.0.norm1", "stages.2.0.norm1"]
+
+
+def test_spec_records_the_conversion(tiny):
+    net, spec, costs = tiny
+    assert (spec.model, spec.input_size, spec.num_classes) == ("cifar_resnet_n3_c8", (1, 8, 8), 5)
+    assert spec.model_kwargs == {"in_chans": 1}
+    assert spec.cost_convention == annify.CONVENTION
+    assert [h.flops for h in spec.heads] == costs.flops
+    assert [h.flops_single for h in spec.heads] == costs.flops_single
+    assert [h.params for h in spec.heads] == costs.params
+    assert [h.fraction for h in spec.heads] == [round(f, 4) for f in costs.fraction]
+    assert spec.taps == net.taps
+    assert net.spec is spec
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("resnet50", "resann50"),
+        ("resnet101", "resann101"),
+        ("densenet169", "denseann169"),
+        ("cifar_resnet_n7_c16", "cifar_resann_n7_c16"),
+        ("vit_small_patch16_224", "vit_small_patch16_224_ann"),
+        ("convnext_tiny", "convnext_tiny_ann"),
+    ],
+)
+def test_spec_name(model, name):
+    assert spec_name(model) == name
+
+
+def test_spec_name_default_and_override(tiny, make_tiny):
+    assert tiny[1].name == "cifar_resann_n3_c8"
+    assert make_tiny(every=4, name="mine")[1].name == "mine"
+
+
+def test_build_rebuilds_the_same_network(tiny, tiny_input):
+    net, spec, _ = tiny
+    net.eval()
+    for rebuilt_spec in (spec, parse(yaml.safe_load(annify.dump(spec)))):
+        again = build(rebuilt_spec).eval()
+        assert again.taps == net.taps
+        assert [type(h) for h in again.heads] == [type(h) for h in net.heads]
+        again.load_state_dict(net.state_dict(), strict=True)
+        with torch.no_grad():
+            for a, b in zip(again(tiny_input), net(tiny_input), strict=True):
+                assert torch.equal(a, b)
+
+
+def test_load_reads_a_spec_file(tiny, tmp_path):
+    _, spec, _ = tiny
+    path = tmp_path / "tiny.yaml"
+    path.write_text(annify.dump(spec))
+    net = annify.load(path)
+    assert net.taps == spec.taps and net.spec == spec
+
+
+def test_load_with_a_checkpoint_restores_the_weights(tiny, tiny_input, tmp_path):
+    from safetensors.torch import save_file
+
+    net, spec, _ = tiny
+    (tmp_path / "tiny.yaml").write_text(annify.dump(spec))
+    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    loaded = annify.load(tmp_path / "tiny.yaml", tmp_path).eval()  # a checkpoint folder
+    with torch.no_grad():
+        outs = zip(loaded(tiny_input), net.eval()(tiny_input), strict=True)
+        assert all(torch.equal(a, b) for a, b in outs)
+
+
+def test_load_refuses_a_checkpoint_that_does_not_fit(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    net, spec, _ = tiny
+    (tmp_path / "tiny.yaml").write_text(annify.dump(spec))
+    trunk_only = {k: v for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    save_file(trunk_only, tmp_path / "trunk.safetensors")
+    with pytest.raises(ConvertError, match="does not fit this spec: 28 missing"):  # 4 heads x 7 keys
+        annify.load(tmp_path / "tiny.yaml", tmp_path / "trunk.safetensors")
+    with pytest.raises(ConvertError, match="not found"):
+        annify.load(tmp_path / "tiny.yaml", tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ConvertError, match="not a readable safetensors file"):
+        annify.load(tmp_path / "tiny.yaml", tmp_path / "junk.safetensors")
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ConvertError, match="unknown model 'resnet5O'; did you mean resnet50"):
+        convert("resnet5O", every=2)
+
+
+def test_node_not_found_points_to_inspect(make_tiny):
+    with pytest.raises(ConvertError) as info:
+        make_tiny(at=["stages.9.add"])
+    message = str(info.value)
+    assert "node 'stages.9.add' is not in cifar_resnet_n3_c8" in message
+    assert "Hint: annify inspect cifar_resnet_n3_c8 lists the tap points" in message
+
+
+def test_spec_with_an_unknown_node_points_to_inspect(tiny):
+    _, spec, _ = tiny
+    heads = [dataclasses.replace(spec.heads[0], node="stages.9.add"), *spec.heads[1:]]
+    with pytest.raises(ConvertError, match="'stages.9.add' is not in .* Hint: annify inspect"):
+        build(dataclasses.replace(spec, heads=heads))
+
+
+def test_spec_with_heads_out_of_order_is_refused(tiny):
+    _, spec, _ = tiny
+    heads = [spec.heads[1], spec.heads[0], *spec.heads[2:]]
+    with pytest.raises(ConvertError, match="execution order"):
+        build(dataclasses.replace(spec, heads=heads))
+
+
+def test_spec_must_end_with_the_classifier(tiny):
+    _, spec, _ = tiny
+    with pytest.raises(ConvertError, match="node: model"):
+        build(dataclasses.replace(spec, heads=spec.heads[:-1]))
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ({"every": 0}, "--every and --start must be positive"),
+        ({"every": -2}, "--every and --start must be positive"),
+        ({"every": 2, "start": 0}, "--every and --start must be positive"),
+        ({"heads": 0}, "--heads must be at least 1"),
+        ({"heads": 999}, "--heads 999 asks for 998 added heads but the model has 8 tap points"),
+        ({"flops_period": -0.5}, "--flops-period must be positive"),
+        ({"every": 2, "heads": 3}, "choose one placement, not every and heads"),
+        ({"start": 2, "at": ["stages.0.0.add"]}, "choose one placement"),
+        ({}, "give a placement"),
+    ],
+)
+def test_bad_placements_are_refused(tiny_traced, placement, message):
+    with pytest.raises(ConvertError, match=message):
+        choose(*tiny_traced, **placement)
+
+
+def test_convert_refuses_a_bad_placement_before_building():
+    with pytest.raises(ConvertError, match="--every and --start must be positive"):
+        convert("cifar_resnet_n3_c8", every=0, input_size=(1, 8, 8), model_kwargs={"in_chans": 1})
+
+
+def test_bad_model_kwargs_are_refused():
+    with pytest.raises(ConvertError, match="timm could not build 'cifar_resnet_n3_c8'"):
+        convert("cifar_resnet_n3_c8", every=2, model_kwargs={"colour": "red"})

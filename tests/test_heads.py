@@ -1,0 +1,147 @@
+"""The head registry and the head types: the paper's NCHW head and the token / channels-last head."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import annify
+from annify import heads
+from annify.heads import PaperHead, TokenHead
+
+
+@pytest.fixture
+def scratch_head():
+    """Register a throwaway head type and remove it afterwards."""
+    name = "test_linear_only"
+
+    @heads.register(name)
+    def linear_only(channels, num_classes, layout, **kw):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    yield name
+    heads._HEADS.pop(name)
+
+
+def test_shipped_head_types():
+    assert heads.available() == ["bn_relu_pool_linear", "norm_linear", "norm_pool_linear"]
+    assert heads.default_for("NCHW") == "bn_relu_pool_linear"
+    assert heads.default_for("NHWC") == heads.default_for("NLC") == "norm_pool_linear"
+    assert heads.default_for("NC") == "norm_linear"
+
+
+def test_register_adds_a_head_type(scratch_head):
+    assert scratch_head in heads.available()
+    head = heads.build(scratch_head, 4, 3, "NCHW")
+    assert head(torch.zeros(2, 4, 2, 2)).shape == (2, 3)
+
+
+def test_register_refuses_duplicate_names(scratch_head):
+    with pytest.raises(ValueError, match="'bn_relu_pool_linear' is already registered"):
+        heads.register("bn_relu_pool_linear")(lambda *a, **k: nn.Identity())
+    with pytest.raises(ValueError, match="already registered"):
+        heads.register(scratch_head)(lambda *a, **k: nn.Identity())
+    # the originals survive the refused registrations
+    assert isinstance(heads.build("bn_relu_pool_linear", 4, 3, "NCHW"), PaperHead)
+
+
+def test_unknown_head_type_lists_what_exists():
+    with pytest.raises(KeyError) as info:
+        heads.build("mlp", 4, 3, "NCHW")
+    message = str(info.value)
+    assert "unknown head type 'mlp'" in message
+    for name in heads.available():
+        assert name in message
+
+
+def test_paper_head_is_bn_relu_gap_linear():
+    torch.manual_seed(0)
+    head = heads.build("bn_relu_pool_linear", 6, 4, "NCHW")
+    assert [type(m) for m in head.children()] == [nn.BatchNorm2d, nn.ReLU, nn.Linear]
+    assert (head.norm.num_features, head.fc.in_features, head.fc.out_features) == (6, 6, 4)
+    with torch.no_grad():  # non-trivial statistics, so that BN and ReLU both matter
+        head.norm.running_mean.uniform_(-1, 1)
+        head.norm.running_var.uniform_(0.5, 2)
+        head.norm.weight.uniform_(-1, 1)
+    head.eval()
+    x = torch.randn(2, 6, 5, 3)
+    bn = F.batch_norm(
+        x, head.norm.running_mean, head.norm.running_var, head.norm.weight, head.norm.bias, eps=head.norm.eps
+    )
+    expected = F.linear(bn.relu().mean((2, 3)), head.fc.weight, head.fc.bias)
+    with torch.no_grad():
+        out = head(x)
+    assert out.shape == (2, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_head_leaves_out_prefix_tokens():
+    torch.manual_seed(0)
+    head = heads.build("norm_pool_linear", 8, 3, "NLC", num_prefix_tokens=1).eval()
+    assert isinstance(head, TokenHead) and head.num_prefix_tokens == 1
+    x = torch.randn(2, 5, 8)  # B×L×C: a class token then four patches
+    with torch.no_grad():
+        out = head(x)
+        expected = head.fc(head.norm(x)[:, 1:].mean(1))
+        other = torch.randn(2, 8)  # a constant shift would vanish in the LayerNorm
+        changed_prefix = x.clone()
+        changed_prefix[:, 0] = other
+        changed_patch = x.clone()
+        changed_patch[:, 1] = other
+        assert out.shape == (2, 3)
+        assert torch.equal(head(changed_prefix), out)
+        assert not torch.allclose(head(changed_patch), out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_channels_last_head_pools_height_and_width():
+    torch.manual_seed(0)
+    head = heads.build("norm_pool_linear", 8, 3, "NHWC", num_prefix_tokens=1).eval()
+    assert head.num_prefix_tokens == 0  # prefix tokens exist only in token sequences
+    x = torch.randn(2, 4, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), head.fc(head.norm(x).mean((1, 2))), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "hint"),
+    [
+        ("bn_relu_pool_linear", "NLC", "norm_pool_linear"),
+        ("bn_relu_pool_linear", "NHWC", "norm_pool_linear"),
+        ("norm_pool_linear", "NCHW", "bn_relu_pool_linear"),
+        ("norm_linear", "NCHW", "pooled NC"),
+    ],
+)
+def test_layout_mismatch_is_refused(name, layout, hint):
+    with pytest.raises(ValueError, match=hint):
+        heads.build(name, 8, 3, layout)
+
+
+def test_convert_reports_a_head_that_cannot_read_the_layout(make_tiny):
+    with pytest.raises(annify.ConvertError, match="reads NLC or NHWC features"):
+        make_tiny(every=2, head_type="norm_pool_linear")
+
+
+def test_convert_reports_an_unknown_head_type(make_tiny):
+    with pytest.raises(annify.ConvertError, match="unknown head type 'mlp'; available: bn_relu_pool_linear"):
+        make_tiny(every=2, head_type="mlp")
+
+
+def test_converted_heads_match_their_tap_layouts(zoo):
+    vit = zoo("vit_small_patch16_224", (3, 224, 224)).net
+    assert all(isinstance(h, TokenHead) and h.layout == "NLC" and h.num_prefix_tokens == 1 for h in vit.heads)
+    swin = zoo("swin_tiny_patch4_window7_224", (3, 224, 224)).net
+    assert all(isinstance(h, TokenHead) and h.layout == "NHWC" for h in swin.heads)
+    resnet = zoo("resnet26", (3, 224, 224)).net
+    assert all(isinstance(h, PaperHead) for h in resnet.heads)
+    assert [h.norm.num_features for h in resnet.heads] == [256, 512, 1024]
+
+
+def test_pooled_vector_tap_gets_the_norm_linear_head(make_tiny):
+    net, spec, costs = make_tiny(at=["global_pool.flatten"])  # B×32 after pooling
+    (head,) = net.heads
+    assert isinstance(head, TokenHead) and head.layout == "NC"
+    assert (head.norm.normalized_shape, head.fc.in_features, head.fc.out_features) == ((32,), 32, 5)
+    # fvcore: LayerNorm 5 FLOPs per element with affine, linear 32·5
+    assert costs.head_flops == [5 * 32 + 32 * 5, 0]
+    assert spec.heads[0].block is None

@@ -1,0 +1,245 @@
+"""The rewrite: segments that change nothing, stop early, keep timm's state dict, and train."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import annify
+
+# (model, input size): a small input where the architecture allows one.
+FAMILIES = [
+    ("resnet26", (3, 224, 224)),
+    ("densenet121", (3, 32, 32)),
+    ("vit_small_patch16_224", (3, 224, 224)),
+    ("swin_tiny_patch4_window7_224", (3, 224, 224)),
+    pytest.param("resnet50", (3, 224, 224), marks=pytest.mark.slow),
+    pytest.param("densenet121", (3, 224, 224), marks=pytest.mark.slow),
+    pytest.param("convnext_tiny", (3, 224, 224), marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", (3, 224, 224), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "size"), FAMILIES)
+def test_last_output_equals_timm_exactly(zoo, name, size):
+    z = zoo(name, size)
+    outs, ref = z.outputs()
+    assert len(outs) == z.net.num_outputs == len(z.net.taps) + 1 >= 2
+    assert torch.equal(outs[-1], ref)
+    for out in outs[:-1]:
+        assert out.shape == ref.shape
+
+
+def test_tiny_last_output_equals_timm_exactly(tiny_net, tiny_twin, tiny_input):
+    with torch.no_grad():
+        assert torch.equal(tiny_net(tiny_input)[-1], tiny_twin(tiny_input))
+
+
+def test_train_mode_output_equals_timm_exactly(tiny_net, tiny_twin, tiny_input):
+    """In train mode BatchNorm uses batch statistics; the rewrite must not change that either."""
+    tiny_net.train()
+    tiny_twin.train()
+    assert torch.equal(tiny_net(tiny_input)[-1], tiny_twin(tiny_input))
+    trunk_bn, twin_bn = (
+        tiny_net.get_submodule("stages.1.0.norm1"),
+        tiny_twin.get_submodule("stages.1.0.norm1"),
+    )
+    assert torch.equal(trunk_bn.running_mean, twin_bn.running_mean)
+
+
+def _spy_segments(monkeypatch, net) -> list[int]:
+    """Record the index of every segment the network runs."""
+    ran: list[int] = []
+    for j, seg in enumerate(net.segments):
+
+        def fn(*args, _fn=seg.fn, _j=j):
+            ran.append(_j)
+            return _fn(*args)
+
+        monkeypatch.setattr(seg, "fn", fn)
+    return ran
+
+
+def _spy_heads(net) -> tuple[list[int], list]:
+    called: list[int] = []
+    hooks = [h.register_forward_hook(lambda m, i, o, j=j: called.append(j)) for j, h in enumerate(net.heads)]
+    return called, hooks
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+def test_forward_until_computes_only_what_k_outputs_need(monkeypatch, tiny_net, tiny_input, k):
+    with torch.no_grad():
+        full = tiny_net(tiny_input)
+        ran = _spy_segments(monkeypatch, tiny_net)
+        called, hooks = _spy_heads(tiny_net)
+        part = tiny_net.forward_until(tiny_input, k)
+    for h in hooks:
+        h.remove()
+    assert len(part) == k
+    for a, b in zip(part, full[:k], strict=True):
+        assert torch.equal(a, b)
+    assert ran == list(range(k))
+    assert called == list(range(min(k, len(tiny_net.heads))))
+
+
+def test_forward_until_rejects_k_out_of_range(tiny_net, tiny_input):
+    for k in (0, tiny_net.num_outputs + 1):
+        with pytest.raises(ValueError, match="between 1 and 5"):
+            tiny_net.forward_until(tiny_input, k)
+
+
+def test_forward_until_carries_every_live_tensor_in_densenet(zoo):
+    """Inside a dense block several tensors cross each cut; stopping early must still be exact."""
+    z = zoo("densenet121", (3, 32, 32))
+    with torch.no_grad():
+        full = z.net(z.x)
+        for k in (1, 3, z.net.num_outputs):
+            part = z.net.forward_until(z.x, k)
+            assert all(torch.equal(a, b) for a, b in zip(part, full[:k], strict=True))
+    assert max(seg.carry for seg in z.net.segments[:-1]) > 1
+
+
+def test_stream_is_lazy_and_gives_the_same_outputs(monkeypatch, tiny_net, tiny_input):
+    with torch.no_grad():
+        full = tiny_net(tiny_input)
+        ran = _spy_segments(monkeypatch, tiny_net)
+        stream = tiny_net.stream(tiny_input)
+        assert ran == []
+        first = next(stream)
+        assert ran == [0]
+        rest = list(stream)
+    assert ran == list(range(tiny_net.num_outputs))
+    for a, b in zip([first, *rest], full, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_timm_state_dict_loads_with_only_heads_missing(tiny_net, tiny_input):
+    fresh = annify.create_model("cifar_resnet_n3_c8", 5, in_chans=1).eval()  # other random weights
+    result = tiny_net.load_state_dict(fresh.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith("heads.") for k in result.missing_keys)
+    assert {f"heads.{k}" for k, _ in tiny_net.heads.named_parameters()} <= set(result.missing_keys)
+    with torch.no_grad():
+        assert torch.equal(tiny_net(tiny_input)[-1], fresh(tiny_input))
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("resnet26", (3, 224, 224)), ("swin_tiny_patch4_window7_224", (3, 224, 224))],
+)
+def test_state_dict_is_timm_keys_plus_heads(zoo, name, size):
+    """Swin's traced `_tensor_constant*` snapshots must not add keys."""
+    z = zoo(name, size)
+    heads = {f"heads.{k}" for k in z.net.heads.state_dict()}
+    assert heads
+    assert set(z.net.state_dict()) == set(z.twin.state_dict()) | heads
+    result = z.net.load_state_dict(z.twin.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert set(result.missing_keys) == {k for k in heads if not k.endswith("num_batches_tracked")}
+
+
+def test_segments_share_the_models_own_parameters(zoo):
+    """The network holds the traced model's modules under their own names: nothing is copied."""
+    z = zoo("resnet26", (3, 224, 224))
+    model = z.traced.model
+    assert z.net.conv1 is model.conv1
+    assert z.net.get_parameter("layer3.1.conv2.weight") is model.layer3[1].conv2.weight
+    own = {id(p) for p in model.parameters()}
+    trunk = [p for n, p in z.net.named_parameters() if not n.startswith("heads.")]
+    assert {id(p) for p in trunk} == own
+
+
+def test_gradients_reach_trunk_and_heads(tiny_net, tiny_input):
+    net = tiny_net.train()
+    target = torch.tensor([1, 3])
+    outs = net(tiny_input)
+    sum(F.cross_entropy(o, target) for o in outs).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+    for head in net.heads:
+        assert head.fc.weight.grad.abs().sum() > 0
+    all_losses = net.stem.weight.grad.clone()
+    # the early heads' losses reach the stem: its gradient differs from the last output's alone
+    net.zero_grad()
+    F.cross_entropy(net(tiny_input)[-1], target).backward()
+    assert not torch.allclose(net.stem.weight.grad, all_losses)
+
+
+def test_train_mode_updates_batchnorm_statistics(tiny_net, tiny_input):
+    trunk_bn = tiny_net.get_submodule("stages.0.0.norm1")
+    head_bn = tiny_net.heads[0].norm
+    before = trunk_bn.running_mean.clone(), head_bn.running_mean.clone()
+    tiny_net.train()
+    tiny_net(tiny_input)
+    assert not torch.equal(trunk_bn.running_mean, before[0])
+    assert not torch.equal(head_bn.running_mean, before[1])
+    assert int(trunk_bn.num_batches_tracked) == int(head_bn.num_batches_tracked) == 1
+    tiny_net.eval()
+    with torch.no_grad():
+        tiny_net(tiny_input)
+    assert int(trunk_bn.num_batches_tracked) == 1
+
+
+@pytest.fixture(scope="module")
+def droppy():
+    """A 4-block ViT at 3×32×32 with stochastic depth 0.5, and a twin with the same weights."""
+    kwargs = {"img_size": 32, "depth": 4, "drop_path_rate": 0.5}
+    net, _, _ = annify.convert("vit_small_patch16_224", every=1, input_size=(3, 32, 32), model_kwargs=kwargs)
+    twin = annify.create_model("vit_small_patch16_224", **kwargs)
+    twin.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("heads.")})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return net, twin, x
+
+
+def test_drop_path_still_drops_in_train_mode(droppy):
+    net, twin, x = droppy
+    assert net._train_segments is not None
+    net.train()
+    twin.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = net(x)
+        torch.manual_seed(1)
+        b = net(x)
+        torch.manual_seed(0)
+        again = net(x)
+        torch.manual_seed(0)
+        ref = twin(x)
+    assert not torch.equal(a[-1], b[-1])
+    assert all(torch.equal(u, v) for u, v in zip(a, again, strict=True))
+    assert torch.equal(a[-1], ref)  # the same paths dropped as timm's own model
+
+
+def test_eval_mode_is_deterministic_with_drop_path(droppy):
+    net, twin, x = droppy
+    net.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = net(x)
+        torch.manual_seed(1)
+        b = net(x)
+        ref = twin(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert torch.equal(a[-1], ref)
+
+
+def test_segments_follow_the_mode(droppy):
+    net, _, _ = droppy
+    assert net.train().segments is net._train_segments
+    assert net.eval().segments is net._eval_segments
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exact_on_cuda(monkeypatch, tiny_net, tiny_twin, tiny_input):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    device = torch.device("cuda")
+    net, twin, x = tiny_net.to(device), tiny_twin.to(device), tiny_input.to(device)
+    with torch.no_grad():
+        outs = net(x)
+        assert torch.equal(outs[-1], twin(x))
+        part = net.forward_until(x, 2)
+    assert all(o.device.type == "cuda" for o in outs)
+    assert all(torch.equal(a, b) for a, b in zip(part, outs[:2], strict=True))
+    costs = annify.count(net)  # costing works on the device the net lives on
+    assert costs.flops[-1] > 0
