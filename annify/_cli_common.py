@@ -11,7 +11,10 @@ import click
 
 
 def friendly(fn):
-    """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1)."""
+    """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1).
+
+    Set ``ANNIFY_DEBUG=1`` to see the full traceback instead (for bug reports).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -24,6 +27,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (ConvertError, SpecError, TraceError, ValueError, KeyError, OSError) as e:
+            if os.environ.get("ANNIFY_DEBUG"):
+                raise
             text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(
                 text.strip().splitlines()[0] if text.strip() else type(e).__name__

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-import re
 from pathlib import Path
 
 import timm
@@ -21,7 +20,7 @@ from torch import nn
 from annify import heads as head_registry
 from annify.cost import CONVENTION, Costs, count
 from annify.rewrite import AnytimeNet
-from annify.spec import HeadSpec, Spec, load_spec
+from annify.spec import HeadSpec, Spec, load_spec, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
 
 __all__ = ["ConvertError", "build", "choose", "convert", "create_model", "inspect_model", "load", "spec_name"]
@@ -51,18 +50,6 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The input size from the model's pretrained config (3×224×224 if it has none)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("input_size", (3, 224, 224)))
-
-
-def spec_name(model: str) -> str:
-    """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``.
-
-    The CIFAR family keeps its prefix: cifar_resnet_n7_c16 → cifar_resann_n7_c16.
-    """
-    for plain, ann in (("resnet", "resann"), ("densenet", "denseann")):
-        m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*|_n\d.*)", model)
-        if m:
-            return f"{m.group(1)}{ann}{m.group(2)}"
-    return f"{model}_ann"
 
 
 def inspect_model(
@@ -139,15 +126,13 @@ def choose(
             picked += [h for h in hits if h not in picked]
         order = {q: i for i, q in enumerate(traced.qualnames)}
         return sorted(picked, key=order.get), {"at": list(at)}
+    if heads is not None and not 1 <= heads <= len(inner) + 1:  # checked before the (slow) costing
+        raise ConvertError(
+            f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), got {heads}"
+        )
     cum, total = _trunk_costs(traced, taps)
     cum = cum[:-1]  # inner taps only
     if heads is not None:
-        if heads < 1:
-            raise ConvertError(f"--heads must be at least 1, got {heads}")
-        if heads - 1 > len(inner):
-            raise ConvertError(
-                f"--heads {heads} asks for {heads - 1} added heads but the model has {len(inner)} tap points"
-            )
         targets = [total * k / heads for k in range(1, heads)]
         placement = {"heads": heads}
     elif flops_period is not None:

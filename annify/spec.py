@@ -9,6 +9,7 @@ spec never names Python to import and run.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["HeadSpec", "Spec", "SpecError", "atomic_write", "dump", "load_spec", "parse"]
+__all__ = ["HeadSpec", "Spec", "SpecError", "atomic_write", "dump", "load_spec", "parse", "spec_name"]
 
 
 class SpecError(ValueError):
@@ -55,6 +56,18 @@ class Spec:
     def taps(self) -> list[str]:
         """Nodes read by the added heads (every output but the last)."""
         return [h.node for h in self.heads[:-1]]
+
+
+def spec_name(model: str) -> str:
+    """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``.
+
+    The CIFAR family keeps its prefix: cifar_resnet_n7_c16 → cifar_resann_n7_c16.
+    """
+    for plain, ann in (("resnet", "resann"), ("densenet", "denseann")):
+        m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*|_n\d.*)", model)
+        if m:
+            return f"{m.group(1)}{ann}{m.group(2)}"
+    return f"{model}_ann"
 
 
 _TOP_KEYS = {f for f in Spec.__dataclass_fields__}
@@ -106,7 +119,7 @@ def parse(data: Any, source: str = "spec") -> Spec:
         errors.append(f"heads: node '{dup[0]}' appears twice")
     if errors:
         raise SpecError(f"{source}: " + "; ".join(errors))
-    name = data.get("name") or f"{data['model']}_ann"
+    name = data.get("name") or spec_name(data["model"])
     return Spec(
         name=name,
         model=data["model"],

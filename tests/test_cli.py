@@ -103,7 +103,7 @@ def test_every_command_has_help_with_an_example(run, name):
         (["resnet5O", "--every", "2"], ["unknown model 'resnet5O'", "did you mean resnet50"]),
         ([*TINY, "--at", "stages.9.add"], ["node 'stages.9.add'", "annify inspect cifar_resnet_n3_c8"]),
         ([*TINY, "--every", "0"], ["--every and --start must be positive"]),
-        ([*TINY, "--heads", "999"], ["--heads 999 asks for 998 added heads"]),
+        ([*TINY, "--heads", "999"], ["--heads must be between 1 and 9", "got 999"]),
         ([*TINY, "--every", "2", "--heads", "3"], ["choose one placement"]),
         ([*TINY, "--every", "2", "--head-type", "mlp"], ["unknown head type 'mlp'"]),
     ],
