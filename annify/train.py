@@ -220,6 +220,7 @@ def train(
         net = build(spec)
         costs = count(net, spec.input_size)  # at the size actually trained
         spec = _with_costs(spec, costs, cfg)
+        net.spec = spec  # its costs at the trained size: runtime.exit_flops(result.net) reads them
         nodes = [h.node for h in spec.heads]
         if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
             _load_init(net, spec, cfg["init"], say)
