@@ -2,6 +2,9 @@
 
 Hu, Dey, Hebert, Bagnell, "Learning Anytime Predictions in Neural Networks via Adaptive Loss
 Balancing", AAAI 2019.
+
+The stages are submodules named after them: ``annify.train.train(...)``, ``annify.export.export(...)``,
+``annify.eann.run_eann(...)``; the names below are re-exported for convenience.
 """
 
 from annify import weighting
@@ -16,12 +19,11 @@ from annify.convert import (
     spec_name,
 )
 from annify.cost import CONVENTION, Costs, count
-from annify.export import export
 from annify.rewrite import AnytimeNet
 from annify.runtime import AnytimeRunner, EANNRuntime, budget_curve, early_exit
 from annify.spec import HeadSpec, Spec, SpecError, dump, load_spec
 from annify.trace import TapPoint, TraceError, tap_points, trace
-from annify.train import RunResult, train
+from annify.train import RunResult
 
 __version__ = "0.1.0"
 
@@ -33,8 +35,6 @@ __all__ = [
     "RunResult",
     "budget_curve",
     "early_exit",
-    "export",
-    "train",
     "ConvertError",
     "Costs",
     "HeadSpec",
