@@ -7,31 +7,40 @@ Predictions in Neural Networks via Adaptive Loss Balancing", AAAI 2019, Sec. 4 a
 
 Costs are the members' own FLOPs as given (whatever convention produced them, see ``annify.cost``):
 the EANN's cost at output k of member m is the full cost of members 0..m-1 plus member m's cumulative
-cost at output k. Nothing here trains or runs a model; the trainer fills the ``MemberTable`` rows.
+cost at output k. The tables-only functions train and run nothing; ``run_eann`` is the stage itself:
+it converts, trains (or loads) and evaluates each member, then writes ``eann.json`` and ``eann.png``.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import os
+import re
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EANNRun",
     "MemberTable",
     "ScheduleStep",
     "build_schedule",
+    "default_placement",
     "depth_ratio",
+    "format_eann",
     "ideal_inflation",
     "inflation",
     "linear_ensemble_curve",
     "plot_eann",
     "prop41_bounds",
+    "run_eann",
     "schedule_to_json",
+    "uniform_inflation",
 ]
 
 
@@ -223,6 +232,26 @@ def inflation(
     }
 
 
+def uniform_inflation(
+    members: list[MemberTable], steps: list[ScheduleStep], n: int = 1000, split: str = "test"
+) -> dict[str, Any]:
+    """``inflation`` over ``n`` evenly spaced budgets from the EANN's first output to its total cost.
+
+    Proposition 4.1 bounds E[C] for B ~ Uniform(1, L); this grid estimates that mean, whereas
+    ``inflation``'s default grid (the output times) weighs every output equally however close together.
+
+    Returns:
+        ``{"max", "mean", "budgets", "from", "to", "split"}``.
+    """
+    lo, hi = steps[0].flops, steps[-1].flops
+    grid = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [hi]
+    result = inflation(members, steps, budgets=grid, split=split)
+    return {
+        "max": result["max"], "mean": result["mean"], "budgets": len(result["per_budget"]),
+        "from": lo, "to": hi, "split": split,
+    }  # fmt: skip
+
+
 def ideal_inflation(b: float, L: float, resolution: int = 1) -> dict[str, Any]:
     """Simulate Proposition 4.1's idealized EANN and measure its cost inflation C.
 
@@ -289,12 +318,16 @@ def linear_ensemble_curve(members: list[MemberTable]) -> list[tuple[float, float
 
 
 def schedule_to_json(
-    steps: list[ScheduleStep], members: list[MemberTable], extra: dict[str, Any] | None = None
+    steps: list[ScheduleStep],
+    members: list[MemberTable],
+    extra: dict[str, Any] | None = None,
+    linear: list[MemberTable] | None = None,
 ) -> dict[str, Any]:
     """JSON-ready summary: members, steps, depth ratios, Prop. 4.1 bounds, inflation, linear curve.
 
     ``depth_ratio`` and ``prop41`` are None when undefined (one member, or b <= 1). ``extra`` keys are
-    added at the top level and may not shadow the computed ones.
+    added at the top level and may not shadow the computed ones. ``linear`` are the networks of the
+    linear-ensemble baseline (default: the members themselves, see ``linear_ensemble_curve``).
     """
     ratios = depth_ratio(members, per_pair=True) if len(members) > 1 else None
     b = depth_ratio(members) if ratios else None
@@ -313,7 +346,7 @@ def schedule_to_json(
         "depth_ratio": {"ratios": ratios, "geometric_mean": b} if ratios else None,
         "prop41": prop41_bounds(b) if b is not None and b > 1 else None,
         "inflation": inflation(members, steps),
-        "linear_ensemble": [list(p) for p in linear_ensemble_curve(members)],
+        "linear_ensemble": [list(p) for p in linear_ensemble_curve(linear or members)],
     }
     clash = sorted(set(out) & set(extra or {}))
     if clash:
@@ -323,9 +356,16 @@ def schedule_to_json(
 
 
 def plot_eann(
-    steps: list[ScheduleStep], members: list[MemberTable], path: str | os.PathLike[str], title: str = "EANN"
+    steps: list[ScheduleStep],
+    members: list[MemberTable],
+    path: str | os.PathLike[str],
+    title: str = "EANN",
+    linear: list[MemberTable] | None = None,
+    linear_label: str = "linear ensemble",
 ) -> Path:
     """Plot test error against FLOPs (log x): the EANN, each member alone, and the linear ensemble.
+
+    ``linear`` are the baseline's networks (default: the members, see ``linear_ensemble_curve``).
 
     The PNG is written to a temporary file beside ``path`` and moved into place, so a reader never
     sees a half-written plot.
@@ -338,14 +378,14 @@ def plot_eann(
     ax = fig.add_subplot()
     for t in members:
         ax.step(t.flops, t.test_error, where="post", marker=".", alpha=0.6, label=f"{t.name} alone")
-    linear = linear_ensemble_curve(members)
+    curve = linear_ensemble_curve(linear or members)
     ax.step(
-        *zip(*linear, strict=True),
+        *zip(*curve, strict=True),
         where="post",
         marker="s",
         linestyle="--",
         color="gray",
-        label="linear ensemble",
+        label=linear_label,
     )
     ax.step(
         [s.flops for s in steps], [s.effective_test_error for s in steps], where="post",
@@ -366,3 +406,310 @@ def plot_eann(
         os.unlink(tmp)
         raise
     return path
+
+
+# -------------------------------------------------------------------- the eann stage: models in, EANN out
+
+_PAPER_PLACEMENTS: dict[str, dict[str, int]] = {
+    "resnet26": {"every": 2},  # the paper's ILSVRC ResANNs and DenseANN (specs/ holds them)
+    "resnet50": {"every": 2},
+    "resnet101": {"every": 3},
+    "densenet169": {"start": 12, "every": 14},
+}
+
+
+def default_placement(model: str) -> dict[str, int]:
+    """The head placement ``annify eann`` converts a timm model name with: the paper's where it has one.
+
+    CIFAR ResANNs (``cifar_resnet_n{n}_c{c}``) get a head after every residual unit, every third
+    unit for n >= 25 (the paper's appendix); resnet26/50 every second block, resnet101 every third,
+    densenet169 every 14th dense layer from the 12th. Any other model gets 4 outputs spaced evenly
+    by cost (``annify convert --heads 4``). Returns ``annify.convert.convert`` keyword arguments.
+    """
+    m = re.fullmatch(r"cifar_resnet_n(\d+)_c\d+", model)
+    if m:
+        return {"every": 1 if int(m.group(1)) < 25 else 3}
+    return dict(_PAPER_PLACEMENTS.get(model, {"heads": 4}))
+
+
+@dataclass
+class EANNRun:
+    """What ``run_eann`` produced."""
+
+    out: Path  # the folder holding eann.json, eann.png and members/
+    members: list[MemberTable]  # every output of every member, on val and test
+    linear: list[MemberTable]  # the linear-ensemble baseline's networks: one (final) output each
+    steps: list[ScheduleStep]
+    summary: dict[str, Any]  # what eann.json holds
+
+
+def run_eann(
+    members: Sequence[str],
+    *,
+    out: str | os.PathLike[str],
+    data: str | None = None,
+    epochs: int | None = None,
+    weights: str | None = None,
+    checkpoints: Sequence[str] | None = None,
+    plain: bool = False,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    workers: int = 0,
+    log: Callable[[str], Any] = print,
+) -> EANNRun:
+    """Assemble an EANN from timm model names or spec files, in the order given (smallest first).
+
+    Each member is a timm model name, converted with ``default_placement``, or a spec file (or a run
+    folder holding config.yaml). Members are trained with ``annify.train.train`` into
+    ``out/members/<name>/`` (``weights`` defaults to the spec's, else AdaLoss), or, with
+    ``checkpoints`` (one per member, in order: a weights file, a checkpoint folder or a run folder),
+    loaded and evaluated without training. Every output is evaluated on val and test of ``data``
+    (default: the first spec's ``train.data``, else digits), and each member's folder gets its
+    ``anytime.json`` and ``config.yaml``.
+
+    Members must take the same input and predict the same classes. A member trained here gets the
+    data's class count; a spec file given with a checkpoint keeps its own (its weights have it).
+
+    The linear-ensemble baseline (the paper's Fig. 6b) runs plain networks one after another, each
+    giving only its final prediction. With ``plain`` each member's architecture is trained again
+    with ``--weights opt`` (the final output only) into ``out/plain/<name>/``; otherwise each ANN's
+    final output stands in for its plain network's, costed as the plain network (no added heads).
+
+    Writes ``out/eann.json`` (``schedule_to_json`` plus ``data``, ``runs``, ``linear_networks``,
+    ``inflation_uniform`` and ``cost_convention``) and ``out/eann.png``.
+    """
+    import importlib
+
+    # the module, not the function annify/__init__ re-exports under the same name (tests patch it);
+    # imported here so torch and the data sources load only when the stage runs
+    training = importlib.import_module("annify.train")
+    from annify.data import data_info
+    from annify.evaluate import fit_to_data, save_table
+    from annify.spec import atomic_write, dump
+
+    if len(members) < 2:
+        raise ValueError(f"an EANN needs at least 2 members, smallest first; got {len(members)}")
+    checkpoints = list(checkpoints or [])
+    if checkpoints and len(checkpoints) != len(members):
+        raise ValueError(
+            f"{len(members)} members but {len(checkpoints)} checkpoints; give one --checkpoints per member, in order"
+        )
+    out = Path(out)
+
+    # ---------------------------------------------------------------- the members' specs, fitted to the data
+    given = [_member_spec(m) for m in members]  # (spec, read from a file)
+    source = data or given[0][0].train.get("data") or "digits"
+    specs = []
+    for spec, from_file in given:
+        fitted, _ = fit_to_data(spec, source)
+        if checkpoints and from_file:  # the checkpoint was trained for the spec's classes
+            fitted = replace(fitted, num_classes=spec.num_classes)
+        specs.append(fitted)
+    _check_compatible(specs)
+    info = data_info(source)
+    if specs[0].num_classes != info.num_classes:
+        raise ValueError(
+            f"the members predict {specs[0].num_classes} classes but {info.name} has {info.num_classes}; "
+            "pass the --data they were trained on"
+        )
+    names = _unique_names([s.name for s in specs])
+
+    # ---------------------------------------------------------------- train or load, then evaluate
+    tables, linear, runs = [], [], []
+    for i, (spec, name) in enumerate(zip(specs, names, strict=True)):
+        folder = out / "members" / name
+        if checkpoints:
+            checkpoint = _checkpoint_path(checkpoints[i])
+            log(f"member {i + 1}/{len(specs)} {name}: evaluating {checkpoint}")
+            spec, table = _evaluate_member(spec, checkpoint, source, device, workers)
+            folder.mkdir(parents=True, exist_ok=True)
+            header = f"annify eval {folder / 'config.yaml'} --checkpoint {checkpoint}\nmember {name} of the EANN in {out}"
+            atomic_write(folder / "config.yaml", dump(spec, header))
+            save_table(table, folder)
+        else:
+            log(f"member {i + 1}/{len(specs)} {name}: training into {folder}")
+            result = training.train(
+                spec, out=folder, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
+                weights=weights, seed=seed, device=device, resume=resume, workers=workers, log=log,
+            )  # fmt: skip
+            spec, table, checkpoint = result.spec, result.table, folder / "checkpoints" / "last"
+        tables.append(_table(name, table))
+        runs.append(
+            {"name": name, "model": spec.model, "spec": str(folder / "config.yaml"),
+             "checkpoint": str(checkpoint), "trained": not checkpoints,
+             "num_classes": spec.num_classes, "input_size": list(spec.input_size)}
+        )  # fmt: skip
+
+        # ------------------------------------------------------------ the plain network of the baseline
+        if plain:
+            log(f"member {i + 1}/{len(specs)} {name}: training the plain network into {out / 'plain' / name}")
+            result = training.train(
+                spec, out=out / "plain" / name, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
+                weights="opt", weight_hparams={}, seed=seed, device=device, resume=resume, workers=workers,
+                log=log,
+            )  # fmt: skip
+            spec, table = result.spec, result.table
+            runs[-1]["plain"] = str(out / "plain" / name)
+        final = table[-1]
+        linear.append(
+            MemberTable(name, [spec.heads[-1].flops_single], [final["val_error"]], [final["test_error"]])
+        )
+
+    # ---------------------------------------------------------------- schedule, inflation, files
+    steps = build_schedule(tables)
+    ratios = depth_ratio(tables, per_pair=True)
+    if any(r <= 1 for r in ratios):
+        log("note: the members do not grow in cost; an EANN runs them in the order given, smallest first")
+    networks = (
+        "plain networks: each member's architecture trained with --weights opt (final output only)"
+        if plain
+        else "stand-in: each ANN member's final output, costed as its plain network (no added heads)"
+    )
+    extra = {
+        "data": source,
+        "runs": runs,
+        "linear_networks": networks,
+        "inflation_uniform": uniform_inflation(tables, steps),
+        "cost_convention": specs[0].cost_convention,
+    }
+    summary = schedule_to_json(steps, tables, extra, linear=linear)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "eann.json", json.dumps(summary, indent=1) + "\n")
+    label = "linear ensemble (plain nets)" if plain else "linear ensemble (ANN finals as plain)"
+    plot_eann(steps, tables, out / "eann.png", title=f"EANN on {source}", linear=linear, linear_label=label)
+    return EANNRun(out, tables, linear, steps, summary)
+
+
+def _member_spec(arg: str):
+    """(spec, read from a file) of a member: a spec file, a run folder, or a timm model name."""
+    from annify.convert import convert
+    from annify.spec import load_spec
+
+    path = Path(arg)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return load_spec(path / "config.yaml"), True
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return load_spec(path), True
+    return convert(arg, **default_placement(arg))[1], False
+
+
+def _check_compatible(specs) -> None:
+    """One-line error naming the first member that takes other inputs or predicts other classes."""
+    first = specs[0]
+    for spec in specs[1:]:
+        what = [
+            w
+            for w, differs in (
+                ("class count", spec.num_classes != first.num_classes),
+                ("input size", tuple(spec.input_size) != tuple(first.input_size)),
+            )
+            if differs
+        ]
+        if what:
+
+            def desc(s):
+                return f"{s.name} ({s.num_classes} classes, input {'×'.join(map(str, s.input_size))})"
+
+            raise ValueError(
+                f"members {desc(first)} and {desc(spec)} differ in {' and '.join(what)}; "
+                "an EANN's members must take the same input and predict the same classes"
+            )
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Folder names: a repeated name gets -2, -3, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _checkpoint_path(arg: str) -> Path:
+    """A run folder means its checkpoints/last; anything else goes to ``load_weights`` as given."""
+    path = Path(arg)
+    return path / "checkpoints" / "last" if (path / "checkpoints" / "last").is_dir() else path
+
+
+def _evaluate_member(spec, checkpoint: Path, source: str, device: str, workers: int):
+    """(spec with its costs at its input size, anytime table on val and test) of a checkpoint."""
+    from annify.convert import build, load_weights
+    from annify.cost import CONVENTION, count
+    from annify.data import build_datasets, build_loaders
+    from annify.evaluate import anytime_table, evaluate, resolve_device
+
+    net = build(spec)
+    load_weights(net, checkpoint)  # a checkpoint of another spec: a one-line ConvertError
+    costs = count(net, spec.input_size)
+    heads = [
+        replace(h, flops=f, fraction=round(fr, 4), flops_single=fs, params=p)
+        for h, f, fr, fs, p in zip(
+            spec.heads, costs.flops, costs.fraction, costs.flops_single, costs.params, strict=True
+        )
+    ]
+    spec = replace(spec, heads=heads, cost_convention=CONVENTION)
+    dev = resolve_device(device)
+    net.to(dev)
+    datasets = build_datasets(source, input_size=spec.input_size, augment=False)
+    loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, 256, workers)
+    val, test = (evaluate(net, loaders[s], dev) for s in ("val", "test"))
+    return spec, anytime_table([h.node for h in spec.heads], costs.flops, val, test)
+
+
+def _table(name: str, rows: list[dict]) -> MemberTable:
+    """A member's anytime table (``annify.evaluate.anytime_table`` rows) as a ``MemberTable``."""
+    return MemberTable(
+        name,
+        [float(r["flops"]) for r in rows],
+        [float(r["val_error"]) for r in rows],
+        [float(r["test_error"]) for r in rows],
+    )
+
+
+def format_eann(summary: dict[str, Any]) -> str:
+    """``eann.json`` as text: the schedule (errors in percent), then the cost inflation against Prop. 4.1."""
+    from annify._cli_common import format_flops
+
+    def pct(e: float) -> str:
+        return f"{100 * e:.2f}"
+
+    rows = [("step", "member", "output", "flops", "val err %", "test err %", "used", "in force: test err %")]
+    for i, s in enumerate(summary["steps"], 1):
+        rows.append(
+            (str(i), s["member_name"], str(s["output"] + 1), format_flops(s["flops"]), pct(s["val_error"]),
+             pct(s["test_error"]), "yes" if s["used"] else "-", pct(s["effective_test_error"]))
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
+    ratio = summary["depth_ratio"]
+    per_pair = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
+    lines.append(f"depth ratio b = {ratio['geometric_mean']:.2f} (member to member: {per_pair})")
+    inf, uni = summary["inflation"], summary.get("inflation_uniform")
+    if inf["max"] is not None:
+        text = (
+            f"cost inflation C on {inf['split']} against the best single member: "
+            f"max {inf['max']:.2f}, mean {inf['mean']:.2f} over the {len(inf['per_budget'])} output times"
+        )
+        if uni and uni["max"] is not None:
+            text += (
+                f"; max {uni['max']:.2f}, mean {uni['mean']:.2f} over {uni['budgets']} evenly spaced budgets"
+            )
+        lines.append(text)
+    bounds = summary["prop41"]
+    if bounds is None:
+        lines.append("Proposition 4.1: undefined, the members do not grow in cost (b <= 1)")
+    else:
+        lines.append(
+            f"Proposition 4.1 at b = {ratio['geometric_mean']:.2f}: sup C = {bounds['sup_C']:.2f}, "
+            f"E[C] <= {bounds['mean_C_bound']:.2f}"
+        )
+    points = ", ".join(f"{format_flops(f)}: {pct(e)}%" for f, e in summary["linear_ensemble"])
+    lines.append(f"linear ensemble, test err % ({summary.get('linear_networks', 'the members')}): {points}")
+    return "\n".join(lines)

@@ -8,14 +8,18 @@ import pytest
 from annify.eann import (
     MemberTable,
     build_schedule,
+    default_placement,
     depth_ratio,
+    format_eann,
     ideal_inflation,
     inflation,
     linear_ensemble_curve,
     plot_eann,
     prop41_bounds,
     schedule_to_json,
+    uniform_inflation,
 )
+from annify.spec import load_spec
 
 
 def three_members() -> list[MemberTable]:
@@ -166,3 +170,49 @@ def test_plot_writes_png(tmp_path):
     path = plot_eann(build_schedule(members), members, tmp_path / "eann.png")
     assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["eann.png"]
+
+
+def test_uniform_inflation():
+    members = two_members()
+    steps = build_schedule(members)  # EANN costs 1, 2, 4 (unused), 6, 10
+    result = uniform_inflation(members, steps, n=10)  # budgets 1, 2, ..., 10
+    # errors in force 0.5 .4 .4 .4 .4 .3 .3 .3 .3 .2, reached alone at cost 1 2 2 2 2 4 4 4 4 8
+    assert result["max"] == 2.5
+    assert result["mean"] == pytest.approx((1 + 1 + 1.5 + 2 + 2.5 + 1.5 + 1.75 + 2 + 2.25 + 1.25) / 10)
+    assert (result["budgets"], result["from"], result["to"], result["split"]) == (10, 1, 10, "test")
+
+
+def test_linear_ensemble_of_other_networks():
+    members = three_members()
+    plain = [MemberTable("a", [1.5], [0.45], [0.46]), MemberTable("b", [3], [0.3], [0.31])]
+    out = schedule_to_json(build_schedule(members), members, linear=plain)
+    assert out["linear_ensemble"] == [[1.5, 0.46], [4.5, 0.31]]
+
+
+def test_format_eann():
+    members = two_members()
+    text = format_eann(json.loads(json.dumps(schedule_to_json(build_schedule(members), members))))
+    lines = text.splitlines()
+    assert lines[0].split() == ["step", "member", "output", "flops", "val", "err", "%", "test", "err", "%",
+                                "used", "in", "force:", "test", "err", "%"]  # fmt: skip
+    assert lines[3].split() == ["3", "d", "1", "4", "45.00", "45.00", "-", "40.00"]
+    assert "depth ratio b = 4.00 (member to member: 4.00)" in text
+    assert "max 2.00, mean 1.35 over the 5 output times" in text
+    assert "Proposition 4.1 at b = 4.00: sup C = 2.33, E[C] <= 1.67" in text
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["cifar_resann_n7_c16", "cifar_resann_n25_c32", "resann26", "resann50", "resann101", "denseann169"],
+)
+def test_default_placement_is_the_papers(spec):
+    """The placement ``annify eann`` converts a model name with is the one of the shipped spec."""
+    shipped = load_spec(f"specs/{spec}.yaml")
+    placement = default_placement(shipped.model)
+    assert {**placement, "start": placement.get("start", placement["every"])} == shipped.placement
+
+
+def test_default_placement_elsewhere():
+    assert default_placement("cifar_resnet_n13_c16") == {"every": 1}
+    assert default_placement("cifar_resnet_n25_c16") == {"every": 3}
+    assert default_placement("vit_tiny_patch16_224") == {"heads": 4}
