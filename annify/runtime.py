@@ -323,7 +323,10 @@ def _exit_index(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor
 
 
 def fit_thresholds(
-    val_probs_per_output: Sequence[torch.Tensor], target_avg_flops: float, flops_per_output: Sequence[float]
+    val_probs_per_output: Sequence[torch.Tensor],
+    target_avg_flops: float,
+    flops_per_output: Sequence[float],
+    val_labels: torch.Tensor | None = None,
 ) -> list[float]:
     """Max-softmax thresholds whose average cost on validation is ``target_avg_flops`` (MSDNet's scheme).
 
@@ -331,6 +334,11 @@ def fit_thresholds(
     output k's threshold is the confidence of the n_k-th most confident sample still running, so
     that n_k of them exit there (the last output takes everyone left). q is found by bisection on
     log q so that the average FLOPs realized on validation hits the target; the closest q seen wins.
+
+    With ``val_labels``, the first output allowed to exit is searched too: weak early heads can make
+    the geometric schedule worse than stopping at one fixed output, so for each first exit j the
+    schedule is fitted over outputs j..K and the policy with the best validation accuracy at (or
+    nearest below) the target cost wins. Stopping every sample at a single output is among them.
 
     Returns K thresholds; a sample exits at the first output whose max softmax is >= its threshold.
     ``math.inf`` means no sample exits there; the last is 0 (everyone exits).
@@ -346,14 +354,14 @@ def fit_thresholds(
             f"{_sci(float(flops[0]))} to {_sci(float(flops[-1]))}"
         )
     order = conf.argsort(dim=1, descending=True)
-    ranks = torch.arange(1, k_out + 1, dtype=torch.float64)
 
-    def thresholds_for(log_q: float) -> list[float]:
+    def thresholds_for(log_q: float, start: int) -> list[float]:
+        ranks = torch.arange(1, k_out - start + 1, dtype=torch.float64)
         cum = torch.round(n * torch.softmax(log_q * ranks, 0).cumsum(0)).long()
         exited = torch.zeros(n, dtype=torch.bool)
-        out = []
-        for k in range(k_out - 1):
-            want = int(cum[k]) - int(exited.sum())
+        out = [math.inf] * start
+        for k in range(start, k_out - 1):
+            want = int(cum[k - start]) - int(exited.sum())
             if want <= 0:
                 out.append(math.inf)
                 continue
@@ -366,18 +374,37 @@ def fit_thresholds(
     def avg_flops(thresholds: list[float]) -> float:
         return float(flops[_exit_index(conf, thresholds)].mean())
 
-    lo, hi = -30.0, 30.0
-    best, best_gap = None, math.inf
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        t = thresholds_for(mid)
-        got = avg_flops(t)
-        if abs(got - target_avg_flops) < best_gap:
-            best, best_gap = t, abs(got - target_avg_flops)
-        if got < target_avg_flops:
-            lo = mid
-        else:
-            hi = mid
+    def fit(start: int) -> list[float]:
+        lo, hi = -30.0, 30.0
+        best, best_gap = None, math.inf
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            t = thresholds_for(mid, start)
+            got = avg_flops(t)
+            if abs(got - target_avg_flops) < best_gap:
+                best, best_gap = t, abs(got - target_avg_flops)
+            if got < target_avg_flops:
+                lo = mid
+            else:
+                hi = mid
+        assert best is not None
+        return best
+
+    if val_labels is None:
+        return fit(0)
+    preds = torch.stack([p.argmax(dim=1) for p in val_probs_per_output])  # K×N
+    correct = preds == val_labels.reshape(1, -1)
+    tolerance = 0.01 * float(flops[-1])  # a policy may overshoot the target by 1% of the full cost
+
+    def score(thresholds: list[float]) -> tuple[bool, float]:
+        exits = _exit_index(conf, thresholds)
+        fits = avg_flops(thresholds) <= target_avg_flops + tolerance
+        return fits, float(correct[exits, torch.arange(n)].float().mean())
+
+    starts = [j for j in range(k_out) if flops[j] <= target_avg_flops + tolerance]
+    fixed = [[math.inf] * j + [0.0] * (k_out - j) for j in starts]  # everyone stops at output j
+    candidates = [fit(j) for j in starts] + fixed
+    best = max(candidates or [fit(0)], key=score)
     assert best is not None
     return best
 
@@ -483,7 +510,8 @@ def _collect(net: AnytimeNet, loader) -> tuple[list[torch.Tensor], torch.Tensor]
 def budget_curve(net: AnytimeNet, val_loader, test_loader, targets: Sequence[float]) -> list[dict]:
     """Budgeted batch classification: accuracy against average FLOPs, one row per target.
 
-    Temperatures and thresholds are fit on ``val_loader`` (never on test), then ``early_exit`` runs
+    Temperatures and thresholds (including the first output allowed to exit, see
+    ``fit_thresholds``) are fit on ``val_loader`` (never on test), then ``early_exit`` runs
     on ``test_loader``. ``wall_s`` is the time spent in ``early_exit`` on test (data loading excluded).
 
     Returns:
@@ -498,7 +526,7 @@ def budget_curve(net: AnytimeNet, val_loader, test_loader, targets: Sequence[flo
     conf = torch.stack([p.max(dim=1).values for p in probs])
     rows = []
     for target in targets:
-        thresholds = fit_thresholds(probs, target, flops)
+        thresholds = fit_thresholds(probs, target, flops, val_labels)
         val_avg = float(torch.tensor(flops, dtype=torch.float64)[_exit_index(conf, thresholds)].mean())
         correct, total, spent, wall = 0, 0, 0.0, 0.0
         for x, y in test_loader:

@@ -292,6 +292,32 @@ def test_thresholds_hit_the_target_average_cost_on_validation(tiny, val_probs):
         fit_thresholds(probs, flops[0] / 2, flops)
 
 
+def test_thresholds_with_labels_never_lose_to_a_fixed_exit_on_validation(tiny, digits, val_probs):
+    net, spec, _ = tiny
+    probs, _ = val_probs
+    labels = torch.cat([y for _, y in digits["val"]])
+    flops = exit_flops(net)
+    conf = torch.stack([p.max(dim=1).values for p in probs])
+    correct = torch.stack([p.argmax(dim=1) for p in probs]) == labels
+
+    def val_accuracy(thresholds):
+        passed = conf >= torch.tensor(thresholds).unsqueeze(1)
+        passed[-1] = True
+        first = passed.float().argmax(dim=0)
+        return float(correct[first, torch.arange(len(labels))].float().mean()), float(
+            torch.tensor(flops)[first].mean()
+        )
+
+    for frac in (0.2, 0.5, 0.8):
+        target = flops[0] + frac * (flops[-1] - flops[0])
+        acc, avg = val_accuracy(fit_thresholds(probs, target, flops, labels))
+        assert avg <= target + 0.01 * flops[-1]
+        fixed = max(float(correct[k].float().mean()) for k in range(len(flops)) if flops[k] <= target)
+        assert acc >= fixed, (frac, acc, fixed)
+        geometric, _ = val_accuracy(fit_thresholds(probs, target, flops))
+        assert acc >= geometric - 1e-9, (frac, acc, geometric)
+
+
 def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, val_probs, monkeypatch):
     net, spec, _ = tiny
     probs, temps = val_probs
@@ -370,10 +396,10 @@ def test_budget_curve_fits_on_val_and_reports_test(tiny, digits):
     targets = [flops[0] + f * (flops[-1] - flops[0]) for f in (0.3, 0.7)]
     rows = budget_curve(net, digits["val"], digits["test"], targets)
     assert [r["target_flops"] for r in rows] == targets
-    for r in rows:
-        assert abs(r["val_avg_flops"] - r["target_flops"]) < 0.01 * flops[-1]
+    for r in rows:  # a budget: validation cost stays within it (the best policy may spend less)
+        assert r["val_avg_flops"] <= r["target_flops"] + 0.01 * flops[-1]
         assert flops[0] <= r["avg_flops"] <= flops[-1] and 0 <= r["accuracy"] <= 1 and r["wall_s"] > 0
-    assert rows[0]["avg_flops"] < rows[1]["avg_flops"]
+    assert rows[0]["val_avg_flops"] <= rows[1]["target_flops"]
     # the reported test numbers are what early exit with those thresholds gives
     correct = spent = total = 0
     for x, y in digits["test"]:
