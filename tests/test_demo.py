@@ -24,3 +24,13 @@ def test_demo_trains_both_schemes_and_compares_them(tmp_path):
         assert shown == [round(100 * e, 2) for e in errors]
     assert (tmp_path / "anytime.png").stat().st_size > 0
     assert (tmp_path / "cifar_resann_n3_c8.yaml").is_file()
+    eann = json.loads((tmp_path / "eann" / "eann.json").read_text())
+    assert [m["name"] for m in eann["members"]][:3] == [
+        "cifar_resann_n2_c16",
+        "cifar_resann_n4_c16",
+        "cifar_resann_n8_c16",
+    ]
+    b = eann["depth_ratio"]["geometric_mean"]
+    assert 1.8 < b < 2.3  # n = 2, 4, 8 units per stage: depth doubles
+    assert eann["prop41"]["sup_C"] == 2 + 1 / (b - 1)
+    assert len(eann["steps"]) == sum(len(m["flops"]) for m in eann["members"])
