@@ -110,6 +110,9 @@ def convert(
 ):
     """Convert MODEL into an anytime network and write its spec.
 
+    MODEL is a timm model name, or a YAML spec whose `heads` list the nodes (placement by spec):
+    the network it describes is built and its costs are filled in.
+
     Example: annify convert resnet50 --every 2 --out zoo/
     """
     from pathlib import Path
@@ -120,19 +123,30 @@ def convert(
     out_path = Path(out)
     folder = out_path.parent if out_path.suffix in (".yaml", ".yml") else out_path
     writable_dir(folder)  # fail before the slow part
-    _, spec, costs = run_convert(
-        model,
-        every=every,
-        start=start,
-        at=list(at) or None,
-        flops_period=flops_period,
-        heads=heads,
-        input_size=parse_size(input_size),
-        num_classes=num_classes,
-        model_kwargs=_kwargs(in_chans),
-        head_type=head_type,
-        name=name,
-    )
+    if model.endswith((".yaml", ".yml")):
+        from annify.convert import convert_spec
+        from annify.spec import load_spec
+
+        placement = dict(every=every, start=start, at=at, flops_period=flops_period, heads=heads)
+        given = [k for k, v in placement.items() if v]
+        if given:
+            raise click.UsageError(f"the spec already places its heads; drop --{given[0].replace('_', '-')}")
+        _, spec, costs = convert_spec(load_spec(model))
+        model = spec.model
+    else:
+        _, spec, costs = run_convert(
+            model,
+            every=every,
+            start=start,
+            at=list(at) or None,
+            flops_period=flops_period,
+            heads=heads,
+            input_size=parse_size(input_size),
+            num_classes=num_classes,
+            model_kwargs=_kwargs(in_chans),
+            head_type=head_type,
+            name=name,
+        )
     target = out_path if out_path.suffix in (".yaml", ".yml") else folder / f"{spec.name}.yaml"
     header = f"annify train {target}\n{spec.name}: {model} with {len(spec.heads)} outputs, written by `annify convert`"
     atomic_write(target, dump(spec, header))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -23,7 +24,17 @@ from annify.rewrite import AnytimeNet
 from annify.spec import HeadSpec, Spec, load_spec, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
 
-__all__ = ["ConvertError", "build", "choose", "convert", "create_model", "inspect_model", "load", "spec_name"]
+__all__ = [
+    "ConvertError",
+    "build",
+    "choose",
+    "convert",
+    "convert_spec",
+    "create_model",
+    "inspect_model",
+    "load",
+    "spec_name",
+]
 
 
 class ConvertError(ValueError):
@@ -247,6 +258,10 @@ def convert(
 
 def build(spec: Spec) -> AnytimeNet:
     """Rebuild the network a spec describes (fresh weights)."""
+    return _build(spec)[0]
+
+
+def _build(spec: Spec) -> tuple[AnytimeNet, Traced]:
     m = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
     traced = trace(m, spec.input_size)
     if spec.heads[-1].node != "model":
@@ -254,7 +269,18 @@ def build(spec: Spec) -> AnytimeNet:
     types = [h.type for h in spec.heads[:-1]]
     net = _build_net(traced, spec.taps, spec.num_classes, spec.head_type, types)
     net.spec = spec
-    return net
+    return net, traced
+
+
+def convert_spec(spec: Spec) -> tuple[AnytimeNet, Spec, Costs]:
+    """Build the network a (hand-written) spec describes and fill in its costs: placement by YAML."""
+    net, traced = _build(spec)
+    costs = count(net)
+    types = [h.type for h in spec.heads[:-1]]
+    heads = _head_entries(spec.taps, tap_points(traced), costs, types)
+    spec = replace(spec, heads=heads, placement=spec.placement or {"spec": True}, cost_convention=CONVENTION)
+    net.spec = spec
+    return net, spec, costs
 
 
 def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> AnytimeNet:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import annify
 from annify.cli import main
-from annify.spec import SpecError
+from annify.spec import SpecError, load_spec
 
 TINY = ["cifar_resnet_n3_c8", "--in-chans", "1", "--input-size", "1,8,8", "--num-classes", "5"]
 
@@ -196,3 +196,21 @@ def test_malformed_spec_is_a_spec_error_with_the_line(tmp_path):
 def test_missing_spec_file_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         annify.load(tmp_path / "missing.yaml")
+
+
+def test_convert_places_heads_from_a_hand_written_spec(tmp_path):
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(
+        "# heads after the second and fifth units\n"
+        "model: cifar_resnet_n3_c8\nmodel_kwargs: {in_chans: 1}\ninput_size: [1, 8, 8]\nnum_classes: 10\n"
+        "heads:\n  - node: stages.0.1.add\n  - node: stages.1.1.add\n  - node: model\n"
+    )
+    result = CliRunner().invoke(main, ["convert", str(hand), "--out", str(tmp_path / "zoo")])
+    assert result.exit_code == 0, result.output
+    spec = load_spec(tmp_path / "zoo" / "cifar_resann_n3_c8.yaml")
+    assert [h.node for h in spec.heads] == ["stages.0.1.add", "stages.1.1.add", "model"]
+    assert [h.block for h in spec.heads] == [2, 5, 9]
+    flops = [h.flops for h in spec.heads]
+    assert flops == sorted(flops) and spec.heads[-1].fraction == 1.0
+    again = CliRunner().invoke(main, ["convert", str(hand), "--every", "2", "--out", str(tmp_path / "zoo")])
+    assert again.exit_code != 0 and "the spec already places its heads; drop --every" in again.output
