@@ -18,7 +18,9 @@ import annify
 from annify import heads as head_registry
 from annify.trace import TapPoint, Traced
 
-torch.set_num_threads(2)
+# One thread for the whole suite: the models here are tiny (or a single 224 forward), and on a busy
+# 2-core machine OpenMP threads spin against other processes (a 2-epoch run went from 2.4 s to 20 s).
+torch.set_num_threads(1)
 
 TINY_MODEL = "cifar_resnet_n3_c8"
 TINY_SIZE = (1, 8, 8)

@@ -1,6 +1,6 @@
 """`annify eann` as users type it: two tiny members trained for one epoch, reuse, one-line errors.
 
-Torch runs on one thread here (see ``one_thread``).
+Torch runs on one thread (tests/conftest.py).
 """
 
 import importlib
@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
@@ -18,15 +17,6 @@ from annify.train import RunResult
 
 SMALL, LARGE = "cifar_resnet_n3_c8", "cifar_resnet_n5_c16"  # 9 and 15 outputs with default placement
 NAMES = ["cifar_resann_n3_c8", "cifar_resann_n5_c16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; two threads stall badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args):

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from annify.cli import main
@@ -23,15 +22,6 @@ heads:
 train: {batch_size: 128}
 """
 OTHER = TINY.replace("  - {node: stages.1.2.add}\n", "")  # same model, one head fewer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; two threads stall badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ from annify.trace import trace
 TINY = dict(input_size=(1, 8, 8), num_classes=10, model_kwargs={"in_chans": 1})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and a busy machine makes OpenMP barriers slow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -35,15 +35,6 @@ train: {batch_size: 128, lr: 0.05}
 STEPS_PER_EPOCH = 10  # digits' 1,167 training images in batches of 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; two threads stall badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def spec_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
