@@ -1,0 +1,251 @@
+"""Shared by ``bench_breadth.py`` and ``tests/test_breadth.py``: one model per timm family, and the checks.
+
+A family is a timm model module (``resnet``, ``vision_transformer``, ...). Its representative is the
+registered, non-deprecated model with the fewest parameters (timm's ``test_*`` CI fixtures set aside),
+counted by building every candidate on the meta device (no memory, about 0.1 s a model). The choice is cached in
+``benchmarks/results/families.json`` because it takes a few minutes for all of timm.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import _registry
+
+RESULTS = Path(__file__).parent / "results"
+FAMILIES_JSON = RESULTS / "families.json"
+MAX_PARAMS = 100_000_000
+
+
+def timm_modules() -> list[str]:
+    """timm's own model modules (annify's registrations such as cifar_resnet left out)."""
+    out = []
+    for mod in timm.list_modules():
+        names = _models_of(mod)
+        if names and _registry.model_entrypoint(names[0]).__module__.startswith("timm."):
+            out.append(mod)
+    return out
+
+
+def _models_of(module: str) -> list[str]:
+    deprecated = set(_registry._deprecated_models)
+    return sorted(n for n in _registry._module_to_models.get(module, ()) if n not in deprecated)
+
+
+def count_params(name: str) -> int:
+    """Parameter count of a timm model, built on the meta device (no weights allocated)."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = timm.create_model(name, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def smallest(module: str) -> dict:
+    """The family's representative: the released model with the fewest parameters.
+
+    timm's CI fixtures (``test_resnet``, ``test_vit``, ...) are left out of the choice because they
+    are not released architectures (``test_resnet`` has one block per stage); the smallest of them
+    is kept under ``test_model`` so that the sweep can run it as an extra.
+    Returns {module, model, params, test_model, test_params, candidates, meta_failures}.
+    """
+    sizes, failures = {}, {}
+    for name in _models_of(module):
+        try:
+            sizes[name] = count_params(name)
+        except Exception as e:  # a model whose __init__ needs real data; rare
+            failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+    def pick(names: list[str]) -> tuple[str | None, int | None]:
+        if not names:
+            return None, None
+        name = min(names, key=lambda n: (sizes[n], n))
+        return name, sizes[name]
+
+    model, params = pick([n for n in sizes if not n.startswith("test_")])
+    test_model, test_params = pick([n for n in sizes if n.startswith("test_")])
+    return {
+        "module": module,
+        "model": model,
+        "params": params,
+        "test_model": test_model,
+        "test_params": test_params,
+        "candidates": len(sizes) + len(failures),
+        "meta_failures": failures,
+    }
+
+
+def families(refresh: bool = False) -> list[dict]:
+    """One entry per timm family (see ``smallest``), cached in ``results/families.json``."""
+    if FAMILIES_JSON.is_file() and not refresh:
+        cached = json.loads(FAMILIES_JSON.read_text())
+        if cached.get("timm") == timm.__version__ and cached.get("version") == 2:
+            return cached["families"]
+    found = [smallest(m) for m in timm_modules()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    FAMILIES_JSON.write_text(
+        json.dumps({"timm": timm.__version__, "version": 2, "families": found}, indent=1)
+    )
+    return found
+
+
+def family(module: str) -> dict:
+    """One family's entry: from the cache when it is there, else counted now (seconds, not minutes)."""
+    if FAMILIES_JSON.is_file():
+        cached = json.loads(FAMILIES_JSON.read_text())
+        if cached.get("timm") == timm.__version__ and cached.get("version") == 2:
+            for f in cached["families"]:
+                if f["module"] == module:
+                    return f
+    return smallest(module)
+
+
+class Timeout(BaseException):  # noqa: N818 - a BaseException, so no `except Exception` in a model swallows it
+    """The time limit of one check ran out."""
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Raise ``Timeout`` after ``seconds`` (SIGALRM; main thread only; 0 disables)."""
+    if not seconds:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Timeout(f"over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception, and the innermost frame inside annify/timm/torch that raised it."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    where = ""
+    for fs in reversed(traceback.extract_tb(e.__traceback__)):
+        if any(p in fs.filename for p in ("/annify/", "/timm/", "/torch/")):
+            where = f" [{Path(fs.filename).name}:{fs.lineno} {fs.name}]"
+            break
+    return f"{type(e).__name__}: {first[:200]}{where}"
+
+
+def _first_tensor(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def check_annify(name: str, heads: int = 4) -> dict:
+    """Convert ``name`` with ``heads`` outputs; compare the last output with timm's, ``torch.equal``, eval mode.
+
+    Batch 1 at the model's default input size. The timm model gets the same weights (its state dict
+    is loaded into the converted network; the only missing keys may be the heads').
+    """
+    from annify.convert import convert, create_model, default_input_size
+
+    # Feature backbones registered with num_classes=0 (dinov3, sam2, qwen3 vision towers) would get
+    # heads with zero outputs; give them a 1000-class classifier, as a user converting them would.
+    classes = 1000 if timm.models.get_pretrained_cfg_value(name, "num_classes") == 0 else None
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    net, spec, costs = convert(name, heads=heads, num_classes=classes)
+    t_convert = time.perf_counter() - t0
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=classes).eval()
+    res = net.load_state_dict(model.state_dict(), strict=False)
+    bad_missing = [k for k in res.missing_keys if not k.startswith("heads.")]
+    if bad_missing or res.unexpected_keys:
+        raise AssertionError(
+            f"state dict mismatch: missing {bad_missing[:2]} unexpected {res.unexpected_keys[:2]}"
+        )
+    net.eval()
+    size = default_input_size(model)
+    torch.manual_seed(1)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        outs = net(x)
+        ref = _first_tensor(model(x))
+    last = _first_tensor(outs[-1])
+    equal = torch.equal(last, ref)
+    shapes_ok = all(tuple(o.shape) == tuple(ref.shape) for o in outs[:-1])
+    even = [(k + 1) / len(outs) for k in range(len(outs))]
+    return {
+        "num_classes_set": classes,
+        # tensors carried across each cut: 1 at a clean block output; more where the tap is inside a
+        # branch (the other branches stay live) or inside a DenseNet block (every earlier feature map)
+        "carried": [seg.carry for seg in net._eval_segments[:-1]],
+        "spacing_error": round(max(abs(f - e) for f, e in zip(costs.fraction, even, strict=True)), 3),
+        "equal": bool(equal),
+        "max_abs_diff": None if equal else float((last - ref).abs().max()),
+        "heads_shape_ok": bool(shapes_ok),
+        "outputs": len(outs),
+        "taps": [h.node for h in spec.heads[:-1]],
+        "fraction": [h.fraction for h in spec.heads],
+        "flops": costs.flops[-1],
+        "unsupported_ops": sorted(costs.unsupported),
+        "input_size": list(size),
+        "convert_s": round(t_convert, 2),
+    }
+
+
+def check_timm_fx(name: str) -> dict:
+    """timm's own FX test (``test_model_forward_fx``): trace with timm's leaf modules and functions,
+    return the graph's last node in eval and train mode, and compare with ``torch.equal``."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    kwargs = dict(
+        leaf_modules=list(get_notrace_modules()),
+        autowrap_functions=list(get_notrace_functions()),
+        param_shapes_constant=True,
+    )
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    torch.manual_seed(1)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        ref = _first_tensor(model(x))
+        train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+        fx_model = create_feature_extractor(
+            model,
+            train_return_nodes=[train_nodes[-1]],
+            eval_return_nodes=[eval_nodes[-1]],
+            tracer_kwargs=kwargs,
+        ).eval()
+        out = _first_tensor(tuple(fx_model(x).values()))
+    return {"equal": bool(torch.equal(out, ref))}
+
+
+def run_check(fn, name: str, seconds: int = 0) -> dict:
+    """``fn(name)`` with a time limit; failures become {"ok": False, "reason": one line}."""
+    t0 = time.perf_counter()
+    try:
+        with time_limit(seconds), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(name)
+        ok = out.get("equal", False) and out.get("heads_shape_ok", True)
+        if not ok:
+            why = []
+            if not out.get("equal", False):
+                why.append(f"final output differs from timm's (max |diff| {out.get('max_abs_diff')})")
+            if not out.get("heads_shape_ok", True):
+                why.append("a head's output shape differs from the classifier's")
+            out["reason"] = "; ".join(why)
+        out["ok"] = bool(ok)
+    except (Exception, Timeout) as e:  # every failure is data here
+        out = {"ok": False, "reason": _reason(e)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out

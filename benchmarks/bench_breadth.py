@@ -1,0 +1,227 @@
+"""Breadth: convert the smallest model of every timm family with ``heads=4`` and check the final output.
+
+For each timm model module ("family") the registered model with the fewest parameters is converted
+(``convert(name, heads=4)``), run at its default input size with batch 1 in eval mode, and its last
+output compared with the plain timm model's, ``torch.equal``. Families whose smallest model has more
+than 100M parameters are skipped and listed. For comparison, timm's own FX test
+(``test_model_forward_fx``: trace with timm's leaf registrations, return the last node) runs on the
+same model. Results go to ``benchmarks/results/breadth.json``.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_breadth.py --jobs 2          # all families, 2 workers
+    PYTHONPATH=. python benchmarks/bench_breadth.py --only resnet,vgg  # some families
+
+Each worker appends one JSON line per family to ``results/breadth_shard{k}.jsonl`` and skips
+families already there, so an interrupted run resumes where it stopped (``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._breadth import (  # noqa: E402
+    MAX_PARAMS,
+    RESULTS,
+    check_annify,
+    check_timm_fx,
+    families,
+    run_check,
+)
+from benchmarks._timing import machine, machine_line, set_threads, table  # noqa: E402
+
+
+def _shard_file(k: int) -> Path:
+    return RESULTS / f"breadth_shard{k}.jsonl"
+
+
+def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool) -> None:
+    """Worker: check every n-th family starting at k, appending to the shard file."""
+    path = _shard_file(k)
+    done = set()
+    if path.is_file():
+        done = {json.loads(line)["module"] for line in path.read_text().splitlines() if line.strip()}
+    mine = [f for i, f in enumerate(fams) if i % n == k and f["module"] not in done]
+    for f in mine:
+        row = dict(f)
+        row.pop("meta_failures", None)
+        if f["model"] is None:
+            row["status"] = "no model"
+        elif f["params"] > MAX_PARAMS:
+            row["status"] = "skipped (>100M params)"
+        else:
+            row["annify"] = run_check(check_annify, f["model"], timeout)
+            if timm_fx:
+                row["timm_fx"] = run_check(check_timm_fx, f["model"], timeout)
+            row["status"] = "ok" if row["annify"]["ok"] else "fail"
+        if f.get("test_model"):  # timm's CI fixture for the family, as an extra
+            row["test"] = {
+                "model": f["test_model"],
+                "annify": run_check(check_annify, f["test_model"], timeout),
+            }
+            if timm_fx:
+                row["test"]["timm_fx"] = run_check(check_timm_fx, f["test_model"], timeout)
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        a = row.get("annify", {})
+        print(
+            f"[{k}] {f['module']:<28} {f['model'] or '-':<40} {row['status']:<8} "
+            f"{a.get('seconds', '')}s {a.get('reason', '')}",
+            flush=True,
+        )
+
+
+def _collect(n: int) -> list[dict]:
+    rows = []
+    for k in range(n):
+        p = _shard_file(k)
+        if p.is_file():
+            rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["module"])
+
+
+def report(rows: list[dict], info: dict, wall_s: float, command: str) -> dict:
+    """Summarise, write breadth.json, print the Markdown tables."""
+    tried = [r for r in rows if "annify" in r]
+    skipped = [r for r in rows if r["status"].startswith("skipped") or r["status"] == "no model"]
+    ok = [r for r in tried if r["annify"]["ok"]]
+    fx_tried = [r for r in tried if "timm_fx" in r]
+    fx_ok = [r for r in fx_tried if r["timm_fx"]["ok"]]
+    summary = {
+        "families": len(rows),
+        "tried": len(tried),
+        "annify_ok": len(ok),
+        "timm_fx_tried": len(fx_tried),
+        "timm_fx_ok": len(fx_ok),
+        "skipped": [(r["module"], r["model"], r["params"]) for r in skipped],
+        "annify_failures": {r["module"]: [r["model"], r["annify"]["reason"]] for r in tried if r not in ok},
+        "timm_fx_failures": {
+            r["module"]: [r["model"], r["timm_fx"]["reason"]] for r in fx_tried if not r["timm_fx"]["ok"]
+        },
+        "annify_ok_timm_fx_fail": [
+            r["module"] for r in fx_tried if r["annify"]["ok"] and not r["timm_fx"]["ok"]
+        ],
+        "timm_fx_ok_annify_fail": [
+            r["module"] for r in fx_tried if r["timm_fx"]["ok"] and not r["annify"]["ok"]
+        ],
+        "test_models_annify_ok": sum(r["test"]["annify"]["ok"] for r in rows if "test" in r),
+        "test_models": sum("test" in r for r in rows),
+        "test_model_failures": {
+            r["module"]: [r["test"]["model"], r["test"]["annify"]["reason"]]
+            for r in rows
+            if "test" in r and not r["test"]["annify"]["ok"]
+        },
+        "wall_s": round(wall_s, 1),
+    }
+    out = {"command": command, "machine": info, "summary": summary, "rows": rows}
+    (RESULTS / "breadth.json").write_text(json.dumps(out, indent=1))
+
+    print(machine_line(info))
+    print(
+        f"\nannify converts {len(ok)}/{len(tried)} families exactly (torch.equal of the final output)", end=""
+    )
+    if fx_tried:
+        print(f"; timm's own FX test passes {len(fx_ok)}/{len(fx_tried)}", end="")
+    print(f"; {len(skipped)} skipped; wall {wall_s / 60:.1f} min\n")
+    body = []
+    for r in rows:
+        a, t = r.get("annify", {}), r.get("timm_fx", {})
+        params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
+        body.append(
+            [
+                r["module"],
+                f"`{r['model']}`",
+                params,
+                r["status"],
+                "ok" if t.get("ok") else ("fail" if t else "-"),
+                ", ".join(f"`{n}`" for n in a.get("taps", [])),
+                "/".join(str(c) for c in a.get("carried", [])),
+                a.get("spacing_error", ""),
+                a.get("seconds", ""),
+                (a.get("reason") or "").replace("|", "\\|"),
+            ]
+        )
+    header = [
+        "family",
+        "model",
+        "params",
+        "annify",
+        "timm FX",
+        "taps",
+        "carried",
+        "spacing err",
+        "s",
+        "reason",
+    ]
+    print(table(header, body))
+    extras = [r for r in rows if "test" in r]
+    if extras:
+        n_ok = sum(r["test"]["annify"]["ok"] for r in extras)
+        print(f"\ntimm's CI fixtures (test_* models), as extras: annify {n_ok}/{len(extras)}\n")
+        body = [
+            [
+                r["module"],
+                f"`{r['test']['model']}`",
+                "ok" if r["test"]["annify"]["ok"] else "fail",
+                "ok"
+                if r["test"].get("timm_fx", {}).get("ok")
+                else ("fail" if "timm_fx" in r["test"] else "-"),
+                (r["test"]["annify"].get("reason") or "").replace("|", "\\|"),
+            ]
+            for r in extras
+        ]
+        print(table(["family", "test model", "annify", "timm FX", "reason"], body))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    ap.add_argument("--only", default="", help="comma-separated families (timm module names)")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per check before it counts as failed")
+    ap.add_argument("--no-timm-fx", action="store_true", help="skip timm's own FX test")
+    ap.add_argument("--fresh", action="store_true", help="discard earlier shard results")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "k/n": run as worker k of n
+    args = ap.parse_args()
+
+    fams = families()
+    if args.only:
+        wanted = set(args.only.split(","))
+        fams = [f for f in fams if f["module"] in wanted]
+    if args.worker:
+        k, n = (int(v) for v in args.worker.split("/"))
+        set_threads(1 if n > 1 else None)
+        _work(fams, k, n, args.timeout, not args.no_timm_fx)
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for k in range(max(args.jobs, 8)):
+            _shard_file(k).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    base = [sys.executable, __file__, "--timeout", str(args.timeout)]
+    if args.only:
+        base += ["--only", args.only]
+    if args.no_timm_fx:
+        base.append("--no-timm-fx")
+    procs = [subprocess.Popen([*base, "--worker", f"{k}/{args.jobs}"]) for k in range(args.jobs)]
+    for p in procs:
+        p.wait()
+    info = machine()
+    info["threads"] = 1 if args.jobs > 1 else info["threads"]
+    info["workers"] = args.jobs
+    rows = _collect(args.jobs)
+    if args.only:
+        rows = [r for r in rows if r["module"] in set(args.only.split(","))]
+    report(rows, info, time.perf_counter() - t0, " ".join(["python", *sys.argv]))
+
+
+if __name__ == "__main__":
+    main()

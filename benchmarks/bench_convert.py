@@ -1,0 +1,348 @@
+"""What converting costs: conversion time, the run-time overhead of computing every output, and the
+time to stop early with ``forward_until``.
+
+Parts (``--parts a,b,c,d``):
+
+a. time of ``convert(name, heads=4)`` against ``timm.create_model(name)`` alone, interleaved;
+b. the converted network computing every output against the plain timm model, same batch,
+   interleaved; compared with the target ``1 + heads' FLOP share + 0.03``;
+c. ``forward_until(x, k)`` for each k against the full forward, next to output k's FLOP fraction;
+d. the traced FX graph alone (no cuts, no heads) against eager timm, and the same graph with its
+   residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add).
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_convert.py                   # everything, as in BENCHMARKS.md
+    PYTHONPATH=. python benchmarks/bench_convert.py --parts b --threads 1 --batch 4
+
+Results are printed as Markdown and written to ``benchmarks/results/convert.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import operator
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from annify.convert import convert, create_model  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    Paired,
+    interleaved,
+    machine,
+    machine_line,
+    paired_ratio,
+    set_threads,
+    table,
+)
+
+RESULTS = Path(__file__).parent / "results"
+CONVERT_MODELS = ["resnet50", "vit_small_patch16_224", "convnext_tiny"]
+# (model, placement, label): the paper's ResANN50 and an evenly spaced ViT
+OVERHEAD_CASES = [
+    ("resnet50", {"every": 2}, "--every 2"),
+    ("vit_small_patch16_224", {"heads": 4}, "--heads 4"),
+]
+
+
+def converted(name: str, **placement):
+    """(anytime net, plain timm model) sharing weights, both in eval mode, and the costs."""
+    net, spec, costs = convert(name, **placement)
+    plain = create_model(name).eval()
+    net.load_state_dict(plain.state_dict(), strict=False)
+    return net.eval(), plain, spec, costs
+
+
+def part_a(repeats: int) -> dict:
+    import timm
+
+    rows, out = [], {}
+    for name in CONVERT_MODELS:
+        p = paired_ratio(
+            lambda name=name: convert(name, heads=4),
+            lambda name=name: timm.create_model(name, pretrained=False),
+            repeats=repeats,
+            warmup=1,
+        )
+        out[name] = p.as_dict()
+        rows.append(
+            [name, f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.1f}", p.spread(), p.repeats]
+        )
+    print("\n### a. Conversion time, `convert(name, heads=4)` vs `timm.create_model(name)`\n")
+    print(table(["model", "convert (s)", "create_model (s)", "ratio", "spread of ratio", "repeats"], rows))
+    return out
+
+
+def heads_share(costs) -> tuple[int, int, float]:
+    """(plain model FLOPs, anytime FLOPs of the last output, heads' share of the plain FLOPs).
+
+    The trunk segments together are exactly the plain model, so its FLOPs are their sum.
+    """
+    plain = sum(costs.trunk_flops)
+    last = costs.flops[-1]
+    return plain, last, (last - plain) / plain
+
+
+def _segments_only(net, x):
+    """Every segment, no heads: the cut-up trunk alone."""
+    state = (x,)
+    for j in range(net.num_outputs):
+        state, _ = net.run_segment(j, state, head=False)
+
+
+def part_b(batch: int, repeats: int, threads: list[int]) -> dict:
+    """Anytime vs plain, timed round-robin with two diagnostics in the same rounds.
+
+    ``segments`` runs the cut-up trunk without heads (the cost of cutting); ``heads`` runs the heads
+    alone on features computed beforehand (the cost of the heads, which FLOPs undercount: BatchNorm,
+    ReLU and pooling over large early feature maps are memory-bound).
+    """
+    rows, out = [], {}
+    for name, placement, label in OVERHEAD_CASES:
+        net, plain, spec, costs = converted(name, **placement)
+        x = torch.randn(batch, *net.input_size)
+        plain_flops, last_flops, share = heads_share(costs)
+        target = 1 + share + 0.03
+        with torch.no_grad():
+            feats, state = [], (x,)
+            for j in range(len(net.heads)):
+                state, f = net.run_segment(j, state, head=False)
+                feats.append(f)
+        fns = {
+            "anytime": lambda net=net, x=x: net(x),
+            "plain": lambda plain=plain, x=x: plain(x),
+            "segments": lambda net=net, x=x: _segments_only(net, x),
+            "heads": lambda net=net, feats=feats: [h(f) for h, f in zip(net.heads, feats, strict=True)],
+        }
+        for th in threads:
+            set_threads(th)
+            with torch.no_grad():
+                t = interleaved(fns, repeats, warmup=3)
+            p = Paired(t["anytime"], t["plain"])
+            seg = Paired(t["segments"], t["plain"])
+            hd = Paired(t["heads"], t["plain"])
+            key = f"{name} {label} threads={th}"
+            out[key] = {
+                **p.as_dict(),
+                "segments_over_plain": seg.as_dict(),
+                "heads_over_plain": hd.as_dict(),
+                "outputs": net.num_outputs,
+                "plain_flops": plain_flops,
+                "anytime_flops": last_flops,
+                "heads_share": share,
+                "target": target,
+                "meets_target": p.median <= target,
+            }
+            rows.append(
+                [
+                    f"{name} {label}",
+                    th,
+                    net.num_outputs,
+                    f"{p.median_a * 1e3:.0f}",
+                    f"{p.median_b * 1e3:.0f}",
+                    f"**{p.median:.3f}**",
+                    p.spread(),
+                    p.repeats,
+                    f"{share * 100:.2f}%",
+                    f"{target:.3f}",
+                    "yes" if p.median <= target else "no",
+                    f"{seg.median:.3f}",
+                    f"{hd.median:.3f}",
+                ]
+            )
+    print(f"\n### b. Every output vs the plain timm model (batch {batch}, eval, `torch.no_grad`)\n")
+    header = [
+        "model",
+        "threads",
+        "outputs",
+        "anytime (ms)",
+        "plain (ms)",
+        "median ratio",
+        "spread",
+        "repeats",
+        "heads' FLOP share",
+        "target",
+        "met",
+        "segments alone / plain",
+        "heads alone / plain",
+    ]
+    print(table(header, rows))
+    return out
+
+
+def part_c(batch: int, repeats: int, threads: int) -> dict:
+    set_threads(threads)
+    net, _, spec, costs = converted("resnet50", every=2)
+    x = torch.randn(batch, *net.input_size)
+    rows, out = [], {}
+    with torch.no_grad():
+        for k in range(1, net.num_outputs + 1):
+            p = paired_ratio(lambda k=k: net.forward_until(x, k), lambda: net(x), repeats, warmup=2)
+            frac = spec.heads[k - 1].fraction
+            out[k] = {**p.as_dict(), "flop_fraction": frac, "node": spec.heads[k - 1].node}
+            rows.append(
+                [
+                    k,
+                    f"`{spec.heads[k - 1].node}`",
+                    f"{frac:.3f}",
+                    f"{p.median_a * 1e3:.0f}",
+                    f"**{p.median:.3f}**",
+                    p.spread(),
+                    p.repeats,
+                ]
+            )
+    print(
+        f"\n### c. `forward_until(x, k)` vs the full forward, resnet50 --every 2 (batch {batch}, {threads} threads)\n"
+    )
+    print(table(["k", "tap", "FLOP fraction", "time (ms)", "time fraction", "spread", "repeats"], rows))
+    return out
+
+
+def _inplace_residual_adds(graph: torch.fx.Graph) -> int:
+    """Turn ``a + b`` into ``a.add_(b)`` where ``a`` has no other user: what timm's ``x += shortcut`` was.
+
+    torch.fx records ``x += shortcut`` on a Proxy as an out-of-place ``add`` (a Proxy has no
+    ``__iadd__``), so every residual sum allocates a fresh tensor. Returns how many were changed.
+    """
+
+    def shape(node):
+        meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+        return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+    changed = 0
+    for n in graph.nodes:
+        first = n.args[0] if n.args else None
+        if (
+            n.op == "call_function"
+            and n.target is operator.add
+            and isinstance(first, torch.fx.Node)
+            and first.op in ("call_module", "call_function", "call_method")  # never a parameter or input
+            and len(first.users) == 1
+            and shape(first) is not None
+            and shape(first) == shape(n)  # no broadcasting into the left operand
+        ):
+            n.op, n.target = "call_method", "add_"
+            changed += 1
+    graph.lint()
+    return changed
+
+
+def part_d(batch: int, repeats: int, threads: int) -> dict:
+    """Where the trunk's overhead comes from: the plain FX graph of the timm model (no cuts, no heads)
+    against eager timm, and the same graph with its residual adds made in-place again."""
+    from annify.trace import trace
+
+    set_threads(threads)
+    out, rows = {}, []
+    for name in ("resnet50", "convnext_tiny"):
+        plain = create_model(name).eval()
+        traced = trace(plain, (3, 224, 224), train_graph=False)
+        gm = torch.fx.GraphModule(plain, traced.eval_graph).eval()
+        graph = copy.deepcopy(traced.eval_graph)
+        n_inplace = _inplace_residual_adds(graph)
+        gm_inplace = torch.fx.GraphModule(plain, graph).eval()
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            same = torch.equal(gm(x), plain(x)) and torch.equal(gm_inplace(x), plain(x))
+            t = interleaved(
+                {
+                    "eager": lambda p=plain, x=x: p(x),
+                    "fx": lambda g=gm, x=x: g(x),
+                    "fx_inplace": lambda g=gm_inplace, x=x: g(x),
+                },
+                repeats,
+                warmup=2,
+            )
+        fx_ratio, fx_in = Paired(t["fx"], t["eager"]), Paired(t["fx_inplace"], t["eager"])
+        out[name] = {
+            "fx/eager": fx_ratio.as_dict(),
+            "fx_inplace/eager": fx_in.as_dict(),
+            "adds_made_inplace": n_inplace,
+            "equal": same,
+        }
+        rows.append(
+            [
+                name,
+                f"{fx_ratio.median_b * 1e3:.0f}",
+                f"**{fx_ratio.median:.3f}**",
+                fx_ratio.spread(),
+                n_inplace,
+                f"**{fx_in.median:.3f}**",
+                fx_in.spread(),
+                repeats,
+                same,
+            ]
+        )
+    print(f"\n### d. The FX graph alone vs eager timm (batch {batch}, {threads} thread(s))\n")
+    header = [
+        "model",
+        "eager (ms)",
+        "FX graph / eager",
+        "spread",
+        "adds made in-place",
+        "FX in-place / eager",
+        "spread",
+        "repeats",
+        "outputs equal",
+    ]
+    print(table(header, rows))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=20, help="interleaved pairs for parts b and c")
+    ap.add_argument("--convert-repeats", type=int, default=5, help="interleaved pairs for part a")
+    ap.add_argument("--threads", default="1,2", help="torch threads for part b (comma-separated)")
+    ap.add_argument("--c-threads", type=int, default=1, help="torch threads for parts c and d")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    parts = set(args.parts.split(","))
+    threads = [int(t) for t in args.threads.split(",")]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "convert.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    command = " ".join(["python", *sys.argv])
+    set_threads(max(threads))
+    print(machine_line())
+    if "a" in parts:
+        result["a"] = {"command": command, "machine": machine(), "results": part_a(args.convert_repeats)}
+        path.write_text(json.dumps(result, indent=1))
+    if "b" in parts:
+        res = part_b(args.batch, args.repeats, threads)
+        result["b"] = {"command": command, "machine": machine(), "batch": args.batch, "results": res}
+        path.write_text(json.dumps(result, indent=1))
+    if "c" in parts:
+        res = part_c(args.batch, args.repeats, args.c_threads)
+        result["c"] = {
+            "command": command,
+            "machine": machine(),
+            "batch": args.batch,
+            "threads": args.c_threads,
+            "results": res,
+        }
+        path.write_text(json.dumps(result, indent=1))
+    if "d" in parts:
+        res = part_d(args.batch, args.repeats, args.c_threads)
+        result["d"] = {
+            "command": command,
+            "machine": machine(),
+            "batch": args.batch,
+            "threads": args.c_threads,
+            "results": res,
+        }
+        path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""annify against earlyon 0.3.0 (PyPI), the early-exit toolkit people use today.
+
+earlyon wraps named submodules with forward hooks and hangs an MLP head (pool, 128 hidden, ReLU,
+dropout, linear) on each; ``wrapper(x, mode="training")`` returns every exit's logits and the final
+logits, which is the "compute every output" path compared here (in eval mode, under ``no_grad``).
+Its routing path ``wrapper(x)`` works at batch size 1 only.
+
+Parts (``--parts overhead,families``):
+
+overhead: timm resnet50 with exits after every second bottleneck unit (annify's ``--every 2``
+    nodes: layer1.1, layer2.0, layer2.2, layer3.0, layer3.2, layer3.4, layer4.0), plain model vs
+    earlyon vs annify, timed round-robin in the same rounds; ratios to the plain model per round.
+families: for the smallest model of every timm family (``benchmarks/results/families.json``), wrap it
+    with ``earlyon.models.custom.custom_ee`` at 3 block outputs (module paths of annify's
+    ``tap_points``, evenly spaced by block index; timm's ``feature_info`` modules where annify cannot
+    trace) and run the all-exits forward and a batch-1 routed inference.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_earlyon.py
+    PYTHONPATH=. python benchmarks/bench_earlyon.py --parts overhead --threads 1 --batch 4
+
+Results are printed as Markdown and written to ``benchmarks/results/earlyon.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._breadth import MAX_PARAMS, _reason, families, run_check  # noqa: E402
+from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _earlyon():
+    """Import earlyon, or say exactly why it cannot be used."""
+    try:
+        import earlyon
+        from earlyon.models.custom import custom_ee
+    except Exception as e:
+        raise SystemExit(
+            f"earlyon is not usable: {type(e).__name__}: {e} (pip install earlyon==0.3.0)"
+        ) from e
+    return earlyon.__version__, custom_ee
+
+
+def _stats(ratios: list[float]) -> dict:
+    return {
+        "median": statistics.median(ratios),
+        "iqr": [_quantile(ratios, 0.25), _quantile(ratios, 0.75)],
+        "min_max": [min(ratios), max(ratios)],
+    }
+
+
+def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
+    from annify.convert import convert, create_model
+
+    _, custom_ee = _earlyon()
+    net, spec, _ = convert("resnet50", every=2)
+    plain = create_model("resnet50").eval()
+    net.load_state_dict(plain.state_dict(), strict=False)
+    net.eval()
+    nodes = [h.node for h in spec.heads[:-1]]  # 'layer1.1.act3', ...: the block's module is the prefix
+    layers = [n.rsplit(".", 1)[0] for n in nodes]
+    backbone = create_model("resnet50").eval()
+    backbone.load_state_dict(plain.state_dict())
+    wrapper = custom_ee(backbone, layers, num_classes=1000).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():  # same final output from all three, as a sanity check
+        ref = plain(x)
+        same = {
+            "annify": torch.equal(net(x)[-1], ref),
+            "earlyon": torch.equal(wrapper(x, mode="training")[-1], ref),
+        }
+    rows, out = [], {"exit_layers": layers, "final_output_equal": same}
+    for th in threads:
+        set_threads(th)
+        with torch.no_grad():
+            t = interleaved(
+                {
+                    "plain": lambda: plain(x),
+                    "earlyon": lambda: wrapper(x, mode="training"),
+                    "annify": lambda: net(x),
+                },
+                repeats,
+                warmup=3,
+            )
+        r_e = [a / b for a, b in zip(t["earlyon"], t["plain"], strict=True)]
+        r_a = [a / b for a, b in zip(t["annify"], t["plain"], strict=True)]
+        r_ae = [a / b for a, b in zip(t["annify"], t["earlyon"], strict=True)]
+        res = {
+            "threads": th,
+            "repeats": repeats,
+            "median_s": {k: statistics.median(v) for k, v in t.items()},
+            "earlyon/plain": _stats(r_e),
+            "annify/plain": _stats(r_a),
+            "annify/earlyon": _stats(r_ae),
+            "times_s": t,
+        }
+        out[f"threads={th}"] = res
+        for label, key in (
+            ("earlyon", "earlyon/plain"),
+            ("annify", "annify/plain"),
+            ("annify / earlyon", "annify/earlyon"),
+        ):
+            s = res[key]
+            num = {"earlyon": "earlyon", "annify": "annify", "annify / earlyon": "annify"}[label]
+            rows.append(
+                [
+                    th,
+                    label,
+                    f"{res['median_s'][num] * 1e3:.0f}",
+                    f"**{s['median']:.3f}**",
+                    f"IQR {s['iqr'][0]:.3f}–{s['iqr'][1]:.3f}, min–max {s['min_max'][0]:.3f}–{s['min_max'][1]:.3f}",
+                    repeats,
+                ]
+            )
+        rows.append([th, "plain timm resnet50", f"{res['median_s']['plain'] * 1e3:.0f}", "1", "", repeats])
+    print(f"\n### Every exit vs plain timm resnet50, 7 exits + final (batch {batch}, eval, `no_grad`)\n")
+    print(table(["threads", "what", "median time (ms)", "median ratio", "spread", "repeats"], rows))
+    print(f"\nExit layers: {', '.join(layers)}; final output torch.equal to plain: {same}")
+    return out
+
+
+def _exit_layers(name: str) -> tuple[list[str], list[int], list[str], str]:
+    """3 block module paths at about 1/4, 1/2, 3/4 of the blocks, with channel counts and layouts.
+
+    The blocks are annify's tap points (module paths), or timm's ``feature_info`` stages where annify
+    finds fewer than 4.
+    """
+    from annify.convert import create_model, default_input_size
+    from annify.trace import tap_points, trace
+
+    model = create_model(name).eval()
+    try:
+        taps = tap_points(trace(model, default_input_size(model), train_graph=False))
+        blocks = [(t.module, t.channels, t.layout) for t in taps]
+        source = "annify tap_points"
+    except Exception:
+        blocks = []
+    if len(blocks) < 4:
+        info = getattr(model, "feature_info", [])
+        blocks = [(f["module"], f["num_chs"], f.get("fmt", "NCHW?")) for f in info if f.get("module")]
+        source = "timm feature_info"
+    n = len(blocks)
+    picked = list(dict.fromkeys(blocks[max(round(n * k / 4) - 1, 0)] for k in (1, 2, 3)))
+    return [b[0] for b in picked], [b[1] for b in picked], [b[2] for b in picked], source
+
+
+def check_earlyon(name: str) -> dict:
+    """Wrap ``name`` with 3 earlyon exits; run every exit (eval, batch 1) and a batch-1 routed inference."""
+    from annify.convert import create_model, default_input_size
+
+    _, custom_ee = _earlyon()
+    layers, channels, layouts, source = _exit_layers(name)
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    size = default_input_size(model)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    out = {"exit_layers": layers, "channels": channels, "layouts": layouts, "source": source}
+    stage = "custom_ee"
+    try:
+        wrapper = custom_ee(model, layers, num_classes=ref.shape[-1], input_shape=(1, *size)).eval()
+        # earlyon reads a 4-D feature as NCHW: on a channels-last block output (swin, convnext
+        # internals) its head pools over the wrong axes and its width is H, not C
+        # (annify's DenseNet taps are the concatenation after the layer, so there the tap's channel
+        # count is not the hooked module's: judge by layout where annify found the block)
+        widths = [ep.in_channels for ep in wrapper.config.exit_points]
+        out["head_widths"] = widths
+        if source == "annify tap_points":
+            out["widths_match_channels"] = "NHWC" not in layouts
+        else:
+            out["widths_match_channels"] = widths == channels
+        stage = "all-exits forward"
+        with torch.no_grad():
+            outs = wrapper(x, mode="training")
+        final = outs[-1][0] if isinstance(outs[-1], (tuple, list)) else outs[-1]
+        out["outputs"] = len(outs)
+        out["equal"] = bool(torch.equal(final, ref))
+        out["max_abs_diff"] = None if out["equal"] else float((final - ref).abs().max())
+        out["heads_shape_ok"] = all(tuple(o.shape) == tuple(ref.shape) for o in outs[:-1])
+        stage = "routed inference"
+        result = wrapper(x)  # batch-1 routing; also materialises earlyon's FLOP estimate
+        out["routed_exit"] = int(result.exit_taken)
+        out["flops_estimate_reliable"] = bool(wrapper.flops_estimate.reliable)
+    except Exception as e:
+        raise RuntimeError(f"{stage} ({', '.join(layers)}): {_reason(e)}") from None
+    return out
+
+
+def family_coverage(timeout: int, only: set[str]) -> dict:
+    version, _ = _earlyon()
+    breadth_path = RESULTS / "breadth.json"
+    annify_rows = {}
+    if breadth_path.is_file():
+        annify_rows = {r["module"]: r for r in json.loads(breadth_path.read_text())["rows"]}
+    rows, out = [], {}
+    for fam in families():
+        if only and fam["module"] not in only:
+            continue
+        if fam["model"] is None or fam["params"] > MAX_PARAMS:
+            continue
+        res = run_check(check_earlyon, fam["model"], timeout)
+        out[fam["module"]] = {"model": fam["model"], **res}
+        a = annify_rows.get(fam["module"], {}).get("annify", {})
+        rows.append(
+            [
+                fam["module"],
+                f"`{fam['model']}`",
+                "ok" if res["ok"] else "fail",
+                {True: "yes", False: "**no**"}.get(res.get("widths_match_channels"), "-"),
+                "ok" if a.get("ok") else ("fail" if a else "-"),
+                (res.get("reason") or "").replace("|", "\\|"),
+            ]
+        )
+        print(
+            f"{fam['module']:<28} {fam['model']:<40} {'ok' if res['ok'] else 'FAIL'} {res.get('reason', '')}",
+            flush=True,
+        )
+    n_ok = sum(r["ok"] for r in out.values())
+    n_width = sum(bool(r.get("widths_match_channels")) for r in out.values())
+    print(f"\n### Families: earlyon {version} attaches 3 exits and runs: {n_ok}/{len(out)}", end="")
+    print(f" (heads sized to the block's channel count: {n_width}/{len(out)})\n")
+    print(
+        table(["family", "model", "earlyon runs", "head width = channels", "annify", "earlyon failure"], rows)
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="overhead,families")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--only", default="", help="comma-separated families for the coverage part")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    version, _ = _earlyon()
+    parts = set(args.parts.split(","))
+    threads = [int(t) for t in args.threads.split(",")]
+    path = RESULTS / "earlyon.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result.update({"earlyon": version})
+    set_threads(max(threads))
+    print(machine_line(), f"earlyon {version}")
+    if "overhead" in parts:
+        result["overhead"] = {
+            "command": " ".join(["python", *sys.argv]),
+            "machine": machine(),
+            "batch": args.batch,
+            "results": overhead(args.batch, args.repeats, threads),
+        }
+    if "families" in parts:
+        fam = family_coverage(args.timeout, set(filter(None, args.only.split(","))))
+        result["families"] = {
+            "command": " ".join(["python", *sys.argv]),
+            "machine": machine(),
+            "results": fam,
+        }
+    path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
