@@ -132,13 +132,13 @@ def count(net: AnytimeNet, input_size: tuple[int, int, int] | None = None) -> Co
             if seg.tap is None:
                 break
             state, feature = net.run_segment(j, state, head=False)
-            heads.append(_fvcore(net.heads[j], (feature,), net.heads[j], unsupported))
+            heads.append(_fvcore(net.exits[j], (feature,), net.exits[j], unsupported))
     heads.append(0)  # the model's own classifier is inside the last segment
     net.train(was_training)
 
     params_by_id = {id(p): p.numel() for p in net.parameters()}
     trunk_params = [sum(params_by_id[i] for i in ids) for ids in _param_owners(net)]
-    head_params = [sum(p.numel() for p in h.parameters()) for h in net.heads] + [0]
+    head_params = [sum(p.numel() for p in h.parameters()) for h in net.exits] + [0]
 
     def cumulative(xs: list[int]) -> list[int]:
         out, total = [], 0

@@ -63,7 +63,7 @@ class _Piece(nn.Module):
         self.parts = nn.ModuleList(fx.GraphModule(net, _copy(s.graph)) for s in segs)
         self.taps = [s.tap for s in segs]
         self.carries = [s.carry for s in segs]
-        self.head = net.heads[last] if segs[-1].tap is not None else None
+        self.head = net.exits[last] if segs[-1].tap is not None else None
         self.with_state = with_state
 
     def forward(self, *inputs):

@@ -130,7 +130,9 @@ class AnytimeNet(nn.Module):
     """A network with prediction heads inside it: ``net(x)`` returns every output, in order.
 
     The last output is the model's own classifier and equals the original model's output exactly.
-    Parameters keep the original model's names; the added heads live under ``heads.``.
+    Parameters keep the original model's names; the added heads live under ``heads.`` (under
+    ``exit_heads.`` where the model owns a ``heads`` child of its own, as efficientvim does). Reach
+    them through ``net.exits`` and ``net.exits_prefix``.
 
     Args:
         traced: the traced model.
@@ -144,7 +146,9 @@ class AnytimeNet(nn.Module):
             raise ValueError(f"{len(taps)} taps but {len(heads)} heads")
         graphs = [g for g in (traced.eval_graph, traced.train_graph) if g is not None]
         _adopt(self, traced.model, graphs)
-        self.heads = nn.ModuleList(heads)
+        # the generated code reads the model's own children by name, so never shadow one
+        self.exits_name = "exit_heads" if hasattr(self, "heads") else "heads"
+        self.add_module(self.exits_name, nn.ModuleList(heads))
         self.taps = list(taps)
         self.input_size = traced.input_size
         # plain lists: the segments are code over this module, not submodules (no extra state-dict keys)
@@ -157,9 +161,19 @@ class AnytimeNet(nn.Module):
         self.train(traced.model.training)
 
     @property
+    def exits(self) -> nn.ModuleList:
+        """The added heads, one per tap, in order."""
+        return getattr(self, self.exits_name)
+
+    @property
+    def exits_prefix(self) -> str:
+        """State-dict prefix of the added heads: ``heads.`` (``exit_heads.`` if the model owns ``heads``)."""
+        return f"{self.exits_name}."
+
+    @property
     def num_outputs(self) -> int:
         """Number of outputs: one per head plus the model's own classifier."""
-        return len(self.heads) + 1
+        return len(self.exits) + 1
 
     @property
     def segments(self) -> list[Segment]:
@@ -180,7 +194,7 @@ class AnytimeNet(nn.Module):
         if seg.tap is None:
             return (), values
         feature = values[seg.tap]
-        return tuple(values[: seg.carry]), (self.heads[j](feature) if head else feature)
+        return tuple(values[: seg.carry]), (self.exits[j](feature) if head else feature)
 
     def stream(self, x: torch.Tensor, k: int | None = None) -> Iterator[object]:
         """Yield the outputs one at a time, computing each segment only when the next one is asked for."""

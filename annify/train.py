@@ -226,7 +226,7 @@ def train(
             _load_init(net, spec, cfg["init"], say)
         if cfg["freeze_trunk"]:
             for name, p in net.named_parameters():
-                p.requires_grad_(name.startswith("heads."))
+                p.requires_grad_(name.startswith(net.exits_prefix))
         net.to(dev)
         if use_cl:
             net.to(memory_format=torch.channels_last)
@@ -259,7 +259,7 @@ def train(
         if compile:
             model = torch.compile(model)
         trunk_params = [
-            p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("heads.")
+            p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)
         ]
 
         # ------------------------------------------------------------ loop
@@ -416,7 +416,7 @@ def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
             raise ValueError(f"{source} is not a readable state dict ({str(e).splitlines()[0]})") from None
     own = net.state_dict()
     unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not k.startswith("heads.")]
+    missing = [k for k in own if k not in state and not k.startswith(net.exits_prefix)]
     if unexpected or missing:
         raise ValueError(
             f"{source} does not fit {spec.model}: {len(unexpected)} unknown keys (e.g. {unexpected[:1]}), "
@@ -435,7 +435,7 @@ def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
         )
     with torch.no_grad():
         net.load_state_dict({k: v for k, v in state.items() if k not in wrong}, strict=False)
-    say(f"loaded {len(state) - len(wrong)} tensors from {init}; the {len(net.heads)} added heads start fresh")
+    say(f"loaded {len(state) - len(wrong)} tensors from {init}; the {len(net.exits)} added heads start fresh")
 
 
 def _optimizer(net: nn.Module, cfg: dict):
@@ -464,7 +464,7 @@ def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
     """Train mode; with a frozen trunk only the heads train (trunk BatchNorm statistics stay put)."""
     if freeze_trunk:
         net.eval()
-        net.heads.train()
+        net.exits.train()
     else:
         net.train()
 

@@ -67,7 +67,7 @@ def _plain(net, spec):
     from annify.convert import create_model
 
     model = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith(net.exits_prefix)}
     model.load_state_dict(state)
     return model
 

@@ -64,7 +64,7 @@ def annify_step(net, scheme, x, y, amp: bool = False):
 
     optimizer = _optimizer(net)
     dev = x.device
-    trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -111,7 +111,7 @@ def _pair(name: str, device: str):
     net, spec, _ = convert(model, every=every, input_size=size, num_classes=classes)
     plain = create_model(model, num_classes=classes)
     missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("heads.") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(net.exits_prefix) for k in missing), (missing, unexpected)
     return plain.to(device).train(), net.to(device).train(), spec, batch, size, classes
 
 

@@ -243,3 +243,20 @@ def test_exact_on_cuda(monkeypatch, tiny_net, tiny_twin, tiny_input):
     assert all(torch.equal(a, b) for a, b in zip(part, outs[:2], strict=True))
     costs = annify.count(net)  # costing works on the device the net lives on
     assert costs.flops[-1] > 0
+
+
+def test_a_model_with_its_own_heads_child_keeps_it():
+    """efficientvim owns a `heads` module: the added heads go under `exit_heads.` and nothing is shadowed."""
+    from annify.convert import convert, create_model
+
+    torch.manual_seed(0)
+    net, _, _ = convert("efficientvim_m1", heads=4)
+    model = create_model("efficientvim_m1").eval()
+    result = net.load_state_dict(model.state_dict(), strict=False)
+    assert net.exits_name == "exit_heads" and net.exits_prefix == "exit_heads."
+    assert not result.unexpected_keys and {k.split(".")[0] for k in result.missing_keys} == {"exit_heads"}
+    # the model's own child stays where the traced code reads it
+    assert net.heads is not net.exits and net.heads.state_dict().keys() == model.heads.state_dict().keys()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x)[-1], model(x))
