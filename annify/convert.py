@@ -233,6 +233,8 @@ def convert(
     kwargs = dict(model_kwargs or {})
     m = create_model(model, num_classes, **kwargs).eval()
     num_classes = m.num_classes if num_classes is None else num_classes
+    if not num_classes:
+        raise ConvertError(f"{model} has no classifier (num_classes=0); pass --num-classes N to give it one")
     size = tuple(input_size) if input_size else default_input_size(m)
     traced = trace(m, size)
     taps = tap_points(traced)

@@ -189,7 +189,9 @@ def find_blocks(model: nn.Module) -> list[str]:
     A block is a child of an innermost container (Sequential, ModuleList, ModuleDict) holding at least
     two children of the same class from outside ``torch.nn``: ResNet bottlenecks, dense layers,
     transformer blocks. Sibling containers holding a single such unit (EfficientNet's one-block
-    stages) count too.
+    stages) count too. Where that finds fewer units than the stages timm lists in the model's
+    ``feature_info`` (one block per stage, blocks held as named attributes, as in regnet, dla,
+    inception, nasnet), those stages are the blocks instead.
     """
 
     def own_class(m: nn.Module) -> bool:
@@ -220,7 +222,18 @@ def find_blocks(model: nn.Module) -> list[str]:
                 un, u = units[0]
                 if own_class(u) and not isinstance(u, _CONTAINERS):
                     blocks.append(f"{path}.{un}")
+    stages = [b for b in _feature_modules(model) if b in modules]
+    if len(blocks) < len(stages):  # few repeated units (one per stage, named attributes): timm's stages
+        blocks = stages
     return blocks
+
+
+def _feature_modules(model: nn.Module) -> list[str]:
+    """Module paths of timm's ``feature_info`` entries (the stage outputs), where the model has them."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list):
+        return [f["module"] for f in info if isinstance(f, dict) and f.get("module")]
+    return []
 
 
 def _block_output(graph: fx.Graph, names: dict[str, str], path: str) -> fx.Node | None:

@@ -271,3 +271,10 @@ def test_convert_refuses_a_bad_placement_before_building():
 def test_bad_model_kwargs_are_refused():
     with pytest.raises(ConvertError, match="timm could not build 'cifar_resnet_n3_c8'"):
         convert("cifar_resnet_n3_c8", every=2, model_kwargs={"colour": "red"})
+
+
+def test_a_model_without_a_classifier_needs_a_class_count():
+    with pytest.raises(ConvertError, match=r"has no classifier \(num_classes=0\); pass --num-classes N"):
+        convert(
+            "cifar_resnet_n3_c8", every=2, num_classes=0, input_size=(1, 8, 8), model_kwargs={"in_chans": 1}
+        )

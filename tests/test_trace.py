@@ -225,3 +225,15 @@ def test_trace_records_shapes_and_input_size(zoo):
     assert traced.node("layer1.0.act3").op == "call_module"
     with pytest.raises(KeyError):
         traced.node("layer9.0.act3")
+
+
+@pytest.mark.parametrize(
+    ("name", "stages"),
+    [
+        ("resnet10t", ["act1", "layer1", "layer2", "layer3", "layer4"]),  # one unit per stage
+        ("regnetx_002", ["stem", "s1", "s2", "s3", "s4"]),  # units held as named attributes b1, b2, ...
+    ],
+)
+def test_models_without_repeated_units_fall_back_to_timms_stages(name, stages):
+    model = timm.create_model(name)
+    assert find_blocks(model) == [f["module"] for f in model.feature_info] == stages
