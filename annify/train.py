@@ -288,29 +288,13 @@ def train(
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if use_cl:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outs = model(x)  # K × (B, num_classes)
-                losses = torch.stack([F.cross_entropy(o.float(), y) for o in outs])  # (K,)
+                losses = output_losses(model, x, y, use_amp)  # (K,)
                 mean = _mean_across_ranks(losses.detach())  # the same on every rank: all stop together
                 if not torch.isfinite(mean).all():
                     raise _diverged(
                         mean, nodes, epoch, steps + 1, ckpt_root, last is not None or epoch > start_epoch
                     )
-                total = (scheme.weights.to(dev) * losses).sum()
-                if not total.requires_grad:
-                    raise ValueError("nothing to train: every output with a nonzero weight is frozen")
-                norms = (
-                    weighting.per_head_grad_norms(list(losses), trunk_params)
-                    if scheme.needs_grad_norms
-                    else None
-                )
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                if norms is None:
-                    scheme.update(losses.detach())
-                else:
-                    scheme.update(losses.detach(), norms)
+                weighted_update(losses, scheme, optimizer, trunk_params)
                 loss_sum += mean.double()
                 steps, images = steps + 1, images + len(y) * world
                 bar.set_postfix_str("loss " + "|".join(f"{v:.2f}" for v in mean.tolist()))
@@ -467,6 +451,28 @@ def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
         net.exits.train()
     else:
         net.train()
+
+
+def output_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """Cross-entropy of every output, a (K,) tensor; the forward under bf16 autocast when ``amp``."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        outs = model(x)  # K × (B, num_classes)
+    return torch.stack([F.cross_entropy(o.float(), y) for o in outs])
+
+
+def weighted_update(losses: torch.Tensor, scheme, optimizer, trunk_params: list[torch.Tensor]) -> None:
+    """One optimizer step on Σᵢ wᵢ·CEᵢ, then the weight scheme's update (once per optimizer step)."""
+    total = (scheme.weights.to(losses.device) * losses).sum()
+    if not total.requires_grad:
+        raise ValueError("nothing to train: every output with a nonzero weight is frozen")
+    norms = weighting.per_head_grad_norms(list(losses), trunk_params) if scheme.needs_grad_norms else None
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    if norms is None:
+        scheme.update(losses.detach())
+    else:
+        scheme.update(losses.detach(), norms)
 
 
 def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:

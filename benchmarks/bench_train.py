@@ -59,29 +59,17 @@ def _optimizer(model):
 
 
 def annify_step(net, scheme, x, y, amp: bool = False):
-    """One step as ``annify.train.train`` takes it (single process), returning nothing."""
-    from annify.weighting import per_head_grad_norms
+    """One step exactly as ``annify.train.train`` takes it (single process), returning nothing."""
+    from annify.train import _mean_across_ranks, output_losses, weighted_update
 
     optimizer = _optimizer(net)
-    dev = x.device
     trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            outs = net(x)  # K × (B, classes)
-        losses = torch.stack([F.cross_entropy(o.float(), y) for o in outs])  # (K,)
-        mean = losses.detach().float().cpu()  # the trainer's finiteness check reads the values
-        if not torch.isfinite(mean).all():
+        losses = output_losses(net, x, y, amp)  # (K,)
+        if not torch.isfinite(_mean_across_ranks(losses.detach())).all():  # the trainer's check
             raise FloatingPointError("loss is not finite")
-        total = (scheme.weights.to(dev) * losses).sum()
-        norms = per_head_grad_norms(list(losses), trunk) if scheme.needs_grad_norms else None
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if norms is None:
-            scheme.update(losses.detach())
-        else:
-            scheme.update(losses.detach(), norms)
+        weighted_update(losses, scheme, optimizer, trunk)
 
     return step
 
