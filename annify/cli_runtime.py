@@ -50,14 +50,16 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     import torch
 
     from annify.convert import load
-    from annify.runtime import AnytimeRunner, load_image
+    from annify.runtime import AnytimeRunner, load_image, run_normalization
 
     names = _read_labels(labels)
     net = load(spec, checkpoint)
     runner = AnytimeRunner(net)
     if budget_flops is not None:
         runner.select(budget_flops)  # fail on a budget below the first output before reading images
-    inputs = [load_image(path, net.spec) for path in images]
+    stats = run_normalization(checkpoint)  # what the run trained with; else the model's own config
+    mean, std = stats if stats else (None, None)
+    inputs = [load_image(path, net.spec, mean, std) for path in images]
     if deadline_ms is not None:  # one untimed pass, so the first image does not pay for warm-up
         for _ in runner.steps(inputs[0].unsqueeze(0)):
             pass

@@ -588,6 +588,24 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
     raise ValueError(f"{len(values)} normalization values for a {channels}-channel input")
 
 
+def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) a run normalised its data with, read from ``data.json`` of the checkpoint's run.
+
+    ``checkpoint`` is a run's checkpoint folder (``runs/x/checkpoints/last``) or a file in it; the run
+    folder is searched up to three levels above. None where no run record is found.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(checkpoint).resolve()
+    for folder in [p, *p.parents][:4]:
+        record = folder / "data.json"
+        if record.is_file():
+            data = json.loads(record.read_text())
+            return list(data["mean"]), list(data["std"])
+    return None
+
+
 def load_image(
     path, spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> torch.Tensor:

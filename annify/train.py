@@ -11,6 +11,7 @@ line) win over both.
 Run folder ``out``::
 
     config.yaml          the resolved spec, its train: section holding every setting of the run
+    data.json            the data source and the mean/std its images were normalised with
     metrics.jsonl        one JSON line per epoch (train loss, val error, weights, lr, images/s)
     checkpoints/last/    model.safetensors + state.pt (optimizer, scheduler, weight scheme, RNGs)
     checkpoints/best/    model.safetensors + best.json, lowest mean val error over the outputs
@@ -47,7 +48,7 @@ from torch.utils.data import Subset
 from annify import weighting
 from annify.convert import build, load_weights
 from annify.cost import CONVENTION, count
-from annify.data import build_datasets, build_loaders, set_epoch
+from annify.data import build_datasets, build_loaders, data_info, set_epoch
 from annify.evaluate import (
     Evaluation,
     anytime_table,
@@ -251,6 +252,9 @@ def train(
             header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
             header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
             atomic_write(out / "config.yaml", dump(spec, header))
+            info = data_info(cfg["data"])  # what `annify predict` must normalise images with
+            record = {"source": cfg["data"], "mean": list(info.mean), "std": list(info.std)}
+            atomic_write(out / "data.json", json.dumps(record, indent=1) + "\n")
             _keep_metrics(out / "metrics.jsonl", start_epoch)
 
         model: nn.Module = net

@@ -58,6 +58,8 @@ def test_train_writes_run_folder(run):
     out, output = run
     assert "note: digits has 10 classes at 3×8×8" in output
     assert f"wrote {out} (2 epochs" in output
+    record = json.loads((out / "data.json").read_text())  # what `annify predict` normalises with
+    assert record["source"] == "digits" and len(record["mean"]) == len(record["std"]) == 1
     table = json.loads((out / "anytime.json").read_text())
     assert [r["output"] for r in table] == [1, 2, 3]
     assert [r["node"] for r in table] == ["stages.0.2.add", "stages.1.2.add", "model"]

@@ -24,6 +24,7 @@ from annify.runtime import (
     exit_flops,
     fit_thresholds,
     load_image,
+    run_normalization,
     segment_costs,
 )
 from annify.trace import trace
@@ -521,3 +522,12 @@ def test_runtime_commands_have_help_with_an_example():
     for command in ("predict", "export"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Example: annify " + command in result.output
+
+
+def test_predict_normalises_with_the_runs_own_statistics(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    (run / "data.json").write_text('{"source": "digits", "mean": [0.3], "std": [0.4]}')
+    assert run_normalization(run / "checkpoints" / "last") == ([0.3], [0.4])
+    assert run_normalization(run / "checkpoints" / "last" / "model.safetensors") == ([0.3], [0.4])
+    assert run_normalization(tmp_path / "elsewhere") is None
