@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ with warnings.catch_warnings():  # fvcore (last release 2022) calls the deprecat
     from fvcore.nn.jit_handles import get_shape
 
 from annify.rewrite import AnytimeNet
+from annify.spec import Spec
 
-__all__ = ["CONVENTION", "Costs", "count", "sdpa_flop_jit"]
+__all__ = ["CONVENTION", "Costs", "count", "sdpa_flop_jit", "with_costs"]
 
 CONVENTION = (
     "fvcore FLOPs: one fused multiply-add = 1 FLOP; eval mode, batch 1; "
@@ -158,3 +159,14 @@ def count(net: AnytimeNet, input_size: tuple[int, int, int] | None = None) -> Co
         head_flops=heads,
         unsupported=dict(unsupported),
     )
+
+
+def with_costs(spec: Spec, costs: Costs) -> Spec:
+    """``spec`` with each output's flops, fraction, single-exit flops and parameters from ``costs``."""
+    heads = [
+        replace(h, flops=f, fraction=round(fr, 4), flops_single=fs, params=p)
+        for h, f, fr, fs, p in zip(
+            spec.heads, costs.flops, costs.fraction, costs.flops_single, costs.params, strict=True
+        )
+    ]
+    return replace(spec, heads=heads, cost_convention=CONVENTION)

@@ -481,13 +481,11 @@ def run_eann(
     Writes ``out/eann.json`` (``schedule_to_json`` plus ``data``, ``runs``, ``linear_networks``,
     ``inflation_uniform`` and ``cost_convention``) and ``out/eann.png``.
     """
-    import importlib
-
-    # the module, not the function annify/__init__ re-exports under the same name (tests patch it);
-    # imported here so torch and the data sources load only when the stage runs
-    training = importlib.import_module("annify.train")
+    # imported here so torch and the data sources load only when the stage runs; the module, so that
+    # tests can replace training.train
+    import annify.train as training
     from annify.data import data_info
-    from annify.evaluate import fit_to_data, save_table
+    from annify.evaluate import evaluate_weights, fit_to_data, save_table
     from annify.spec import atomic_write, dump
 
     if len(members) < 2:
@@ -524,7 +522,7 @@ def run_eann(
         if checkpoints:
             checkpoint = _checkpoint_path(checkpoints[i])
             log(f"member {i + 1}/{len(specs)} {name}: evaluating {checkpoint}")
-            spec, table = _evaluate_member(spec, checkpoint, source, device, workers)
+            spec, table = evaluate_weights(spec, checkpoint, source, device=device, workers=workers)
             folder.mkdir(parents=True, exist_ok=True)
             header = f"annify eval {folder / 'config.yaml'} --checkpoint {checkpoint}\nmember {name} of the EANN in {out}"
             atomic_write(folder / "config.yaml", dump(spec, header))
@@ -633,31 +631,6 @@ def _checkpoint_path(arg: str) -> Path:
     """A run folder means its checkpoints/last; anything else goes to ``load_weights`` as given."""
     path = Path(arg)
     return path / "checkpoints" / "last" if (path / "checkpoints" / "last").is_dir() else path
-
-
-def _evaluate_member(spec, checkpoint: Path, source: str, device: str, workers: int):
-    """(spec with its costs at its input size, anytime table on val and test) of a checkpoint."""
-    from annify.convert import build, load_weights
-    from annify.cost import CONVENTION, count
-    from annify.data import build_datasets, build_loaders
-    from annify.evaluate import anytime_table, evaluate, resolve_device
-
-    net = build(spec)
-    load_weights(net, checkpoint)  # a checkpoint of another spec: a one-line ConvertError
-    costs = count(net, spec.input_size)
-    heads = [
-        replace(h, flops=f, fraction=round(fr, 4), flops_single=fs, params=p)
-        for h, f, fr, fs, p in zip(
-            spec.heads, costs.flops, costs.fraction, costs.flops_single, costs.params, strict=True
-        )
-    ]
-    spec = replace(spec, heads=heads, cost_convention=CONVENTION)
-    dev = resolve_device(device)
-    net.to(dev)
-    datasets = build_datasets(source, input_size=spec.input_size, augment=False)
-    loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, 256, workers)
-    val, test = (evaluate(net, loaders[s], dev) for s in ("val", "test"))
-    return spec, anytime_table([h.node for h in spec.heads], costs.flops, val, test)
 
 
 def _table(name: str, rows: list[dict]) -> MemberTable:

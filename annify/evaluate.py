@@ -29,6 +29,7 @@ __all__ = [
     "anytime_table",
     "evaluate",
     "evaluate_checkpoint",
+    "evaluate_weights",
     "fit_to_data",
     "format_table",
     "nearest_outputs",
@@ -148,22 +149,39 @@ def evaluate_checkpoint(
     network is fitted to the data as the trainer does (``fit_to_data``), and FLOPs are counted at
     that input size.
     """
-    from annify.convert import build, load_weights
-    from annify.cost import count
-
     spec = load_spec(spec_path)
     source = data or spec.train.get("data") or "digits"
     spec, _ = fit_to_data(spec, source)
+    return evaluate_weights(spec, checkpoint, source, batch_size, device, workers)[1]
+
+
+def evaluate_weights(
+    spec: Spec,
+    checkpoint: str | os.PathLike,
+    source: str,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 0,
+) -> tuple[Spec, list[dict]]:
+    """(``spec`` with its costs at its input size, anytime table on val and test) of a checkpoint.
+
+    ``spec`` must already fit the data ``source`` (see ``fit_to_data``); a checkpoint of another
+    network gets a one-line ``ConvertError``.
+    """
+    from annify.convert import build, load_weights
+    from annify.cost import count, with_costs
+
     net = build(spec)
     load_weights(net, checkpoint)
-    flops = count(net, spec.input_size).flops
+    costs = count(net, spec.input_size)
+    spec = with_costs(spec, costs)
     dev = resolve_device(device)
     net.to(dev)
     datasets = build_datasets(source, input_size=spec.input_size, augment=False)
     loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, batch_size, workers)
     amp = dev.type == "cuda"
     val, test = (evaluate(net, loaders[s], dev, amp=amp) for s in ("val", "test"))
-    return anytime_table([h.node for h in spec.heads], flops, val, test)
+    return spec, anytime_table([h.node for h in spec.heads], costs.flops, val, test)
 
 
 def anytime_table(

@@ -47,7 +47,7 @@ from torch.utils.data import Subset
 
 from annify import weighting
 from annify.convert import build, load_weights
-from annify.cost import CONVENTION, count
+from annify.cost import count, with_costs
 from annify.data import build_datasets, build_loaders, data_info, set_epoch
 from annify.evaluate import (
     Evaluation,
@@ -220,7 +220,7 @@ def train(
         torch.manual_seed(cfg["seed"])
         net = build(spec)
         costs = count(net, spec.input_size)  # at the size actually trained
-        spec = _with_costs(spec, costs, cfg)
+        spec = replace(with_costs(spec, costs), train=dict(cfg))  # costs at the trained size
         net.spec = spec  # its costs at the trained size: runtime.exit_flops(result.net) reads them
         nodes = [h.node for h in spec.heads]
         if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
@@ -367,17 +367,6 @@ def train(
 
 
 # -------------------------------------------------------------------- setup helpers
-
-
-def _with_costs(spec: Spec, costs, cfg: dict) -> Spec:
-    """The spec with each output's cost at its input size, and the run's settings as ``train:``."""
-    heads = [
-        replace(h, flops=f, fraction=round(fr, 4), flops_single=fs, params=p)
-        for h, f, fr, fs, p in zip(
-            spec.heads, costs.flops, costs.fraction, costs.flops_single, costs.params, strict=True
-        )
-    ]
-    return replace(spec, heads=heads, cost_convention=CONVENTION, train=dict(cfg))
 
 
 def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
