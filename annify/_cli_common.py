@@ -71,3 +71,18 @@ def format_flops(f: float) -> str:
         if abs(f) >= scale:
             return f"{f / scale:.3g}{unit}" if f / scale < 100 else f"{f / scale:.1f}{unit}"
     return f"{f:.0f}"
+
+
+checkpoint_option = click.option(
+    "--checkpoint",
+    required=True,
+    help="Weights: a .safetensors file or a run's checkpoint folder holding model.safetensors.",
+)
+
+
+def device_options(fn):
+    """``--device`` and ``--workers``, shared by the commands that run a network over a dataset."""
+    fn = click.option(
+        "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
+    )(fn)
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(fn)

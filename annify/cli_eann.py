@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import friendly, writable_dir
+from annify._cli_common import device_options, friendly, writable_dir
 from annify.cli_train import SCHEMES, SOURCES
 
 
@@ -32,8 +32,7 @@ from annify.cli_train import SCHEMES, SOURCES
 @click.option("--seed", type=int, help="Seed of every member's training (default: 0).")
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@device_options
 @friendly
 def eann(
     members, data, epochs, weights, checkpoints, plain, batch_size, lr, seed, out, resume, device, workers

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from annify._cli_common import format_flops, friendly, writable_dir
+from annify._cli_common import checkpoint_option, format_flops, friendly, writable_dir
 
 
 def _read_labels(path: str | None) -> list[str] | None:
@@ -19,9 +19,7 @@ def _read_labels(path: str | None) -> list[str] | None:
 @click.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--checkpoint", required=True, help="Weights: a .safetensors file or a folder with model.safetensors."
-)
+@checkpoint_option
 @click.option(
     "--budget-flops", type=float, help="Per-image FLOP budget: the latest output that fits (e.g. 2e9)."
 )
@@ -100,9 +98,7 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
 
 @click.command("export")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option(
-    "--checkpoint", required=True, help="Weights: a .safetensors file or a folder with model.safetensors."
-)
+@checkpoint_option
 @click.option(
     "--format",
     "fmt",

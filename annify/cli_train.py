@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from annify._cli_common import friendly
+from annify._cli_common import checkpoint_option, device_options, friendly
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
 SOURCES = "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | timm:NAME:PATH"
@@ -44,8 +44,7 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.option("--freeze-trunk", is_flag=True, default=None, help="Train the added heads only.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@device_options
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
@@ -96,13 +95,10 @@ def train(
 
 @click.command("eval")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option(
-    "--checkpoint", required=True, help="A .safetensors file or a folder holding model.safetensors."
-)
+@checkpoint_option
 @click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@device_options
 @friendly
 def eval_(spec, checkpoint, data, batch_size, device, workers):
     """Print the anytime table of SPEC with CHECKPOINT's weights: every output's error on val and test.
