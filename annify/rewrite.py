@@ -112,9 +112,8 @@ def _adopt(net: nn.Module, model: nn.Module, graphs: list[fx.Graph]) -> None:
         net.add_module(name, child)
     for name, p in model.named_parameters(recurse=False):
         net.register_parameter(name, p)
-    persistent = set(model.state_dict(keep_vars=True))
     for name, b in model.named_buffers(recurse=False):
-        net.register_buffer(name, b, persistent=name in persistent)
+        net.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
     for g in graphs:
         for n in g.nodes:
             if n.op != "get_attr" or "." in n.target or hasattr(net, n.target):
