@@ -5,6 +5,7 @@ import os
 import click
 import pytest
 from click.testing import CliRunner
+from helpers import assert_one_line_error
 
 import annify
 from annify.cli import main
@@ -21,17 +22,6 @@ def run():
         return runner.invoke(main, list(args), catch_exceptions=False)
 
     return invoke
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit code 1, one `Error: ...` line, no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0]
 
 
 def test_inspect_prints_a_row_for_every_tap_point(run):

@@ -5,22 +5,13 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from helpers import assert_one_line_error, tiny_spec
 
 from annify.cli import main
 from annify.spec import load_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = """\
-name: tiny
-model: cifar_resnet_n3_c8
-input_size: [3, 32, 32]
-num_classes: 10
-heads:
-  - {node: stages.0.2.add}
-  - {node: stages.1.2.add}
-  - {node: model}
-train: {batch_size: 128}
-"""
+TINY = tiny_spec()
 OTHER = TINY.replace("  - {node: stages.1.2.add}\n", "")  # same model, one head fewer
 
 
@@ -43,15 +34,6 @@ def run(specs, tmp_path_factory):
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 def test_train_writes_run_folder(run):
@@ -105,45 +87,47 @@ def test_corrupt_checkpoint_is_one_line(run, specs, tmp_path):
     weights = out / "checkpoints" / "last" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = invoke("eval", out / "config.yaml", "--checkpoint", out / "checkpoints" / "last")
-    assert_one_line_error(result, "is not a readable safetensors file")
+    assert_one_line_error(result, "is not a readable safetensors file", alone=False)
     result = invoke(
         "train", specs / "tiny.yaml", "--epochs", "2", "--weights", "const", "--out", out, "--resume"
     )
-    assert_one_line_error(result, "is not a readable safetensors file")
+    assert_one_line_error(result, "is not a readable safetensors file", alone=False)
     shutil.copy(run[0] / "checkpoints" / "last" / "model.safetensors", weights)
     state = out / "checkpoints" / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     result = invoke(
         "train", specs / "tiny.yaml", "--epochs", "2", "--weights", "const", "--out", out, "--resume"
     )
-    assert_one_line_error(result, "state.pt is unreadable")
+    assert_one_line_error(result, "state.pt is unreadable", alone=False)
 
 
 def test_mismatched_checkpoint_is_one_line(run, specs, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(run[0], out)
     result = invoke("eval", specs / "other.yaml", "--checkpoint", out / "checkpoints" / "last")
-    assert_one_line_error(result, "does not fit this spec", "unexpected")
+    assert_one_line_error(result, "does not fit this spec", "unexpected", alone=False)
     result = invoke(
         "train", specs / "other.yaml", "--epochs", "2", "--weights", "const", "--out", out, "--resume"
     )
-    assert_one_line_error(result, "does not fit this spec")
+    assert_one_line_error(result, "does not fit this spec", alone=False)
 
 
 def test_divergence_is_one_line(specs, tmp_path):
     result = invoke("train", specs / "tiny.yaml", "--epochs", "1", "--lr", "1e30", "--out", tmp_path / "nan")
-    assert_one_line_error(result, "loss of output", "at epoch 1 step", "no checkpoint was written yet")
+    assert_one_line_error(
+        result, "loss of output", "at epoch 1 step", "no checkpoint was written yet", alone=False
+    )
 
 
 def test_option_errors_are_one_line(specs, tmp_path):
     result = invoke(
         "train", specs / "tiny.yaml", "--weights", "const", "--head", "2", "--out", tmp_path / "x"
     )
-    assert_one_line_error(result, "head is for --weights opt")
+    assert_one_line_error(result, "head is for --weights opt", alone=False)
     result = invoke(
         "train", specs / "tiny.yaml", "--weights", "adaloss", "--hparam", "gama=0.1", "--out", tmp_path
     )
-    assert_one_line_error(result, "has no hyperparameter 'gama'")
+    assert_one_line_error(result, "has no hyperparameter 'gama'", alone=False)
     result = invoke("train", specs / "tiny.yaml", "--hparam", "gamma", "--out", tmp_path / "y")
     assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_one_line_error
 from PIL import Image
 from torch import nn
 
@@ -486,12 +487,6 @@ def test_predict_json_reports_top_classes_output_and_flops(tiny, saved):
     line = result.output.strip()
     assert line.startswith(f"{paths[0]}: digit ") and "output 3/9" in line
     assert f"{format_flops(spec.heads[2].flops)} FLOPs" in line
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.output
 
 
 def test_predict_budget_below_first_output_is_a_one_line_error(saved):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import tiny_spec
 from safetensors.torch import load_file, save_file
 
 import annify.train as train_module
@@ -21,17 +22,7 @@ from annify.spec import SpecError
 from annify.train import DEFAULTS, TrainingDiverged, resolve_settings, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """\
-name: tiny
-model: cifar_resnet_n3_c8
-input_size: [3, 32, 32]
-num_classes: 10
-heads:
-  - {node: stages.0.2.add}
-  - {node: stages.1.2.add}
-  - {node: model}
-train: {batch_size: 128, lr: 0.05}
-"""
+TINY = tiny_spec("{batch_size: 128, lr: 0.05}")
 STEPS_PER_EPOCH = 10  # digits' 1,167 training images in batches of 128
 
 
