@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from annify.convert import convert, create_model  # noqa: E402
+from annify.spec import atomic_write  # noqa: E402
 from benchmarks._timing import (  # noqa: E402
     Paired,
     interleaved,
@@ -315,33 +316,23 @@ def main() -> None:
     command = " ".join(["python", *sys.argv])
     set_threads(max(threads))
     print(machine_line())
-    if "a" in parts:
-        result["a"] = {"command": command, "machine": machine(), "results": part_a(args.convert_repeats)}
-        path.write_text(json.dumps(result, indent=1))
-    if "b" in parts:
-        res = part_b(args.batch, args.repeats, threads)
-        result["b"] = {"command": command, "machine": machine(), "batch": args.batch, "results": res}
-        path.write_text(json.dumps(result, indent=1))
-    if "c" in parts:
-        res = part_c(args.batch, args.repeats, args.c_threads)
-        result["c"] = {
-            "command": command,
-            "machine": machine(),
-            "batch": args.batch,
-            "threads": args.c_threads,
-            "results": res,
-        }
-        path.write_text(json.dumps(result, indent=1))
-    if "d" in parts:
-        res = part_d(args.batch, args.repeats, args.c_threads)
-        result["d"] = {
-            "command": command,
-            "machine": machine(),
-            "batch": args.batch,
-            "threads": args.c_threads,
-            "results": res,
-        }
-        path.write_text(json.dumps(result, indent=1))
+    runs = {  # part -> (settings recorded with it, the measurement)
+        "a": lambda: ({}, part_a(args.convert_repeats)),
+        "b": lambda: ({"batch": args.batch}, part_b(args.batch, args.repeats, threads)),
+        "c": lambda: (
+            {"batch": args.batch, "threads": args.c_threads},
+            part_c(args.batch, args.repeats, args.c_threads),
+        ),
+        "d": lambda: (
+            {"batch": args.batch, "threads": args.c_threads},
+            part_d(args.batch, args.repeats, args.c_threads),
+        ),
+    }
+    for part in "abcd":
+        if part in parts:
+            settings, res = runs[part]()
+            result[part] = {"command": command, "machine": machine(), **settings, "results": res}
+            atomic_write(path, json.dumps(result, indent=1))  # each part kept as soon as it is measured
 
 
 if __name__ == "__main__":
