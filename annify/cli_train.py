@@ -8,7 +8,10 @@ import yaml
 from annify._cli_common import checkpoint_option, device_options, friendly
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
-SOURCES = "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | timm:NAME:PATH"
+SOURCES = (
+    "digits | fashion-mnist[:PATH] | mnist:PATH | kmnist:PATH | cifar10:PATH | cifar100:PATH"
+    " | imagefolder:PATH | timm:NAME:PATH"
+)
 
 
 def _hparams(values: tuple[str, ...]) -> dict | None:
@@ -42,13 +45,35 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--init", help="Start the trunk from 'timm' (its pretrained weights) or a state dict file.")
 @click.option("--freeze-trunk", is_flag=True, default=None, help="Train the added heads only.")
+@click.option(
+    "--head-local/--no-head-local",
+    default=None,
+    help="Weights scale only the gradient each head sends into the trunk; heads learn at full weight "
+    "(default: the spec's train.head_local, else off).",
+)
+@click.option(
+    "--distill",
+    type=click.FloatRange(0, 1),
+    help="GAMMA: earlier outputs learn (1-GAMMA)*CE + GAMMA*T^2*KL from the last output (default 0: off).",
+)
+@click.option(
+    "--distill-temperature", type=click.FloatRange(0, min_open=True), help="T of --distill (default 1)."
+)
+@click.option("--train-subset", type=click.IntRange(1), help="Train on a fixed subset of N training images.")
+@click.option(
+    "--loader",
+    type=click.Choice(["auto", "tensor", "dataloader"]),
+    default="auto",
+    show_default=True,
+    help="tensor: in-memory data held on the device, batches made there; dataloader: torch DataLoader.",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
 @device_options
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
-    compile_, amp, device, workers,
+    head_local, distill, distill_temperature, train_subset, loader, compile_, amp, device, workers,
 ):  # fmt: skip
     """Train the anytime network SPEC and write a run folder.
 
@@ -60,6 +85,8 @@ def train(
 
     \b
     Example: annify train specs/cifar_resann_n7_c16.yaml --data digits --epochs 10 --out runs/digits
+    Example: annify train specs/cifar_resann_n7_c16.yaml --data fashion-mnist --train-subset 10000 \\
+               --epochs 15 --head-local --out runs/fmnist
     Example: torchrun --nproc_per_node 2 -m annify train specs/cifar_resann_n7_c16.yaml \\
                --data cifar10:data/cifar-10-batches-py --out runs/c10
     """
@@ -81,6 +108,11 @@ def train(
         seed=seed,
         init=init,
         freeze_trunk=freeze_trunk,
+        head_local=head_local,
+        distill=distill,
+        distill_temperature=distill_temperature,
+        train_subset=train_subset,
+        loader=loader,
         device=device,
         amp=amp,
         compile=compile_,

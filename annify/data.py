@@ -4,6 +4,9 @@ A data source is one string, so specs and the CLI can name it:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes). Always available offline,
   small enough that a whole training run takes seconds; the default for tests and examples.
+- ``fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package), ``fashion-mnist:PATH``, ``mnist:PATH``,
+  ``kmnist:PATH``: the four IDX files of the MNIST family, gzipped or not, read by torchvision's own
+  dataset classes. 28x28 gray (1 channel); 5,000 training images are held out for validation.
 - ``cifar10:PATH`` / ``cifar100:PATH``: the python-pickle CIFAR release, extracted (``cifar-10-batches-py``
   or ``cifar-100-python``, or the folder holding it).
 - ``imagefolder:PATH``: ``train/`` and ``val/`` (optionally ``test/``) folders of class folders (ImageNet layout).
@@ -28,15 +31,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 __all__ = [
     "DataError",
     "DataInfo",
+    "TensorBatches",
     "TensorImageDataset",
     "build_datasets",
     "build_loaders",
     "data_info",
+    "pad_crop_flip",
     "parse_source",
     "set_epoch",
 ]
 
-ACCEPTED = "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | timm:NAME:PATH"
+ACCEPTED = (
+    "digits | fashion-mnist[:PATH] | mnist:PATH | kmnist:PATH | cifar10:PATH | cifar100:PATH"
+    " | imagefolder:PATH | timm:NAME:PATH"
+)
 SPLIT_SEED = 0  # seeds every split; deliberately not the training seed
 IMAGENET_INPUT = (3, 224, 224)
 
@@ -69,7 +77,9 @@ def parse_source(source: str) -> tuple[str, str | None]:
     kind = kind.lower()
     if kind == "digits" and not sep:
         return kind, None
-    if kind in ("cifar10", "cifar100", "imagefolder") and arg:
+    if kind == "fashion-mnist" and not sep:
+        return kind, str(DEBIAN_FASHION_MNIST)
+    if kind in ("cifar10", "cifar100", "imagefolder", *_MNIST) and arg:
         return kind, arg
     if kind == "timm" and ":" in arg and arg.partition(":")[2]:
         return kind, arg
@@ -112,26 +122,43 @@ def _holdout(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- in-memory tensor images
 
 
+def pad_crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    """Translate a batch by zero-padding and cropping back, then mirror the chosen images.
+
+    Args:
+        x: (B, C, H, W) images in [0, 1], before normalization (so the padding is black).
+        pad: pixels of padding on each side.
+        offsets: (B, 2) integer crop origins (row, column) in ``0..2*pad``.
+        flips: (B,) bools, True mirrors that image left-right; None for no flips.
+    """
+    b, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (B, H)
+        cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
+    if flips is not None:
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x.contiguous()
+
+
 class PadCropFlip:
     """Random translation by zero-padding and cropping back, optionally with a horizontal flip.
 
     Works on one (C, H, W) image in [0, 1], before normalization, so the padding is black: the
     background of digits and what CIFAR's standard recipe pads with. Draws from torch's global RNG,
-    which the DataLoader seeds per worker, so runs are reproducible.
+    which the DataLoader seeds per worker, so runs are reproducible. ``TensorBatches`` applies the
+    same transform to whole batches on the training device (``pad_crop_flip``).
     """
 
     def __init__(self, pad: int, flip: bool):
         self.pad, self.flip = pad, flip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w = x.shape
-        p = self.pad
-        if p > 0:
-            i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            x = F.pad(x, (p, p, p, p))[:, i : i + h, j : j + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
+        offsets = torch.randint(0, 2 * self.pad + 1, (1, 2)) if self.pad > 0 else None
+        flips = (torch.rand(()) < 0.5).view(1) if self.flip else None
+        return pad_crop_flip(x[None], self.pad, offsets, flips)[0]
 
 
 class TensorImageDataset(Dataset):
@@ -158,11 +185,105 @@ class TensorImageDataset(Dataset):
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         if self.augment is not None:
             x = self.augment(x)
-        c, h, w = self.input_size
-        if x.shape[-2:] != (h, w):
-            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        x = x.expand(c, -1, -1)  # gray -> RGB when asked; a no-op otherwise
-        return (x - self.mean) / self.std, int(self.labels[index])
+        return _finish(x[None], self.input_size, self.mean, self.std)[0], int(self.labels[index])
+
+
+def _finish(x: torch.Tensor, input_size, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, C0, H0, W0) images in [0, 1] -> resized to ``input_size``, gray repeated, normalized."""
+    c, h, w = input_size
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x = x.expand(-1, c, -1, -1)  # gray -> RGB when asked; a no-op otherwise
+    return (x - mean) / std
+
+
+class TensorBatches:
+    """A ``TensorImageDataset`` held whole on the training device, served in batches: the fast path.
+
+    Indexing, augmentation (the dataset's ``PadCropFlip`` as one batched op), resizing and
+    normalization all run on the device, with no DataLoader and no per-sample Python. Iterating
+    yields ``(images, labels)`` already on ``device``, like a DataLoader followed by ``.to(device)``.
+
+    Shuffling follows a DataLoader's ``RandomSampler`` with the same ``generator`` state (one int64
+    draw, then ``randperm``), so without augmentation both paths give the same batches in the same
+    order; augmentation parameters are drawn for the whole epoch from the same generator after the
+    permutation. Reseed ``generator`` before each epoch for reproducible, resumable runs.
+
+    Args:
+        ds: the dataset (its images, labels, size, normalization and augmentation are used).
+        batch_size: images per batch (per process).
+        device: where the data lives and the batches are made.
+        shuffle: reshuffle (and augment) each epoch; otherwise in order, never augmented.
+        seed: initial seed of ``generator``.
+        rank, world: under DDP every rank gets the same number of batches of its own shard, padded by
+            wrapping around as ``DistributedSampler`` does (train); evaluation shards are
+            ``range(rank, n, world)``, unpadded.
+    """
+
+    def __init__(
+        self,
+        ds: TensorImageDataset,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.device = torch.device(device)
+        self.images = ds.images.to(self.device)
+        self.labels = ds.labels.to(self.device)
+        self.input_size, self.augment = ds.input_size, ds.augment if shuffle else None
+        self.mean, self.std = ds.mean.to(self.device), ds.std.to(self.device)
+        self.batch_size, self.shuffle, self.rank, self.world = batch_size, shuffle, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _order(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This process's sample indices for one pass, with their crop offsets and flips."""
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.world), None, None
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # a DataLoader's base seed
+        order = torch.randperm(n, generator=self.generator)
+        offsets = flips = None
+        if self.augment is not None and self.augment.pad > 0:
+            offsets = torch.randint(0, 2 * self.augment.pad + 1, (n, 2), generator=self.generator)
+        if self.augment is not None and self.augment.flip:
+            flips = torch.rand(n, generator=self.generator) < 0.5
+        if self.world > 1:  # as DistributedSampler: pad to a multiple of world, then every world-th
+            total = -(-n // self.world) * self.world
+            pick = torch.arange(total) % n
+            pick = pick[self.rank :: self.world]
+            order = order[pick]
+            offsets = None if offsets is None else offsets[pick]
+            flips = None if flips is None else flips[pick]
+        return order, offsets, flips
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        per_rank = -(-n // self.world) if self.shuffle else len(range(self.rank, n, self.world))
+        return -(-per_rank // self.batch_size)
+
+    def __iter__(self):
+        order, offsets, flips = self._order()
+        dev = self.device
+        order = order.to(dev)
+        offsets = None if offsets is None else offsets.to(dev)
+        flips = None if flips is None else flips.to(dev)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.images[idx]
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            if self.augment is not None:
+                part = slice(start, start + self.batch_size)
+                no_shift = torch.zeros(len(idx), 2, dtype=torch.long, device=dev)
+                x = pad_crop_flip(
+                    x,
+                    self.augment.pad,
+                    no_shift if offsets is None else offsets[part],
+                    None if flips is None else flips[part],
+                )
+            yield _finish(x, self.input_size, self.mean, self.std), self.labels[idx]
 
 
 # --------------------------------------------------------------------------- digits
@@ -202,6 +323,130 @@ def _digits_datasets(input_size, val_size, augment):
         "train": make(images[train], labels[train], augment=aug),
         "val": make(images[val], labels[val]),
         "test": make(images[test], labels[test]),
+    }
+
+
+# --------------------------------------------------------------------------- the MNIST family
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+@dataclass(frozen=True)
+class _MnistLayout:
+    cls: str  # torchvision.datasets class, which also names its folder (root/<cls>/raw)
+    hint: str
+
+
+_MNIST = {
+    "fashion-mnist": _MnistLayout(
+        "FashionMNIST", "apt-get install dataset-fashion-mnist, or pass fashion-mnist:PATH to the IDX files"
+    ),
+    "mnist": _MnistLayout("MNIST", "pass mnist:PATH to the folder of the four IDX files"),
+    "kmnist": _MnistLayout("KMNIST", "pass kmnist:PATH to the folder of the four IDX files"),
+}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _cache_dir() -> Path:
+    """annify's user cache: ``$ANNIFY_CACHE``, else ``$XDG_CACHE_HOME/annify``, else ``~/.cache/annify``."""
+    import os
+
+    if os.environ.get("ANNIFY_CACHE"):
+        return Path(os.environ["ANNIFY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "annify"
+
+
+def _mnist_root(kind: str, path: str) -> Path:
+    """A torchvision root for ``kind``: ``path`` itself when it holds ``<cls>/raw`` unpacked, else a
+    cache folder where the files (gzipped or not, found in ``path`` or ``path/<cls>/raw``) are unpacked.
+
+    The source folder is only read (a system folder stays untouched); the cache is keyed by the
+    source's resolved path and written atomically, so a kill never leaves a half-written file.
+    """
+    import gzip
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    layout = _MNIST[kind]
+    root = _existing_dir(kind, path, layout.hint).resolve()
+    if all((root / layout.cls / "raw" / f).is_file() for f in _IDX_FILES):
+        return root
+    found = {}
+    for name in _IDX_FILES:
+        for folder in (root, root / layout.cls / "raw"):
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    found.setdefault(name, candidate)
+    missing = [n for n in _IDX_FILES if n not in found]
+    if missing:
+        raise DataError(f"{kind}: no {missing[0]}(.gz) under {root} — {layout.hint}")
+    key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    cache = _cache_dir() / "datasets" / f"{layout.cls}-{key}"
+    raw = cache / layout.cls / "raw"
+    for name, src in found.items():
+        dest = raw / name
+        if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        raw.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=raw)
+        try:
+            with os.fdopen(fd, "wb") as out, (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
+                shutil.copyfileobj(f, out)
+            os.replace(tmp, dest)
+        except (OSError, EOFError) as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.filename:
+                raise
+            raise DataError(f"{kind}: {src} is not a readable IDX file ({err}) — reinstall or re-download it") from err
+    return cache
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist(kind: str, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(train images, train labels, test images, test labels, resolved source): uint8 (N, 1, 28, 28)."""
+    import torchvision.datasets as tvd
+
+    layout = _MNIST[kind]
+    root = _mnist_root(kind, path)
+    cls = getattr(tvd, layout.cls)
+    try:
+        train, test = (cls(str(root), train=t, download=False) for t in (True, False))
+    except Exception as err:  # torchvision raises RuntimeError / AssertionError / ValueError by defect
+        msg = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise DataError(f"{kind}: cannot read the IDX files for {path} ({msg}) — {layout.hint}") from err
+    images = [d.data.unsqueeze(1).contiguous() for d in (train, test)]
+    labels = [d.targets.long() for d in (train, test)]
+    if any(i.dtype != torch.uint8 or len(i) != len(lab) for i, lab in zip(images, labels)):
+        raise DataError(f"{kind}: the IDX files under {path} have mismatched images and labels")
+    return images[0], labels[0], images[1], labels[1], str(Path(path).expanduser().resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist_info(kind: str, path: str) -> DataInfo:
+    # Normalize with the whole training pool (train + val): independent of val_size, never sees test.
+    images, labels, _, _, where = _mnist(kind, path)
+    x = images.float() / 255
+    classes = int(labels.max()) + 1
+    return DataInfo(classes, (1, 28, 28), (x.mean().item(),), (x.std().item(),), f"{kind}:{where}")
+
+
+def _mnist_datasets(kind, path, input_size, val_size, augment):
+    info = _mnist_info(kind, path)
+    _check_input_size(input_size, (1, 3), kind)
+    images, labels, test_images, test_labels, _ = _mnist(kind, path)
+    if val_size is None:  # as the paper holds out 5,000 CIFAR images; small copies hold out 10%
+        val_size = 5000 if len(labels) >= 10000 else 0.1
+    train, val = _holdout(labels, _holdout_count(val_size, len(labels), kind))
+    # A mirrored garment is the same garment; a mirrored digit or kana is another glyph (or none).
+    aug = PadCropFlip(pad=2, flip=kind == "fashion-mnist") if augment else None
+    mean, std = info.mean * input_size[0], info.std * input_size[0]
+    make = functools.partial(TensorImageDataset, input_size=input_size, mean=mean, std=std)
+    return {
+        "train": make(images[train], labels[train], augment=aug),
+        "val": make(images[val], labels[val]),
+        "test": make(test_images, test_labels),
     }
 
 
@@ -355,11 +600,11 @@ def _halves(ds) -> tuple[Subset, Subset]:
     return Subset(ds, range(0, len(ds), 2)), Subset(ds, range(1, len(ds), 2))
 
 
-def _timm_split_datasets(train, val, test, input_size, augment, mean, std, kind):
+def _timm_split_datasets(train, val, test, input_size, augment, mean, std, kind, channels=(3,)):
     """Attach timm's ImageNet-style transforms; with no test set, val is split in half into val/test."""
     from timm.data import create_transform
 
-    _check_input_size(input_size, (3,), kind)
+    _check_input_size(input_size, channels, kind)
     train.transform = create_transform(input_size, is_training=augment, mean=mean, std=std)
     evaluate = create_transform(input_size, is_training=False, mean=mean, std=std)
     for ds in (val, test):
@@ -381,6 +626,15 @@ def _imagefolder_datasets(path, input_size, augment):
     return _timm_split_datasets(train, val, test, input_size, augment, info.mean, info.std, label)
 
 
+def _first_image(ds):
+    """The first sample's image, untransformed (a PIL image for every timm reader)."""
+    transform, ds.transform = getattr(ds, "transform", None), None
+    try:
+        return ds[0][0]
+    finally:
+        ds.transform = transform
+
+
 def _timm_datasets(arg, input_size, augment):
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -389,11 +643,18 @@ def _timm_datasets(arg, input_size, augment):
     root = _existing_dir(label, path, "point at the dataset folder or tar")
     train = _timm_dataset(label, name, root, "train")
     val = _timm_dataset(label, name, root, "validation", _class_map(train))
-    info = DataInfo(
-        _num_classes(label, train), IMAGENET_INPUT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, f"timm:{arg}"
-    )
+    first = _first_image(train)
+    gray = getattr(first, "mode", "RGB") in ("L", "I", "I;16", "F")
+    if gray:  # gray images (the torch/*mnist sets, gray folders) train at 1 channel, their native size
+        native = (1, first.size[1], first.size[0]) if name.startswith("torch/") else (1, *IMAGENET_INPUT[1:])
+        mean = (sum(IMAGENET_DEFAULT_MEAN) / 3,)
+        std = (sum(IMAGENET_DEFAULT_STD) / 3,)
+    else:
+        native, mean, std = IMAGENET_INPUT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    info = DataInfo(_num_classes(label, train), native, mean, std, f"timm:{arg}")
     size = input_size or info.input_size
-    return info, _timm_split_datasets(train, val, None, size, augment, info.mean, info.std, label)
+    channels = (1,) if gray else (3,)
+    return info, _timm_split_datasets(train, val, None, size, augment, mean, std, label, channels)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -410,6 +671,8 @@ def data_info(source: str) -> DataInfo:
         return _digits_info()
     if kind in _CIFAR:
         return _cifar_info(kind, arg)
+    if kind in _MNIST:
+        return _mnist_info(kind, arg)
     if kind == "imagefolder":
         return _folder_info(arg)
     return _timm_datasets(arg, None, augment=False)[0]
@@ -421,6 +684,7 @@ def build_datasets(
     seed: int = 0,
     val_size: int | float | None = None,
     augment: bool = True,
+    train_subset: int | None = None,
 ) -> dict[str, Dataset]:
     """The ``train``/``val``/``test`` datasets of a source, yielding ``(image, label)`` pairs.
 
@@ -434,19 +698,46 @@ def build_datasets(
         val_size: images held out of train for validation, as a count or a fraction of the training
             pool. Defaults: digits 270 (15% of all), CIFAR 5,000 (10% when train has < 10,000).
             Folder sources take their validation set from disk and ignore it.
-        augment: random augmentation on train (digits: translation only; CIFAR: translation and
-            flip; folders: timm's RandomResizedCrop, flip and color jitter). val/test are never augmented.
+        augment: random augmentation on train (digits, MNIST, KMNIST: translation; Fashion-MNIST and
+            CIFAR: translation and flip; folders: timm's RandomResizedCrop, flip and color jitter).
+            val/test are never augmented.
+        train_subset: keep this many training images, a fixed stratified subset (``SPLIT_SEED``, not
+            the run's seed, so runs that differ in seed train on the same images). val/test stay whole.
     """
     del seed  # see the docstring: splits are fixed on purpose
     kind, arg = parse_source(source)
     if kind == "timm":
-        return _timm_datasets(arg, input_size, augment)[1]
-    size = input_size or data_info(source).input_size
-    if kind == "digits":
-        return _digits_datasets(size, val_size, augment)
-    if kind in _CIFAR:
-        return _cifar_datasets(kind, arg, size, val_size, augment)
-    return _imagefolder_datasets(arg, size, augment)
+        datasets = _timm_datasets(arg, input_size, augment)[1]
+    else:
+        size = input_size or data_info(source).input_size
+        if kind == "digits":
+            datasets = _digits_datasets(size, val_size, augment)
+        elif kind in _CIFAR:
+            datasets = _cifar_datasets(kind, arg, size, val_size, augment)
+        elif kind in _MNIST:
+            datasets = _mnist_datasets(kind, arg, size, val_size, augment)
+        else:
+            datasets = _imagefolder_datasets(arg, size, augment)
+    if train_subset is not None:
+        datasets["train"] = _subset(datasets["train"], train_subset, source)
+    return datasets
+
+
+def _subset(ds: Dataset, count: int, source: str) -> Dataset:
+    """A fixed, stratified subset of ``count`` training images (a tensor dataset stays one)."""
+    n = len(ds)
+    if not 1 <= count <= n:
+        raise DataError(f"train_subset={count} is not between 1 and the {n} training images of {source}")
+    if count == n:
+        return ds
+    if isinstance(ds, TensorImageDataset):
+        _, chosen = _holdout(ds.labels, count)
+        return TensorImageDataset(
+            ds.images[chosen], ds.labels[chosen], ds.input_size, ds.mean.flatten().tolist(),
+            ds.std.flatten().tolist(), ds.augment,
+        )  # fmt: skip
+    kept = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))[:count].sort().values
+    return Subset(ds, kept.tolist())
 
 
 def build_loaders(
@@ -492,5 +783,5 @@ def build_loaders(
 def set_epoch(loaders: dict[str, DataLoader], epoch: int) -> None:
     """Tell distributed samplers the epoch, so each epoch shuffles differently; a no-op otherwise."""
     for loader in loaders.values():
-        if isinstance(loader.sampler, DistributedSampler):
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
             loader.sampler.set_epoch(epoch)

@@ -40,7 +40,8 @@ __all__ = [
     "save_table",
 ]
 
-FIXED_SIZE_SOURCES = ("digits", "cifar10", "cifar100")  # tensor sources with one native resolution
+# tensor sources with one native resolution
+FIXED_SIZE_SOURCES = ("digits", "cifar10", "cifar100", "fashion-mnist", "mnist", "kmnist")
 
 
 @dataclass
@@ -56,20 +57,30 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     """The spec a data source needs, and a one-line note when it differs from ``spec``.
 
     The class count always comes from the data. Sources with one native resolution (digits 8×8,
-    CIFAR 32×32) also set H×W; the spec keeps its channel count (digits' gray is repeated to 3
-    channels when the model wants 3). Folder sources resize to any size, so the spec's size stays.
+    the MNIST family 28×28, CIFAR 32×32) also set H×W. Gray sources other than digits (the MNIST
+    family, gray timm data sets) train natively at 1 channel: the model is built with
+    ``in_chans=1``. Digits keep the spec's channel count (gray repeated to 3 when the model wants 3).
+    Folder sources resize to any size, so the spec's H×W stays.
     """
     info = data_info(source)
+    kind = parse_source(source)[0]
     c, h, w = spec.input_size
-    size = (c, *info.input_size[1:]) if parse_source(source)[0] in FIXED_SIZE_SOURCES else (c, h, w)
-    if info.num_classes == spec.num_classes and tuple(size) == tuple(spec.input_size):
+    kwargs = dict(spec.model_kwargs)
+    if info.input_size[0] == 1 and kind != "digits":
+        c = kwargs["in_chans"] = 1
+    size = (c, *info.input_size[1:]) if kind in FIXED_SIZE_SOURCES else (c, h, w)
+    if (
+        info.num_classes == spec.num_classes
+        and tuple(size) == tuple(spec.input_size)
+        and kwargs == spec.model_kwargs
+    ):
         return spec, None
     shape = "×".join(map(str, size))
     note = (
         f"note: {info.name} has {info.num_classes} classes at {shape}; rebuilding {spec.name} for it "
         f"(the spec says {spec.num_classes} classes at {'×'.join(map(str, spec.input_size))})"
     )
-    return replace(spec, num_classes=info.num_classes, input_size=tuple(size)), note
+    return replace(spec, num_classes=info.num_classes, input_size=tuple(size), model_kwargs=kwargs), note
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:

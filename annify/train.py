@@ -41,14 +41,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
 from annify import weighting
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
-from annify.data import build_datasets, build_loaders, data_info, set_epoch
+from annify.data import (
+    TensorBatches,
+    TensorImageDataset,
+    build_datasets,
+    build_loaders,
+    data_info,
+    set_epoch,
+)
 from annify.evaluate import (
     Evaluation,
     anytime_table,
@@ -80,6 +86,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "init": None,  # "timm" (the model's pretrained weights) or a state dict file
     "freeze_trunk": False,  # train the added heads only
+    "head_local": False,  # weights scale only what each head sends into the trunk (annify.weighting.HeadLocal)
+    "distill": 0.0,  # gamma: earlier outputs also learn from the last output's softened prediction
+    "distill_temperature": 1.0,  # T of the distillation's softmax
+    "train_subset": None,  # train on a fixed, seeded subset of this many training images
 }
 
 
@@ -131,6 +141,19 @@ def resolve_settings(spec_train: dict, overrides: dict) -> dict:
         errors.append(f"head is an output number, 1 for the first, got {cfg['head']!r}")
     if not isinstance(cfg["weight_hparams"], dict):
         errors.append("weight_hparams must be a mapping such as {gamma: 0.05}")
+    for key in ("head_local", "freeze_trunk"):
+        if not isinstance(cfg[key], bool):
+            errors.append(f"{key} must be true or false, got {cfg[key]!r}")
+    if not (isinstance(cfg["distill"], (int, float)) and 0.0 <= cfg["distill"] <= 1.0):
+        errors.append(f"distill must be a number in [0, 1] (the weight of the KL term), got {cfg['distill']!r}")
+    temp = cfg["distill_temperature"]
+    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp > 0):
+        errors.append(f"distill_temperature must be a positive number, got {temp!r}")
+    subset = cfg["train_subset"]
+    if subset is not None and not (isinstance(subset, int) and not isinstance(subset, bool) and subset >= 1):
+        errors.append(f"train_subset must be a positive integer (images), got {subset!r}")
+    if cfg["head_local"] and cfg["weights"] == "adaloss_grad":
+        errors.append("adaloss_grad measures each head's trunk gradient, which head_local rescales; pick one")
     if cfg["freeze_trunk"] and cfg["weights"] == "adaloss_grad":
         errors.append(
             "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
@@ -156,12 +179,17 @@ def train(
     seed: int | None = None,
     init: str | None = None,
     freeze_trunk: bool | None = None,
+    head_local: bool | None = None,
+    distill: float | None = None,
+    distill_temperature: float | None = None,
+    train_subset: int | None = None,
     device: str = "auto",
     amp: bool = True,
     channels_last: bool = True,
     compile: bool = False,
     resume: bool = False,
     workers: int = 0,
+    loader: str = "auto",
     stop_after: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> RunResult:
@@ -173,12 +201,17 @@ def train(
     rank 0 writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same
     settings (it starts afresh, with a note, when there is none). ``stop_after`` ends the run once
     that many epochs are done, as a time-limited job would; ``resume`` continues it later.
+    ``loader``: ``tensor`` holds in-memory data sets (digits, the MNIST family, CIFAR) whole on the
+    training device and makes batches there (``annify.data.TensorBatches``); ``dataloader`` uses
+    torch's DataLoader with ``workers`` processes; ``auto`` takes ``tensor`` where the data allows.
     """
     started = time.perf_counter()
     # ---------------------------------------------------------------- setup: settings and devices
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     overrides = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights, head=head)
     overrides.update(weight_hparams=weight_hparams, seed=seed, init=init, freeze_trunk=freeze_trunk)
+    overrides.update(head_local=head_local, distill=distill, distill_temperature=distill_temperature)
+    overrides.update(train_subset=train_subset)
     cfg = resolve_settings(spec.train, overrides)
     world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     dev = resolve_device(device, local_rank)
@@ -204,18 +237,10 @@ def train(
         spec, note = fit_to_data(spec, cfg["data"])
         if note:
             say(note)
-        datasets = build_datasets(cfg["data"], input_size=spec.input_size)
-        # fresh workers each epoch: their seeds then come from the generator reseeded per epoch below
-        train_loader = build_loaders(
-            {"train": datasets["train"]},
-            cfg["batch_size"],
-            workers,
-            distributed=world > 1,
-            seed=cfg["seed"],
-            persistent_workers=False,
-        )["train"]
-        shards = {s: Subset(datasets[s], range(rank, len(datasets[s]), world)) for s in ("val", "test")}
-        eval_loaders = build_loaders(shards, cfg["batch_size"], workers)
+        datasets = build_datasets(cfg["data"], input_size=spec.input_size, train_subset=cfg["train_subset"])
+        train_loader, eval_loaders = _data_loaders(datasets, cfg, loader, workers, dev, rank, world)
+        say(f"data: {cfg['data']}, {len(datasets['train'])} train / {len(datasets['val'])} val / "
+            f"{len(datasets['test'])} test images, {_describe(train_loader, workers)}")  # fmt: skip
 
         torch.manual_seed(cfg["seed"])
         net = build(spec)
@@ -265,6 +290,8 @@ def train(
         trunk_params = [
             p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)
         ]
+        head_local = weighting.HeadLocal(net) if cfg["head_local"] else None
+        distill = (cfg["distill"], cfg["distill_temperature"])
 
         # ------------------------------------------------------------ loop
         from tqdm.auto import tqdm
@@ -292,13 +319,15 @@ def train(
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if use_cl:
                     x = x.contiguous(memory_format=torch.channels_last)
-                losses = output_losses(model, x, y, use_amp)  # (K,)
+                if head_local is not None:
+                    head_local.set(scheme.weights)
+                losses = output_losses(model, x, y, use_amp, *distill)  # (K,)
                 mean = _mean_across_ranks(losses.detach())  # the same on every rank: all stop together
                 if not torch.isfinite(mean).all():
                     raise _diverged(
                         mean, nodes, epoch, steps + 1, ckpt_root, last is not None or epoch > start_epoch
                     )
-                weighted_update(losses, scheme, optimizer, trunk_params)
+                weighted_update(losses, scheme, optimizer, trunk_params, head_local)
                 loss_sum += mean.double()
                 steps, images = steps + 1, images + len(y) * world
                 bar.set_postfix_str("loss " + "|".join(f"{v:.2f}" for v in mean.tolist()))
@@ -367,6 +396,43 @@ def train(
 
 
 # -------------------------------------------------------------------- setup helpers
+
+LOADERS = ("auto", "tensor", "dataloader")
+
+
+def _data_loaders(datasets: dict, cfg: dict, loader: str, workers: int, dev, rank: int, world: int):
+    """(train batches, {val, test} batches): the in-memory fast path or DataLoaders (see ``train``)."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader '{loader}'; use {', '.join(LOADERS)}")
+    in_memory = all(isinstance(d, TensorImageDataset) for d in datasets.values())
+    if loader == "tensor" and not in_memory:
+        raise ValueError(
+            f"--loader tensor needs an in-memory data set (digits, the MNIST family, CIFAR), not {cfg['data']}; "
+            "use --loader dataloader"
+        )
+    if in_memory and loader != "dataloader":
+        bs, seed = cfg["batch_size"], cfg["seed"]
+        train = TensorBatches(datasets["train"], bs, dev, shuffle=True, seed=seed, rank=rank, world=world)
+        evals = {s: TensorBatches(datasets[s], bs, dev, rank=rank, world=world) for s in ("val", "test")}
+        return train, evals
+    # fresh workers each epoch: their seeds then come from the generator reseeded per epoch
+    train = build_loaders(
+        {"train": datasets["train"]},
+        cfg["batch_size"],
+        workers,
+        distributed=world > 1,
+        seed=cfg["seed"],
+        persistent_workers=False,
+    )["train"]
+    shards = {s: Subset(datasets[s], range(rank, len(datasets[s]), world)) for s in ("val", "test")}
+    return train, build_loaders(shards, cfg["batch_size"], workers)
+
+
+def _describe(batches, workers: int) -> str:
+    if isinstance(batches, TensorBatches):
+        return f"held on {batches.device} (in-memory fast path)"
+    return f"DataLoader with {workers} worker process(es)"
+
 
 
 def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
@@ -446,16 +512,38 @@ def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
         net.train()
 
 
-def output_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """Cross-entropy of every output, a (K,) tensor; the forward under bf16 autocast when ``amp``."""
+def output_losses(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: bool = False,
+    distill: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Every output's training loss, a (K,) tensor; the forward under bf16 autocast when ``amp``.
+
+    Cross-entropy, or with ``distill`` > 0 the distillation objective of the earlier outputs
+    (``annify.weighting.distill_losses``).
+    """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         outs = model(x)  # K × (B, num_classes)
-    return torch.stack([F.cross_entropy(o.float(), y) for o in outs])
+    return weighting.distill_losses(outs, y, distill, temperature)
 
 
-def weighted_update(losses: torch.Tensor, scheme, optimizer, trunk_params: list[torch.Tensor]) -> None:
-    """One optimizer step on Σᵢ wᵢ·CEᵢ, then the weight scheme's update (once per optimizer step)."""
-    total = (scheme.weights.to(losses.device) * losses).sum()
+def weighted_update(
+    losses: torch.Tensor,
+    scheme,
+    optimizer,
+    trunk_params: list[torch.Tensor],
+    head_local: weighting.HeadLocal | None = None,
+) -> None:
+    """One optimizer step on Σᵢ wᵢ·ℓᵢ, then the weight scheme's update (once per optimizer step).
+
+    With ``head_local`` (whose ``set`` ran before this step's forward) the objective is
+    ``Σ_{i<K} ℓᵢ + w_K·ℓ_K``: the weights act on the trunk through the taps' gradient scaling.
+    """
+    weights = scheme.weights.to(losses.device)
+    total = (weights * losses).sum() if head_local is None else head_local.objective(losses, weights)
     if not total.requires_grad:
         raise ValueError("nothing to train: every output with a nonzero weight is frozen")
     norms = weighting.per_head_grad_norms(list(losses), trunk_params) if scheme.needs_grad_norms else None

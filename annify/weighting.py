@@ -16,6 +16,7 @@ Loss Balancing", AAAI 2019 (AdaLoss, Eq. 7); Kaya et al., "Shallow-Deep Networks
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -23,7 +24,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["WeightScheme", "available", "get", "per_head_grad_norms", "register"]
+__all__ = [
+    "HeadLocal",
+    "WeightScheme",
+    "available",
+    "distill_losses",
+    "get",
+    "per_head_grad_norms",
+    "register",
+    "scale_grad",
+]
 
 _REGISTRY: dict[str, type[WeightScheme]] = {}
 
@@ -303,3 +313,96 @@ class SDN(WeightScheme):
         super().load_state_dict(state)
         self.epoch, self.epochs = int(state["epoch"]), int(state["epochs"])
         self._refresh()
+
+
+# -------------------------------------------------------------------- head-local weighting
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by ``scale`` (a 0-d tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def scale_grad(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` unchanged, but the gradient that flows back through it is multiplied by ``scale``."""
+    return _ScaleGrad.apply(x, scale)
+
+
+class HeadLocal:
+    """Head-local weighting: output i's weight scales only the gradient its head sends into the trunk.
+
+    With the scheme's weights ``w``, the trainer minimizes ``sum_{i<K} CE_i + w_K * CE_K`` while a
+    gradient-scaling op at each tap (identity forward, ``* w_i`` backward) sits between the trunk and
+    head i. So head i's own parameters learn from ``dCE_i/dtheta_i`` at full weight, and the trunk
+    receives ``sum_i w_i * dCE_i/dtrunk``, exactly what the plain weighted sum gives it. The model's
+    own classifier is part of the trunk and keeps its scheme weight. Plain AdaLoss (paper Eq. 7) puts
+    weights near gamma on early outputs, which also shrinks their heads' effective learning rate;
+    head-local weighting keeps the trunk's balance and lets every head fit its features.
+
+    The scales live in one tensor on the network's device, updated in place before each step, so
+    DDP, ``torch.compile`` and resumed runs see one graph. Attach with ``HeadLocal(net)``; it
+    registers a forward pre-hook on each head of ``net.exits``; ``remove()`` takes them off. Per
+    step: ``set(weights)`` before the forward (the backward reads the scales the forward saved),
+    then ``objective(losses, weights).backward()``.
+    """
+
+    def __init__(self, net) -> None:
+        heads = list(net.exits)
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        self.scales = torch.ones(len(heads), dtype=torch.float32, device=device)  # (K-1,)
+        self._hooks = [
+            head.register_forward_pre_hook(functools.partial(self._hook, j)) for j, head in enumerate(heads)
+        ]
+
+    def _hook(self, j: int, module, args: tuple) -> tuple:
+        return (scale_grad(args[0], self.scales[j]), *args[1:])
+
+    def set(self, weights: Tensor) -> None:
+        """Scale the taps' backward by ``weights[:-1]``; call before the forward of the step they weigh."""
+        with torch.no_grad():
+            self.scales.copy_(weights[:-1].to(self.scales.device, torch.float32))
+
+    @staticmethod
+    def objective(losses: Tensor, weights: Tensor) -> Tensor:
+        """``sum_{i<K} CE_i + w_K * CE_K``: each head at full weight, the model's classifier at its own."""
+        return losses[:-1].sum() + weights[-1].to(losses.device) * losses[-1]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+# -------------------------------------------------------------------- distillation
+
+
+def distill_losses(outs: Sequence[Tensor], y: Tensor, gamma: float, temperature: float = 1.0) -> Tensor:
+    """Per-output objective with distillation from the last output (IMTA's second stage), a (K,) tensor.
+
+    Output i < K: ``(1 - gamma) * CE_i + gamma * T^2 * KL(p_K,T || p_i,T)``, with ``p_K`` the last
+    output's softmax at temperature T, detached (a teacher, never pulled towards the students).
+    The last output keeps its plain cross-entropy. ``gamma = 0`` is plain cross-entropy everywhere.
+    """
+    import torch.nn.functional as F
+
+    ce = torch.stack([F.cross_entropy(o.float(), y) for o in outs])
+    if gamma == 0.0 or len(outs) == 1:
+        return ce
+    t = float(temperature)
+    teacher = F.log_softmax(outs[-1].detach().float() / t, dim=1)
+    kl = torch.stack(
+        [
+            F.kl_div(F.log_softmax(o.float() / t, dim=1), teacher, reduction="batchmean", log_target=True)
+            for o in outs[:-1]
+        ]
+    )
+    return torch.cat([(1.0 - gamma) * ce[:-1] + gamma * t * t * kl, ce[-1:]])
