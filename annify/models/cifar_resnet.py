@@ -8,7 +8,8 @@ and a linear classifier. The network has ``6n + 2`` weight layers (n=3 is ResNet
 Importing this module registers ``cifar_resnet_n{n}_c{c}`` for the paper's twelve ``(n, c)`` pairs,
 ``{7, 9, 13, 17, 25} x {16, 32}`` plus ``(9, 64)`` and ``(9, 128)``, and small variants that are *not* from
 the paper: ``cifar_resnet_n3_c8`` and ``cifar_resnet_n5_c16`` for CPU tests and the 8x8 digits demo,
-``cifar_resnet_n{2,4,8}_c16`` for a digits EANN whose members double in depth.
+``cifar_resnet_n{2,4,8}_c16`` for a digits EANN whose members double in depth, and
+``cifar_resnet_n3_c16`` for the Fashion-MNIST reproduction on a 2-core CPU.
 Any other ``(n, c)`` is available through :func:`cifar_resnet`.
 
 Module layout, chosen so a graph tool finds the repeated units and so it reads like timm's ``ResNet``::
@@ -42,7 +43,7 @@ PAPER_CONFIGS: tuple[tuple[int, int], ...] = (
 )
 """The ``(n, c)`` pairs of the paper's CIFAR ResANNs (units per stage, channels of the first stage)."""
 
-TINY_CONFIGS: tuple[tuple[int, int], ...] = ((3, 8), (5, 16), (2, 16), (4, 16), (8, 16))
+TINY_CONFIGS: tuple[tuple[int, int], ...] = ((3, 8), (3, 16), (5, 16), (2, 16), (4, 16), (8, 16))
 """Small ``(n, c)`` pairs for CPU tests and the digits demo; not from the paper."""
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
