@@ -458,6 +458,7 @@ def run_eann(
     device: str = "auto",
     resume: bool = False,
     workers: int = 0,
+    train_subset: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> EANNRun:
     """Assemble an EANN from timm model names or spec files, in the order given (smallest first).
@@ -531,7 +532,8 @@ def run_eann(
             log(f"member {i + 1}/{len(specs)} {name}: training into {folder}")
             result = training.train(
                 spec, out=folder, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
-                weights=weights, seed=seed, device=device, resume=resume, workers=workers, log=log,
+                weights=weights, seed=seed, device=device, resume=resume, workers=workers,
+                train_subset=train_subset, log=log,
             )  # fmt: skip
             spec, table, checkpoint = result.spec, result.table, folder / "checkpoints" / "last"
         tables.append(_table(name, table))
@@ -547,7 +549,7 @@ def run_eann(
             result = training.train(
                 spec, out=out / "plain" / name, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
                 weights="opt", weight_hparams={}, seed=seed, device=device, resume=resume, workers=workers,
-                log=log,
+                train_subset=train_subset, head_local=False, distill=0.0, log=log,
             )  # fmt: skip
             spec, table = result.spec, result.table
             runs[-1]["plain"] = str(out / "plain" / name)

@@ -67,7 +67,15 @@ from annify.evaluate import (
 )
 from annify.spec import Spec, SpecError, atomic_write, dump, load_spec
 
-__all__ = ["DEFAULTS", "CheckpointError", "RunResult", "TrainingDiverged", "resolve_settings", "train"]
+__all__ = [
+    "DEFAULTS",
+    "CheckpointError",
+    "RunResult",
+    "TrainingDiverged",
+    "resolve_settings",
+    "run_label",
+    "train",
+]
 
 DEFAULTS: dict[str, Any] = {
     "data": "digits",  # data source, see annify.data
@@ -112,6 +120,12 @@ class RunResult:
     table: list[dict]  # anytime rows, see annify.evaluate.anytime_table
     seconds: float  # wall time of this call
     rank: int  # 0 on the process that wrote the files
+
+
+def run_label(settings: dict) -> str:
+    """A short name for a run's weighting: ``adaloss``, ``adaloss+hl`` (head-local), ``const+kd`` (distilled)."""
+    cfg = {**DEFAULTS, **settings}
+    return cfg["weights"] + ("+hl" if cfg["head_local"] else "") + ("+kd" if cfg["distill"] else "")
 
 
 def resolve_settings(spec_train: dict, overrides: dict) -> dict:
