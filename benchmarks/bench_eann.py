@@ -1,4 +1,4 @@
-"""The EANN on digits: CIFAR ResANNs of exponentially growing depth, cost inflation against Prop. 4.1.
+"""The EANN on digits or Fashion-MNIST: CIFAR ResANNs of exponentially growing depth, cost inflation against Prop. 4.1.
 
 Members: cifar_resnet_n2_c16, n4_c16 and n8_c16, CIFAR ResANNs whose depth doubles (b ≈ 2 in FLOPs
 at digits' 3×8×8, the base the paper picks; its own Fig. 6a members n = 7, 13, 25 need far more
@@ -18,6 +18,8 @@ Usage::
 
     PYTHONPATH=. python benchmarks/bench_eann.py
     PYTHONPATH=. python benchmarks/bench_eann.py --reuse   # reuse the finished runs in --out
+    PYTHONPATH=. python benchmarks/bench_eann.py --data fashion-mnist --train-subset 6000 --epochs 15 \
+        --out runs/bench_eann_fmnist --results benchmarks/results/eann_fashion-mnist.md
 
 Prints Markdown and writes ``benchmarks/results/eann.md``; the runs, eann.json and eann.png go to ``--out``.
 """
@@ -108,7 +110,7 @@ def inflation_rows(run) -> list[list[str]]:
     return rows
 
 
-def report(run, plain: bool, epochs: int, seconds: float, command: str, load_before: str) -> str:
+def report(run, plain: bool, epochs: int, seconds: float, command: str, load_before: str, data: dict) -> str:
     summary, tables = run.summary, run.members
     info = machine()
     members = []
@@ -121,13 +123,13 @@ def report(run, plain: bool, epochs: int, seconds: float, command: str, load_bef
              f"{pct(t.test_error[best])} (output {best + 1})", pct(lin.test_error[0])]
         )  # fmt: skip
     used = [s for s in run.steps if s.used]
-    n_test = 360  # digits' test split
+    n_test = data["test"]
     last = run.steps[-1].effective_test_error
     se = math.sqrt(last * (1 - last) / n_test)
     b = summary["depth_ratio"]["geometric_mean"]
     baseline = "plain network" if plain else "ANN final as plain (stand-in)"
     lines = [
-        "# EANN on digits: exponentially deepening CIFAR ResANNs, cost inflation against Proposition 4.1",
+        f"# EANN on {data['name']}: exponentially deepening CIFAR ResANNs, cost inflation against Proposition 4.1",
         "",
         machine_line(info),
         "",
@@ -135,7 +137,8 @@ def report(run, plain: bool, epochs: int, seconds: float, command: str, load_bef
         f"(1/5/15 min) before: {load_before}, after: {info['load_average_1_5_15']} (shared machine; "
         "only the training time depends on it).",
         "",
-        f"Members trained with AdaLoss on digits (train/val/test 1167/270/360, 3×8×8), {epochs} epochs each, "
+        f"Members trained with {data['weighting']} on {data['name']} (train/val/test {data['train']}/{data['val']}/"
+        f"{data['test']}, {data['size']}), {epochs} epochs each, "
         "SGD lr 0.1 (÷10 at 1/2 and 3/4), batch 64, seed 0, CPU. FLOPs: fvcore, one multiply-add = 1 FLOP, "
         "per image, anytime (every head up to the output). Errors in %.",
         "",
@@ -205,6 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", nargs="+", default=MEMBERS)
     parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--data", default="digits", help="data source (digits, fashion-mnist, ...)")
+    parser.add_argument("--train-subset", type=int, help="train on a fixed subset of N images")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)"
     )
@@ -220,13 +225,21 @@ def main() -> None:
     load_before = load_average()
     tic = time.perf_counter()
     run = run_eann(
-        args.members, out=args.out, data="digits", epochs=args.epochs, plain=not args.no_plain, seed=0,
-        device="cpu", resume=args.reuse, log=lambda line: print(line, flush=True) if not line.startswith("epoch") else None,
+        args.members, out=args.out, data=args.data, epochs=args.epochs, plain=not args.no_plain, seed=0,
+        device="cpu", resume=args.reuse, train_subset=args.train_subset,
+        log=lambda line: print(line, flush=True) if not line.startswith("epoch") else None,
     )  # fmt: skip
     seconds = time.perf_counter() - tic
     print(format_eann(run.summary))
     command = "PYTHONPATH=. python benchmarks/bench_eann.py " + " ".join(sys.argv[1:])
-    text = report(run, not args.no_plain, args.epochs, seconds, command.strip(), load_before)
+    from annify.data import build_datasets
+    from annify.train import DEFAULTS, run_label
+
+    sizes = {k: len(v) for k, v in build_datasets(args.data, train_subset=args.train_subset).items()}
+    first = run.summary["runs"][0]
+    data = {"name": args.data, **sizes, "size": "×".join(map(str, first["input_size"])),
+            "weighting": run_label(DEFAULTS)}  # fmt: skip
+    text = report(run, not args.no_plain, args.epochs, seconds, command.strip(), load_before, data)
     Path(args.results).write_text(text)
     print(text)
     print(f"wrote {args.results}; eann.json and eann.png in {args.out}")
