@@ -36,6 +36,8 @@ __all__ = [
     "build_datasets",
     "build_loaders",
     "data_info",
+    "describe_batches",
+    "make_batches",
     "pad_crop_flip",
     "parse_source",
     "set_epoch",
@@ -122,7 +124,9 @@ def _holdout(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- in-memory tensor images
 
 
-def pad_crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+def pad_crop_flip(
+    x: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor | None
+) -> torch.Tensor:
     """Translate a batch by zero-padding and cropping back, then mirror the chosen images.
 
     Args:
@@ -344,7 +348,12 @@ _MNIST = {
     "mnist": _MnistLayout("MNIST", "pass mnist:PATH to the folder of the four IDX files"),
     "kmnist": _MnistLayout("KMNIST", "pass kmnist:PATH to the folder of the four IDX files"),
 }
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def _cache_dir() -> Path:
@@ -399,7 +408,9 @@ def _mnist_root(kind: str, path: str) -> Path:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(err, OSError) and err.filename:
                 raise
-            raise DataError(f"{kind}: {src} is not a readable IDX file ({err}) — reinstall or re-download it") from err
+            raise DataError(
+                f"{kind}: {src} is not a readable IDX file ({err}) — reinstall or re-download it"
+            ) from err
     return cache
 
 
@@ -778,6 +789,59 @@ def build_loaders(
             generator=generator,
         )
     return loaders
+
+
+LOADERS = ("auto", "tensor", "dataloader")
+
+
+def make_batches(
+    datasets: dict[str, Dataset],
+    batch_size: int,
+    loader: str = "auto",
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
+    """Batches of each split for a trainer or an evaluation: ``TensorBatches`` or DataLoaders.
+
+    ``loader``: ``tensor`` holds in-memory data sets (digits, the MNIST family, CIFAR) whole on
+    ``device`` and makes batches there; ``dataloader`` uses torch's DataLoader with ``workers``
+    processes; ``auto`` takes ``tensor`` where the data allows. ``train`` (if present) is shuffled
+    and augmented, reseedable through its ``generator``; under DDP (``world`` > 1) every rank gets
+    its shard of each split. The DataLoader path starts fresh workers each epoch, seeded from the
+    loader's generator, so a trainer that reseeds it per epoch resumes exactly.
+    """
+    if loader not in LOADERS:
+        raise DataError(f"unknown loader '{loader}'; use {', '.join(LOADERS)}")
+    in_memory = all(isinstance(d, TensorImageDataset) for d in datasets.values())
+    if loader == "tensor" and not in_memory:
+        raise DataError(
+            "--loader tensor needs an in-memory data set (digits, the MNIST family, CIFAR); use --loader dataloader"
+        )
+    if in_memory and loader != "dataloader":
+        return {
+            split: TensorBatches(
+                ds, batch_size, device, shuffle=split == "train", seed=seed, rank=rank, world=world
+            )
+            for split, ds in datasets.items()
+        }
+    out = {}
+    if "train" in datasets:
+        out["train"] = build_loaders(
+            {"train": datasets["train"]}, batch_size, workers, distributed=world > 1, seed=seed,
+            persistent_workers=False,
+        )["train"]  # fmt: skip
+    shards = {s: Subset(d, range(rank, len(d), world)) for s, d in datasets.items() if s != "train"}
+    return {**out, **build_loaders(shards, batch_size, workers)}
+
+
+def describe_batches(batches, workers: int = 0) -> str:
+    """``held on cpu (in-memory fast path)`` or ``DataLoader with N worker process(es)``, for logs."""
+    if isinstance(batches, TensorBatches):
+        return f"held on {batches.device} (in-memory fast path)"
+    return f"DataLoader with {workers} worker process(es)"
 
 
 def set_epoch(loaders: dict[str, DataLoader], epoch: int) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from annify.data import build_datasets, build_loaders, data_info, parse_source
+from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.spec import Spec, atomic_write, load_spec
 
 __all__ = [
@@ -189,7 +189,7 @@ def evaluate_weights(
     dev = resolve_device(device)
     net.to(dev)
     datasets = build_datasets(source, input_size=spec.input_size, augment=False)
-    loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, batch_size, workers)
+    loaders = make_batches({s: datasets[s] for s in ("val", "test")}, batch_size, workers=workers, device=dev)
     amp = dev.type == "cuda"
     val, test = (evaluate(net, loaders[s], dev, amp=amp) for s in ("val", "test"))
     return spec, anytime_table([h.node for h in spec.heads], costs.flops, val, test)

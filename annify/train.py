@@ -42,19 +42,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Subset
 
 from annify import weighting
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
-from annify.data import (
-    TensorBatches,
-    TensorImageDataset,
-    build_datasets,
-    build_loaders,
-    data_info,
-    set_epoch,
-)
+from annify.data import build_datasets, data_info, describe_batches, make_batches, set_epoch
 from annify.evaluate import (
     Evaluation,
     anytime_table,
@@ -159,7 +151,9 @@ def resolve_settings(spec_train: dict, overrides: dict) -> dict:
         if not isinstance(cfg[key], bool):
             errors.append(f"{key} must be true or false, got {cfg[key]!r}")
     if not (isinstance(cfg["distill"], (int, float)) and 0.0 <= cfg["distill"] <= 1.0):
-        errors.append(f"distill must be a number in [0, 1] (the weight of the KL term), got {cfg['distill']!r}")
+        errors.append(
+            f"distill must be a number in [0, 1] (the weight of the KL term), got {cfg['distill']!r}"
+        )
     temp = cfg["distill_temperature"]
     if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp > 0):
         errors.append(f"distill_temperature must be a positive number, got {temp!r}")
@@ -252,9 +246,12 @@ def train(
         if note:
             say(note)
         datasets = build_datasets(cfg["data"], input_size=spec.input_size, train_subset=cfg["train_subset"])
-        train_loader, eval_loaders = _data_loaders(datasets, cfg, loader, workers, dev, rank, world)
+        batches = make_batches(
+            datasets, cfg["batch_size"], loader, workers, dev, seed=cfg["seed"], rank=rank, world=world
+        )
+        train_loader, eval_loaders = batches["train"], {s: batches[s] for s in ("val", "test")}
         say(f"data: {cfg['data']}, {len(datasets['train'])} train / {len(datasets['val'])} val / "
-            f"{len(datasets['test'])} test images, {_describe(train_loader, workers)}")  # fmt: skip
+            f"{len(datasets['test'])} test images, {describe_batches(train_loader, workers)}")  # fmt: skip
 
         torch.manual_seed(cfg["seed"])
         net = build(spec)
@@ -410,43 +407,6 @@ def train(
 
 
 # -------------------------------------------------------------------- setup helpers
-
-LOADERS = ("auto", "tensor", "dataloader")
-
-
-def _data_loaders(datasets: dict, cfg: dict, loader: str, workers: int, dev, rank: int, world: int):
-    """(train batches, {val, test} batches): the in-memory fast path or DataLoaders (see ``train``)."""
-    if loader not in LOADERS:
-        raise ValueError(f"unknown loader '{loader}'; use {', '.join(LOADERS)}")
-    in_memory = all(isinstance(d, TensorImageDataset) for d in datasets.values())
-    if loader == "tensor" and not in_memory:
-        raise ValueError(
-            f"--loader tensor needs an in-memory data set (digits, the MNIST family, CIFAR), not {cfg['data']}; "
-            "use --loader dataloader"
-        )
-    if in_memory and loader != "dataloader":
-        bs, seed = cfg["batch_size"], cfg["seed"]
-        train = TensorBatches(datasets["train"], bs, dev, shuffle=True, seed=seed, rank=rank, world=world)
-        evals = {s: TensorBatches(datasets[s], bs, dev, rank=rank, world=world) for s in ("val", "test")}
-        return train, evals
-    # fresh workers each epoch: their seeds then come from the generator reseeded per epoch
-    train = build_loaders(
-        {"train": datasets["train"]},
-        cfg["batch_size"],
-        workers,
-        distributed=world > 1,
-        seed=cfg["seed"],
-        persistent_workers=False,
-    )["train"]
-    shards = {s: Subset(datasets[s], range(rank, len(datasets[s]), world)) for s in ("val", "test")}
-    return train, build_loaders(shards, cfg["batch_size"], workers)
-
-
-def _describe(batches, workers: int) -> str:
-    if isinstance(batches, TensorBatches):
-        return f"held on {batches.device} (in-memory fast path)"
-    return f"DataLoader with {workers} worker process(es)"
-
 
 
 def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
