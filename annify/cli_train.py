@@ -68,12 +68,18 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
     help="tensor: in-memory data held on the device, batches made there; dataloader: torch DataLoader.",
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast (CUDA only).")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on for CUDA, off for the CPU).")
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="channels-last memory format (default: on for CUDA, off for the CPU).",
+)
 @device_options
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
-    head_local, distill, distill_temperature, train_subset, loader, compile_, amp, device, workers,
+    head_local, distill, distill_temperature, train_subset, loader, compile_, amp, channels_last, device,
+    workers,
 ):  # fmt: skip
     """Train the anytime network SPEC and write a run folder.
 
@@ -115,6 +121,7 @@ def train(
         loader=loader,
         device=device,
         amp=amp,
+        channels_last=channels_last,
         compile=compile_,
         resume=resume,
         workers=workers,

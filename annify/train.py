@@ -192,8 +192,8 @@ def train(
     distill_temperature: float | None = None,
     train_subset: int | None = None,
     device: str = "auto",
-    amp: bool = True,
-    channels_last: bool = True,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
     compile: bool = False,
     resume: bool = False,
     workers: int = 0,
@@ -204,7 +204,9 @@ def train(
     """Train an anytime network and write its run folder (see the module docstring).
 
     Arguments left at None take the spec's ``train:`` value, else ``DEFAULTS``. ``amp`` (bf16
-    autocast) and ``channels_last`` apply on CUDA only. Under ``torchrun`` (WORLD_SIZE > 1) this
+    autocast) and ``channels_last`` default to on for CUDA and off for the CPU, where they run too
+    when asked (bf16 autocast on CPU, channels-last tensors, inductor for ``compile``): the GPU code
+    paths are then exercised on any machine, and only the device differs. Under ``torchrun`` (WORLD_SIZE > 1) this
     runs DistributedDataParallel (gloo on CPU, nccl on CUDA); ``batch_size`` is per process and
     rank 0 writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same
     settings (it starts afresh, with a note, when there is none). ``stop_after`` ends the run once
@@ -229,7 +231,8 @@ def train(
     rank = dist.get_rank() if world > 1 else 0
     say = log if rank == 0 else (lambda *_: None)
     cuda = dev.type == "cuda"
-    use_amp, use_cl = amp and cuda, channels_last and cuda
+    use_amp = cuda if amp is None else amp
+    use_cl = cuda if channels_last is None else channels_last
     out, ckpt_root = Path(out), Path(out) / "checkpoints"
     try:
         # ------------------------------------------------------------ setup: run folder

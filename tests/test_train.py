@@ -2,6 +2,7 @@
 trunks, timm-format initialization, DDP on CPU and the settings it resolves."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -254,6 +255,29 @@ def test_cuda_bf16_channels_last_compile(spec_path, tmp_path):
     rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["train_loss"][-1] < rows[0]["train_loss"][-1]  # bf16 training makes progress
     assert_same_weights(weights_of(result.out), {k: v.cpu() for k, v in result.net.state_dict().items()})
+
+
+def test_gpu_code_paths_on_cpu_bf16_channels_last(spec_path, tmp_path):
+    """bf16 autocast and channels-last run on the CPU when asked: only the device differs on a GPU."""
+    result = train(spec_path, out=tmp_path / "cpu", epochs=1, device="cpu", amp=True, channels_last=True,
+                   head_local=True, log=lambda _: None)  # fmt: skip
+    assert result.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "amp=bf16" in (result.out / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(map(math.isfinite, rows[0]["train_loss"] + rows[0]["val_error"]))
+    off = train(spec_path, out=tmp_path / "default", epochs=1, device="cpu", log=lambda _: None)
+    assert "amp=off" in (off.out / "config.yaml").read_text()  # the CPU default: float32, NCHW
+    assert not off.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_gpu_code_paths_on_cpu_with_compile(spec_path, tmp_path):
+    """The whole CUDA recipe (bf16, channels-last, torch.compile with inductor) on the CPU: ~5 min here."""
+    result = train(spec_path, out=tmp_path / "c", epochs=1, device="cpu", amp=True, channels_last=True,
+                   compile=True, head_local=True, distill=0.3, log=lambda _: None)  # fmt: skip
+    assert "compile=True" in (result.out / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(map(math.isfinite, rows[0]["train_loss"]))
 
 
 def test_paper_schedule():
