@@ -54,11 +54,11 @@ RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.25, 0.5, 0.75, 1.0)
 TARGET_LABELS = ("1/4", "1/2", "3/4", "1")
 # scheme label -> train() settings; "+KD" variants are added for the validation-chosen best scheme
-SCHEMES = {
-    "const": {"weights": "const"},
-    "linear": {"weights": "linear"},
-    "adaloss": {"weights": "adaloss"},
-    "adaloss_hl": {"weights": "adaloss", "head_local": True},
+SCHEMES = {  # every setting explicit, so the runs do not depend on train's defaults
+    "const": {"weights": "const", "head_local": False, "distill": 0.0},
+    "linear": {"weights": "linear", "head_local": False, "distill": 0.0},
+    "adaloss": {"weights": "adaloss", "head_local": False, "distill": 0.0},
+    "adaloss_hl": {"weights": "adaloss", "head_local": True, "distill": 0.0},
 }
 PAPER = {  # Table 1, averages over 12 ResANNs on CIFAR10, CIFAR100 and SVHN
     "const": [15.07, 16.40, 18.76, 18.90],
@@ -84,7 +84,11 @@ def _spec(model: str, every: int, data: str):
     info = data_info(data)
     c = info.input_size[0]
     _, spec, _ = convert(
-        model, every=every, input_size=info.input_size, num_classes=info.num_classes, model_kwargs={"in_chans": c}
+        model,
+        every=every,
+        input_size=info.input_size,
+        num_classes=info.num_classes,
+        model_kwargs={"in_chans": c},
     )
     return fit_to_data(spec, data)[0]
 
@@ -239,7 +243,8 @@ def aggregate(records: list[dict], idx: list[int], schemes: list[str]) -> dict:
             "min": [min(c) for c in zip(*ws, strict=True)],
             "max": [max(c) for c in zip(*ws, strict=True)],
             "history_mean": [
-                [statistics.mean(w) for w in zip(*epoch_ws, strict=True)] for epoch_ws in zip(*hist, strict=True)
+                [statistics.mean(w) for w in zip(*epoch_ws, strict=True)]
+                for epoch_ws in zip(*hist, strict=True)
             ],
         }
     return out
@@ -291,7 +296,10 @@ def abs_table(m: dict, schemes: list[str], scale: float = 100.0, fmt: str = ".2f
 def paired_wins(m: dict, a: str, b: str) -> str:
     """How many seeds ``a`` beats ``b`` at each target and on anytime quality (lower is better)."""
     n = len(m[a]["anytime_per_seed"])
-    at = [sum(x < y for x, y in zip(m[a]["per_seed"][j], m[b]["per_seed"][j], strict=True)) for j in range(len(TARGETS))]
+    at = [
+        sum(x < y for x, y in zip(m[a]["per_seed"][j], m[b]["per_seed"][j], strict=True))
+        for j in range(len(TARGETS))
+    ]
     any_ = sum(x < y for x, y in zip(m[a]["anytime_per_seed"], m[b]["anytime_per_seed"], strict=True))
     cells = ", ".join(f"{lab}: {w}/{n}" for lab, w in zip(TARGET_LABELS, at, strict=True))
     return f"{a.upper()} beats {b.upper()} (seeds): {cells}; anytime: {any_}/{n}"
@@ -348,7 +356,13 @@ def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: s
         hi = [b - m for m, b in zip(w["mean"], w["max"], strict=True)]
         ax.errorbar(fracs, w["mean"], yerr=[lo, hi], marker="o", capsize=3, color=color,
                     label=f"{s.upper()} (min–max over seeds)")  # fmt: skip
-    ax.plot(fracs, [0.25 + 0.75 * i / max(k - 1, 1) for i in range(k)], ls="--", color="tab:orange", label="LINEAR")
+    ax.plot(
+        fracs,
+        [0.25 + 0.75 * i / max(k - 1, 1) for i in range(k)],
+        ls="--",
+        color="tab:orange",
+        label="LINEAR",
+    )
     ax.axhline(1.0, ls=":", color="tab:blue", label="CONST")
     ax.set_xlabel("output's fraction of the total cost")
     ax.set_ylabel("final loss weight")
@@ -400,7 +414,8 @@ def report(agg: dict, info: dict) -> str:
         "",
         f"Command: `{info['command']}`",
         "",
-        machine_line(info["machine"]) + f". The 2 cores are shared with other jobs; {info['jobs']} run(s) at a time, "
+        machine_line(info["machine"])
+        + f". The 2 cores are shared with other jobs; {info['jobs']} run(s) at a time, "
         f"{info['threads']} torch thread(s) each.",
         "",
         f"Wall time: {info['wall_s'] / 60:.1f} min for {info['runs']} runs "
@@ -459,10 +474,15 @@ def report(agg: dict, info: dict) -> str:
         table(
             ["output", "cost fraction", *[s.upper() for s in schemes if s.startswith("adaloss")]],
             [
-                [i + 1, f"{fr[i]:.3f}", *[
-                    f"{w['mean'][i]:.3f} ({w['min'][i]:.3f}–{w['max'][i]:.3f})"
-                    for s, w in agg["weights"].items() if s.startswith("adaloss")
-                ]]
+                [
+                    i + 1,
+                    f"{fr[i]:.3f}",
+                    *[
+                        f"{w['mean'][i]:.3f} ({w['min'][i]:.3f}–{w['max'][i]:.3f})"
+                        for s, w in agg["weights"].items()
+                        if s.startswith("adaloss")
+                    ],
+                ]
                 for i in range(len(fr))
             ],
         ),  # fmt: skip
@@ -502,7 +522,9 @@ def _clean(x):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="preset (flags below override it)")
+    ap.add_argument(
+        "--config", choices=sorted(CONFIGS), default="cpu", help="preset (flags below override it)"
+    )
     ap.add_argument("--data", help="data source (fashion-mnist, digits, ...)")
     ap.add_argument("--model", help="a cifar_resnet_n{n}_c{c} or any timm model")
     ap.add_argument("--train-subset", type=int, help="train on a fixed subset of N images")
@@ -516,8 +538,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     ap.add_argument("--out", help="run folders go here (default /tmp/annify_table1_<config>)")
-    ap.add_argument("--results", help="where table1.md/json/png go (default benchmarks/results/table1_<config>)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: digits, n3_c8, 1 seed, 3 epochs, results in --out")
+    ap.add_argument(
+        "--results", help="where table1.md/json/png go (default benchmarks/results/table1_<config>)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: digits, n3_c8, 1 seed, 3 epochs, results in --out"
+    )
     args = ap.parse_args()
     preset = dict(CONFIGS["digits" if args.quick else args.config])
     if args.quick:
@@ -528,7 +554,9 @@ def main() -> None:
     name = "quick" if args.quick else args.config
     args.out = args.out or f"/tmp/annify_table1_{name}"
     seeds = list(range(int(args.seeds))) if "," not in args.seeds else [int(s) for s in args.seeds.split(",")]
-    results = Path(args.results) if args.results else (Path(args.out) if args.quick else RESULTS / f"table1_{name}")
+    results = (
+        Path(args.results) if args.results else (Path(args.out) if args.quick else RESULTS / f"table1_{name}")
+    )
     results.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     info_machine = machine()
@@ -554,7 +582,11 @@ def main() -> None:
         return (spec, folder, label, settings, head, seed, shared)
 
     # phase 1: OPT at the four targets and every scheme, seed by seed (partial results stay balanced)
-    plan = [job(s, "opt", {"weights": "opt"}, i + 1) for s in seeds for i in idx]
+    plan = [
+        job(s, "opt", {"weights": "opt", "head_local": False, "distill": 0.0}, i + 1)
+        for s in seeds
+        for i in idx
+    ]
     plan += [job(s, label, settings, None) for s in seeds for label, settings in SCHEMES.items()]
     plan.sort(key=lambda j: j[5])
     started = time.perf_counter()
