@@ -10,6 +10,15 @@ import click
 from annify._cli_common import checkpoint_option, format_flops, friendly, writable_dir
 
 
+def _positive(value: float | None, param) -> float | None:
+    """A finite positive number (nan and inf compare oddly and would silently disable the limit)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite positive number, got {value}", param=param)
+    return value
+
+
 def _read_labels(path: str | None) -> list[str] | None:
     if path is None:
         return None
@@ -21,10 +30,16 @@ def _read_labels(path: str | None) -> list[str] | None:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @checkpoint_option
 @click.option(
-    "--budget-flops", type=float, help="Per-image FLOP budget: the latest output that fits (e.g. 2e9)."
+    "--budget-flops",
+    type=float,
+    callback=lambda ctx, param, v: _positive(v, param),
+    help="Per-image FLOP budget: the latest output that fits (e.g. 2e9).",
 )
 @click.option(
-    "--deadline-ms", type=float, help="Wall-clock deadline per image: the latest output ready by then."
+    "--deadline-ms",
+    type=float,
+    callback=lambda ctx, param, v: _positive(v, param),
+    help="Wall-clock deadline per image: the latest output ready by then.",
 )
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
 @click.option(

@@ -574,6 +574,23 @@ def _folder_info(path: str) -> DataInfo:
     classes = [d for d in (root / "train").iterdir() if d.is_dir()]
     if not classes:
         raise DataError(f"imagefolder: {root / 'train'} has no class folders — put images in train/<class>/")
+    if len(classes) < 2:
+        raise DataError(
+            f"imagefolder: {root / 'train'} has one class folder ({classes[0].name}); a classifier needs at "
+            "least 2 — put each class's images in train/<class>/"
+        )
+    known = {d.name for d in classes}
+    for split in ("val", "test"):
+        extra = (
+            sorted(d.name for d in (root / split).iterdir() if d.is_dir() and d.name not in known)
+            if (root / split).is_dir()
+            else []
+        )
+        if extra:
+            raise DataError(
+                f"imagefolder: {root / split} has class folder '{extra[0]}' that train/ lacks; every "
+                f"{split} class needs training images under train/{extra[0]}/"
+            )
     return DataInfo(
         len(classes), IMAGENET_INPUT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, f"imagefolder:{root}"
     )

@@ -515,6 +515,10 @@ def run_eann(
             "pass the --data they were trained on"
         )
     names = _unique_names([s.name for s in specs])
+    totals = [spec.heads[-1].flops for spec, _ in given]  # known for converted members and costed specs
+    growing_known = all(t is not None for t in totals)
+    if growing_known and any(b <= a for a, b in zip(totals, totals[1:])):
+        log("note: the members do not grow in cost; an EANN runs them in the order given, smallest first")
 
     # ---------------------------------------------------------------- train or load, then evaluate
     tables, linear, runs = [], [], []
@@ -561,7 +565,7 @@ def run_eann(
     # ---------------------------------------------------------------- schedule, inflation, files
     steps = build_schedule(tables)
     ratios = depth_ratio(tables, per_pair=True)
-    if any(r <= 1 for r in ratios):
+    if not growing_known and any(r <= 1 for r in ratios):  # costs were unknown before training
         log("note: the members do not grow in cost; an EANN runs them in the order given, smallest first")
     networks = (
         "plain networks: each member's architecture trained with --weights opt (final output only)"

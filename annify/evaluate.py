@@ -162,6 +162,13 @@ def evaluate_checkpoint(
     """
     spec = load_spec(spec_path)
     source = data or spec.train.get("data") or "digits"
+    trained = spec.train.get("data")
+    classes = data_info(source).num_classes
+    if trained and classes != spec.num_classes:  # a run's config.yaml: its weights have its class count
+        raise ValueError(
+            f"{source} has {classes} classes but the network in {spec_path} predicts {spec.num_classes} "
+            f"(it was trained on {trained}); pass --data with {spec.num_classes} classes"
+        )
     spec, _ = fit_to_data(spec, source)
     return evaluate_weights(spec, checkpoint, source, batch_size, device, workers)[1]
 

@@ -601,8 +601,15 @@ def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
     for folder in [p, *p.parents][:4]:
         record = folder / "data.json"
         if record.is_file():
-            data = json.loads(record.read_text())
-            return list(data["mean"]), list(data["std"])
+            try:
+                data = json.loads(record.read_text())
+                mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
+                    "restore them (e.g. from the run's data source) or re-run `annify train`"
+                ) from None
+            return mean, std
     return None
 
 
@@ -616,6 +623,7 @@ def load_image(
     if given, else with the model's data config (a 3-channel mean is averaged for a 1-channel input).
     """
     from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
     from timm.data import create_transform
 
     channels = spec.input_size[0]
@@ -628,6 +636,10 @@ def load_image(
         raise ValueError(f"cannot read image '{path}': no such file") from None
     except UnidentifiedImageError:
         raise ValueError(f"cannot read image '{path}': not an image format PIL can read") from None
+    except DecompressionBombError:
+        raise ValueError(
+            f"cannot read image '{path}': too many pixels for PIL's decompression-bomb limit; downscale it first"
+        ) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image '{path}': {e}") from None
     cfg = data_config(spec)

@@ -99,6 +99,15 @@ def parse(data: Any, source: str = "spec") -> Spec:
     for key in ("model_kwargs", "placement", "train"):
         if not isinstance(data.get(key, {}), dict):
             errors.append(f"'{key}' must be a mapping")
+    kwargs = data.get("model_kwargs") or {}
+    if isinstance(kwargs, dict) and "in_chans" in kwargs:
+        ic = kwargs["in_chans"]
+        if not (isinstance(ic, int) and not isinstance(ic, bool) and ic > 0):
+            errors.append(f"'model_kwargs.in_chans' must be a positive integer, got {ic!r}")
+        elif isinstance(size, (list, tuple)) and len(size) == 3 and size[0] != ic:
+            errors.append(
+                f"'model_kwargs.in_chans' is {ic} but 'input_size' has {size[0]} channels; make them agree"
+            )
     heads: list[HeadSpec] = []
     raw = data.get("heads", [])
     if not isinstance(raw, list) or not raw:
@@ -140,7 +149,11 @@ def load_spec(path: str | os.PathLike) -> Spec:
     if not p.is_file():
         raise SpecError(f"spec file '{p}' does not exist; write one with `annify convert MODEL --out DIR`")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(
+            f"{p} is not a text file (a spec is YAML); pass the .yaml spec, not weights"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

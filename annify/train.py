@@ -147,6 +147,18 @@ def resolve_settings(spec_train: dict, overrides: dict) -> dict:
         errors.append(f"head is an output number, 1 for the first, got {cfg['head']!r}")
     if not isinstance(cfg["weight_hparams"], dict):
         errors.append("weight_hparams must be a mapping such as {gamma: 0.05}")
+    elif cfg["weights"] in weighting.available() and cfg["weights"] != "opt":
+        try:  # the scheme's own checks, with a stand-in head count
+            weighting.get(cfg["weights"], 2, **cfg["weight_hparams"])
+        except ValueError as e:
+            errors.append(f"weight_hparams: {e}")
+    seed = cfg["seed"]
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        errors.append(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    from timm.optim import list_optimizers
+
+    if cfg["opt"] not in list_optimizers():
+        errors.append(f"opt: unknown optimizer '{cfg['opt']}' (timm's, e.g. sgd, adamw, lamb)")
     for key in ("head_local", "freeze_trunk"):
         if not isinstance(cfg[key], bool):
             errors.append(f"{key} must be true or false, got {cfg[key]!r}")
@@ -234,6 +246,7 @@ def train(
     use_amp = cuda if amp is None else amp
     use_cl = cuda if channels_last is None else channels_last
     out, ckpt_root = Path(out), Path(out) / "checkpoints"
+    _check_out(out)
     try:
         # ------------------------------------------------------------ setup: run folder
         last = _find_checkpoint(ckpt_root, "last")
@@ -277,6 +290,11 @@ def train(
         optimizer, scheduler = _optimizer(net, cfg)
         scheme_hp = dict(cfg["weight_hparams"])
         if cfg["weights"] == "opt" and cfg["head"] is not None:
+            if cfg["head"] > net.num_outputs:
+                raise SpecError(
+                    f"head {cfg['head']} is out of range: {spec.name} has {net.num_outputs} outputs (1 to "
+                    f"{net.num_outputs}; `annify eval` lists them)"
+                )
             scheme_hp["head"] = cfg["head"] - 1
         scheme = weighting.get(cfg["weights"], net.num_outputs, **scheme_hp)
         start_epoch, best = 0, math.inf
@@ -410,6 +428,15 @@ def train(
 
 
 # -------------------------------------------------------------------- setup helpers
+
+
+def _check_out(out: Path) -> None:
+    """A one-line error, before any work, when the run folder cannot be a writable folder."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OSError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"--out {out}: {existing} is not writable; choose another --out")
 
 
 def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:

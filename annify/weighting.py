@@ -69,11 +69,18 @@ def get(name: str, num_heads: int, **hparams: float | int) -> WeightScheme:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     cls = _REGISTRY[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_heads")]
-    for key in hparams:
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in hparams.items():
         if key not in accepted:
             raise ValueError(
                 f"weight scheme {name!r} has no hyperparameter {key!r}; accepted: {', '.join(accepted) or 'none'}"
             )
+        default = params[key].default
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not numeric:
+            raise ValueError(f"hyperparameter {key} of {name} must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and numeric and value != int(value):
+            raise ValueError(f"hyperparameter {key} of {name} must be an integer, got {value!r}")
     return cls(num_heads, **hparams)
 
 

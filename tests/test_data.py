@@ -95,6 +95,9 @@ def test_missing_and_empty_paths_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match="no class folders"):
         data_info(f"imagefolder:{tmp_path}")
     (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match="has one class folder"):
+        data_info(f"imagefolder:{tmp_path}")
+    (tmp_path / "train" / "dog").mkdir()
     with pytest.raises(DataError, match="cannot read split 'train'"):
         build_datasets(f"imagefolder:{tmp_path}")
 

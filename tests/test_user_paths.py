@@ -1,0 +1,169 @@
+"""Defects found by trying annify as a new user would: each bad input gets one line naming the fix."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from helpers import assert_one_line_error, tiny_spec
+from PIL import Image
+
+from annify.cli import main
+from annify.spec import SpecError, load_spec
+from annify.train import resolve_settings, train
+from annify.weighting import get
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(tiny_spec())
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(spec_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(spec_path, out=out, epochs=1, log=lambda _: None)
+    return out
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# --- train settings -------------------------------------------------------------------------------
+
+
+def test_hparam_that_is_not_a_number(spec_path, tmp_path):
+    result = invoke("train", spec_path, "--hparam", "gamma=abc", "--epochs", "1", "--out", tmp_path / "r")
+    assert_one_line_error(result, "hyperparameter gamma of adaloss must be a number, got 'abc'")
+    with pytest.raises(ValueError, match="period of adaloss must be an integer"):
+        get("adaloss", 3, period=1.5)
+
+
+def test_seed_out_of_range(spec_path, tmp_path):
+    result = invoke("train", spec_path, "--seed", str(2**70), "--epochs", "1", "--out", tmp_path / "r")
+    assert_one_line_error(result, "seed must be an integer from 0 to 2**63 - 1")
+
+
+def test_unknown_optimizer_named_with_its_key():
+    with pytest.raises(SpecError, match="opt: unknown optimizer 'sgdd'"):
+        resolve_settings({"opt": "sgdd"}, {})
+
+
+def test_head_out_of_range_names_the_number_typed(spec_path, tmp_path):
+    result = invoke(
+        "train", spec_path, "--weights", "opt", "--head", "99", "--epochs", "1", "--out", tmp_path / "r"
+    )
+    assert_one_line_error(result, "head 99 is out of range: tiny has 3 outputs (1 to 3", alone=False)
+
+
+def test_out_on_a_file(spec_path, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = invoke("train", spec_path, "--epochs", "1", "--out", tmp_path / "afile" / "run")
+    assert_one_line_error(result, "is a file, not a folder; choose another --out", alone=False)
+
+
+def test_binary_spec(tmp_path):
+    bad = tmp_path / "weights.yaml"
+    bad.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(SpecError, match="is not a text file"):
+        load_spec(bad)
+    assert_one_line_error(invoke("train", bad, "--out", tmp_path / "r"), "weights.yaml is not a text file")
+
+
+@pytest.mark.parametrize(("value", "message"), [("0", "must be a positive integer, got 0"),
+                                               ("1", "is 1 but 'input_size' has 3 channels")])  # fmt: skip
+def test_model_kwargs_in_chans(tmp_path, value, message):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        tiny_spec().replace(
+            "model: cifar_resnet_n3_c8", f"model: cifar_resnet_n3_c8\nmodel_kwargs: {{in_chans: {value}}}"
+        )
+    )
+    with pytest.raises(SpecError, match="model_kwargs.in_chans"):
+        load_spec(spec)
+    assert_one_line_error(invoke("train", spec, "--out", tmp_path / "r"), message)
+
+
+# --- predict --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--budget-flops", "--deadline-ms"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_predict_limits_must_be_finite_positive(run, tmp_path, option, value):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    result = invoke(
+        "predict", run / "config.yaml", image, "--checkpoint", run / "checkpoints/last", option, value
+    )
+    assert result.exit_code == 2 and "must be a finite positive number" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_decompression_bomb(run, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    image = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(image)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300×300 is then over twice the limit
+    result = invoke("predict", run / "config.yaml", image, "--checkpoint", run / "checkpoints/last")
+    assert_one_line_error(result, "too many pixels for PIL's decompression-bomb limit; downscale it first")
+
+
+def test_predict_corrupt_data_json(spec_path, tmp_path):
+    out = tmp_path / "run"
+    train(spec_path, out=out, epochs=1, log=lambda _: None)
+    (out / "data.json").write_text("{bad")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    result = invoke("predict", out / "config.yaml", image, "--checkpoint", out / "checkpoints/last")
+    assert_one_line_error(result, "data.json is corrupt: it should be JSON with the run's 'mean' and 'std'")
+
+
+# --- data and eval --------------------------------------------------------------------------------
+
+
+def _folder(root, classes_by_split):
+    for split, classes in classes_by_split.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_with_one_class(spec_path, tmp_path):
+    _folder(tmp_path / "d", {"train": ["cat"], "val": ["cat"]})
+    result = invoke("train", spec_path, "--data", f"imagefolder:{tmp_path / 'd'}", "--out", tmp_path / "r")
+    assert_one_line_error(result, "has one class folder (cat); a classifier needs at least 2")
+
+
+def test_imagefolder_val_class_missing_from_train(spec_path, tmp_path):
+    _folder(tmp_path / "d", {"train": ["cat", "dog"], "val": ["cat", "dog", "emu"]})
+    result = invoke("train", spec_path, "--data", f"imagefolder:{tmp_path / 'd'}", "--out", tmp_path / "r")
+    assert_one_line_error(result, "has class folder 'emu' that train/ lacks")
+
+
+def test_eval_on_data_with_another_class_count_names_the_data(run, tmp_path):
+    _folder(tmp_path / "d", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    result = invoke("eval", run / "config.yaml", "--checkpoint", run / "checkpoints/last",
+                    "--data", f"imagefolder:{tmp_path / 'd'}")  # fmt: skip
+    assert_one_line_error(
+        result, "has 2 classes but the network in", "predicts 10 (it was trained on digits)"
+    )
+
+
+def test_eann_note_on_member_order_comes_before_training(tmp_path):
+    lines = []
+    from annify.eann import run_eann
+
+    with pytest.raises(ValueError):  # epochs=0 stops the first member's training
+        run_eann(
+            ["cifar_resnet_n4_c16", "cifar_resnet_n2_c16"], out=tmp_path / "e", epochs=0, log=lines.append
+        )
+    assert lines and lines[0].startswith("note: the members do not grow in cost")
+    assert "training into" in lines[1]  # the note came before any member trained
+
+
+def test_run_folder_files_are_json(run):
+    assert json.loads((run / "data.json").read_text())["source"] == "digits"
