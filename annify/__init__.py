@@ -7,23 +7,86 @@ The stages are submodules named after them: ``annify.train.train(...)``, ``annif
 ``annify.eann.run_eann(...)``; the names below are re-exported for convenience.
 """
 
-from annify import weighting
-from annify.convert import (
-    ConvertError,
-    build,
-    convert,
-    create_model,
-    inspect_model,
-    load,
-    load_weights,
-    spec_name,
-)
-from annify.cost import CONVENTION, Costs, count
-from annify.rewrite import AnytimeNet
-from annify.runtime import AnytimeRunner, EANNRuntime, budget_curve, early_exit
-from annify.spec import HeadSpec, Spec, SpecError, dump, load_spec
-from annify.trace import TapPoint, TraceError, tap_points, trace
-from annify.train import RunResult
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+# Re-exports load on first use (PEP 562), so `import annify` and the command line's `--help` do not
+# pay for importing torch and timm: name -> the module that defines it.
+_EXPORTS = {
+    "ConvertError": "annify.convert",
+    "build": "annify.convert",
+    "convert": "annify.convert",
+    "create_model": "annify.convert",
+    "inspect_model": "annify.convert",
+    "load": "annify.convert",
+    "load_weights": "annify.convert",
+    "spec_name": "annify.convert",
+    "CONVENTION": "annify.cost",
+    "Costs": "annify.cost",
+    "count": "annify.cost",
+    "AnytimeNet": "annify.rewrite",
+    "AnytimeRunner": "annify.runtime",
+    "EANNRuntime": "annify.runtime",
+    "budget_curve": "annify.runtime",
+    "early_exit": "annify.runtime",
+    "HeadSpec": "annify.spec",
+    "Spec": "annify.spec",
+    "SpecError": "annify.spec",
+    "dump": "annify.spec",
+    "load_spec": "annify.spec",
+    "TapPoint": "annify.trace",
+    "TraceError": "annify.trace",
+    "tap_points": "annify.trace",
+    "trace": "annify.trace",
+    "RunResult": "annify.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name == "weighting":
+        return importlib.import_module("annify.weighting")
+    raise AttributeError(f"module 'annify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, "weighting"})
+
+
+class _RegisterWithTimm(importlib.abc.MetaPathFinder):
+    """Registers annify's models (``annify.models``) in timm's registry as soon as timm is imported.
+
+    After ``import annify``, ``timm.create_model("cifar_resnet_n7_c16")`` works whether timm was
+    imported before (registered at once) or after (this finder wraps timm's loading), without
+    making ``import annify`` import timm and torch itself.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            importlib.import_module("annify.models")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "timm" in sys.modules:
+    importlib.import_module("annify.models")
+elif not any(isinstance(f, _RegisterWithTimm) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTimm())
 
 __version__ = "0.1.0"
 
