@@ -11,6 +11,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 # Re-exports load on first use (PEP 562), so `import annify` and the command line's `--help` do not
 # pay for importing torch and timm: name -> the module that defines it.
@@ -56,6 +57,23 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS, "weighting"})
+
+
+class _Package(types.ModuleType):
+    """``annify.convert`` and ``annify.trace`` stay the functions when their submodules load.
+
+    Importing a submodule sets it as an attribute of the package; for the two stage functions that
+    share their module's name, the function is what ``annify.NAME`` has always meant. The modules
+    stay reachable as ``sys.modules["annify.convert"]`` and through ``from annify.convert import ...``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):

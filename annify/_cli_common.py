@@ -13,28 +13,34 @@ import click
 def friendly(fn):
     """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1).
 
-    Set ``ANNIFY_DEBUG=1`` to see the full traceback instead (for bug reports).
+    Catches ``annify.errors.AnnifyError`` (its message is the line) and ``OSError`` (the line names
+    the path). Anything else is a bug and keeps its traceback. Set ``ANNIFY_DEBUG=1`` to see the
+    traceback of a user-facing error too (for bug reports).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from annify.convert import ConvertError
-        from annify.spec import SpecError
-        from annify.trace import TraceError
+        from annify.errors import AnnifyError
 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="fvcore")
         try:
             return fn(*args, **kwargs)
-        except (ConvertError, SpecError, TraceError, ValueError, KeyError, OSError) as e:
+        except (AnnifyError, OSError) as e:
             if os.environ.get("ANNIFY_DEBUG"):
                 raise
-            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            raise click.ClickException(
-                text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            ) from None
+            raise click.ClickException(_one_line(e)) from None
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error's message; an OSError from the system names its path and the fix."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
+    else:
+        text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

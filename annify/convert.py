@@ -20,6 +20,7 @@ from torch import nn
 
 from annify import heads as head_registry
 from annify.cost import CONVENTION, Costs, count
+from annify.errors import ConvertError
 from annify.rewrite import AnytimeNet
 from annify.spec import HeadSpec, Spec, load_spec, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
@@ -36,9 +37,6 @@ __all__ = [
     "spec_name",
 ]
 
-
-class ConvertError(ValueError):
-    """Bad input to the convert stage; the message says what is wrong and how to fix it."""
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from annify.errors import DataError
+
 __all__ = [
     "DataError",
     "DataInfo",
@@ -50,9 +52,6 @@ ACCEPTED = (
 SPLIT_SEED = 0  # seeds every split; deliberately not the training seed
 IMAGENET_INPUT = (3, 224, 224)
 
-
-class DataError(ValueError):
-    """A data source that cannot be read; the message names the problem and the fix."""
 
 
 @dataclass

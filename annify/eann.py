@@ -25,6 +25,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from annify.errors import EANNError
+
 __all__ = [
     "EANNRun",
     "MemberTable",
@@ -490,10 +492,10 @@ def run_eann(
     from annify.spec import atomic_write, dump
 
     if len(members) < 2:
-        raise ValueError(f"an EANN needs at least 2 members, smallest first; got {len(members)}")
+        raise EANNError(f"an EANN needs at least 2 members, smallest first; got {len(members)}")
     checkpoints = list(checkpoints or [])
     if checkpoints and len(checkpoints) != len(members):
-        raise ValueError(
+        raise EANNError(
             f"{len(members)} members but {len(checkpoints)} checkpoints; give one --checkpoints per member, in order"
         )
     out = Path(out)
@@ -510,7 +512,7 @@ def run_eann(
     _check_compatible(specs)
     info = data_info(source)
     if specs[0].num_classes != info.num_classes:
-        raise ValueError(
+        raise EANNError(
             f"the members predict {specs[0].num_classes} classes but {info.name} has {info.num_classes}; "
             "pass the --data they were trained on"
         )
@@ -617,7 +619,7 @@ def _check_compatible(specs) -> None:
             def desc(s):
                 return f"{s.name} ({s.num_classes} classes, input {'×'.join(map(str, s.input_size))})"
 
-            raise ValueError(
+            raise EANNError(
                 f"members {desc(first)} and {desc(spec)} differ in {' and '.join(what)}; "
                 "an EANN's members must take the same input and predict the same classes"
             )

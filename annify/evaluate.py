@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from annify.data import build_datasets, data_info, make_batches, parse_source
+from annify.errors import DataError, DeviceError
 from annify.spec import Spec, atomic_write, load_spec
 
 __all__ = [
@@ -90,14 +91,14 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device '{device}'; use auto, cpu or cuda") from None
+        raise DeviceError(f"unknown device '{device}'; use auto, cpu or cuda") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}, but torch sees no CUDA device; use --device cpu")
+            raise DeviceError(f"--device {device}, but torch sees no CUDA device; use --device cpu")
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
-        raise ValueError(f"unsupported device '{device}'; use auto, cpu or cuda")
+        raise DeviceError(f"unsupported device '{device}'; use auto, cpu or cuda")
     return dev
 
 
@@ -165,7 +166,7 @@ def evaluate_checkpoint(
     trained = spec.train.get("data")
     classes = data_info(source).num_classes
     if trained and classes != spec.num_classes:  # a run's config.yaml: its weights have its class count
-        raise ValueError(
+        raise DataError(
             f"{source} has {classes} classes but the network in {spec_path} predicts {spec.num_classes} "
             f"(it was trained on {trained}); pass --data with {spec.num_classes} classes"
         )

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from annify.errors import ExportError
 from annify.rewrite import AnytimeNet
 from annify.runtime import batched_carry, exit_flops, segment_costs
 from annify.spec import atomic_write
@@ -40,9 +41,6 @@ OPSET = 17
 ATOL = 1e-4
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
-
-class ExportError(ValueError):
-    """An export that cannot be done or does not reproduce PyTorch; the message says which."""
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

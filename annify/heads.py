@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from annify.errors import ConvertError, UnknownNameError
+
 __all__ = ["available", "build", "default_for", "register"]
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
@@ -52,7 +54,7 @@ def default_for(layout: str) -> str:
 def build(name: str, channels: int, num_classes: int, layout: str, **kw) -> nn.Module:
     """Build a head of type ``name`` reading ``channels``-wide features laid out as ``layout``."""
     if name not in _HEADS:
-        raise KeyError(f"unknown head type '{name}'; available: {', '.join(available())}")
+        raise UnknownNameError(f"unknown head type '{name}'; available: {', '.join(available())}")
     return _HEADS[name](channels, num_classes, layout, **kw)
 
 
@@ -95,7 +97,7 @@ class TokenHead(nn.Module):
 @register("bn_relu_pool_linear")
 def _paper_head(channels: int, num_classes: int, layout: str, **kw) -> nn.Module:
     if layout != "NCHW":
-        raise ValueError(
+        raise ConvertError(
             f"head 'bn_relu_pool_linear' reads NCHW features, not {layout}; use 'norm_pool_linear'"
         )
     return PaperHead(channels, num_classes)
@@ -104,7 +106,7 @@ def _paper_head(channels: int, num_classes: int, layout: str, **kw) -> nn.Module
 @register("norm_pool_linear")
 def _token_head(channels: int, num_classes: int, layout: str, num_prefix_tokens: int = 0, **kw) -> nn.Module:
     if layout == "NCHW":
-        raise ValueError(
+        raise ConvertError(
             "head 'norm_pool_linear' reads NLC or NHWC features; use 'bn_relu_pool_linear' for NCHW"
         )
     return TokenHead(channels, num_classes, layout, num_prefix_tokens if layout == "NLC" else 0)
@@ -113,5 +115,5 @@ def _token_head(channels: int, num_classes: int, layout: str, num_prefix_tokens:
 @register("norm_linear")
 def _vector_head(channels: int, num_classes: int, layout: str, **kw) -> nn.Module:
     if layout != "NC":
-        raise ValueError(f"head 'norm_linear' reads pooled NC features, not {layout}")
+        raise ConvertError(f"head 'norm_linear' reads pooled NC features, not {layout}")
     return TokenHead(channels, num_classes, "NC")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from annify.errors import InferenceError
 from annify.rewrite import AnytimeNet
 
 __all__ = [
@@ -223,7 +224,7 @@ class AnytimeRunner:
         """Index into ``exits`` of the latest output whose cumulative FLOPs fit ``budget_flops``."""
         first = self.exits[0].flops
         if budget_flops < first:
-            raise ValueError(
+            raise InferenceError(
                 f"budget {_sci(budget_flops)} FLOPs is below the first output's cost {_sci(first)}; "
                 "raise --budget-flops"
             )
@@ -251,7 +252,7 @@ class AnytimeRunner:
         """The latest output within the budget and ready by the deadline (either, both or neither)."""
         target = len(self.exits) - 1 if budget_flops is None else self.select(budget_flops)
         if deadline_ms is not None and deadline_ms <= 0:
-            raise ValueError(f"--deadline-ms must be positive, got {deadline_ms}")
+            raise InferenceError(f"--deadline-ms must be positive, got {deadline_ms}")
         start = self.clock()
         deadline = None if deadline_ms is None else start + deadline_ms / 1000
         best: tuple[int, torch.Tensor] | None = None
@@ -585,7 +586,7 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
         return values * channels
     if channels == 1:
         return (sum(values) / len(values),)
-    raise ValueError(f"{len(values)} normalization values for a {channels}-channel input")
+    raise InferenceError(f"{len(values)} normalization values for a {channels}-channel input")
 
 
 def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
@@ -605,7 +606,7 @@ def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
                 data = json.loads(record.read_text())
                 mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                raise ValueError(
+                raise InferenceError(
                     f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
                     "restore them (e.g. from the run's data source) or re-run `annify train`"
                 ) from None
@@ -628,20 +629,20 @@ def load_image(
 
     channels = spec.input_size[0]
     if channels not in (1, 3):
-        raise ValueError(f"images can feed 1- or 3-channel inputs, this spec takes {channels}")
+        raise InferenceError(f"images can feed 1- or 3-channel inputs, this spec takes {channels}")
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
     except FileNotFoundError:
-        raise ValueError(f"cannot read image '{path}': no such file") from None
+        raise InferenceError(f"cannot read image '{path}': no such file") from None
     except UnidentifiedImageError:
-        raise ValueError(f"cannot read image '{path}': not an image format PIL can read") from None
+        raise InferenceError(f"cannot read image '{path}': not an image format PIL can read") from None
     except DecompressionBombError:
-        raise ValueError(
+        raise InferenceError(
             f"cannot read image '{path}': too many pixels for PIL's decompression-bomb limit; downscale it first"
         ) from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from None
+        raise InferenceError(f"cannot read image '{path}': {e}") from None
     cfg = data_config(spec)
     transform = create_transform(
         input_size=tuple(spec.input_size),

@@ -17,11 +17,10 @@ from typing import Any
 
 import yaml
 
+from annify.errors import SpecError
+
 __all__ = ["HeadSpec", "Spec", "SpecError", "atomic_write", "dump", "load_spec", "parse", "spec_name"]
 
-
-class SpecError(ValueError):
-    """A spec that cannot be used; the message lists every problem with its key."""
 
 
 @dataclass

@@ -22,13 +22,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from annify.errors import TraceError
+
 __all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "tap_points", "trace"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-
-class TraceError(RuntimeError):
-    """A model that torch.fx cannot trace; the message names the module and the way out."""
 
 
 @dataclass

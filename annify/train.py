@@ -47,6 +47,7 @@ from annify import weighting
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
 from annify.data import build_datasets, data_info, describe_batches, make_batches, set_epoch
+from annify.errors import CheckpointError, TrainError, TrainingDiverged
 from annify.evaluate import (
     Evaluation,
     anytime_table,
@@ -93,12 +94,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class TrainingDiverged(ValueError):
-    """A loss became NaN or infinite; the message names the output and the last good checkpoint."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message says which file and why."""
 
 
 @dataclass
@@ -251,7 +246,7 @@ def train(
         # ------------------------------------------------------------ setup: run folder
         last = _find_checkpoint(ckpt_root, "last")
         if last is not None and not resume:
-            raise ValueError(
+            raise TrainError(
                 f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
             )
         if resume and last is None:
@@ -449,23 +444,23 @@ def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
     if init == "timm":
         cfg = timm.models.get_pretrained_cfg(spec.model)
         if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-            raise ValueError(
+            raise TrainError(
                 f"timm has no pretrained weights for {spec.model}; pass --init PATH to a state dict"
             )
         kwargs = {**spec.model_kwargs, "num_classes": spec.num_classes}
         state = timm.create_model(spec.model, pretrained=True, **kwargs).state_dict()
     else:
         if not Path(init).is_file():
-            raise ValueError(f"{source}: no such file; pass 'timm' or a .safetensors/.pth state dict")
+            raise TrainError(f"{source}: no such file; pass 'timm' or a .safetensors/.pth state dict")
         try:
             state = timm.models.load_state_dict(init, use_ema=False)
         except Exception as e:  # safetensors, pickle and zip readers each raise their own types
-            raise ValueError(f"{source} is not a readable state dict ({str(e).splitlines()[0]})") from None
+            raise TrainError(f"{source} is not a readable state dict ({str(e).splitlines()[0]})") from None
     own = net.state_dict()
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state and not k.startswith(net.exits_prefix)]
     if unexpected or missing:
-        raise ValueError(
+        raise TrainError(
             f"{source} does not fit {spec.model}: {len(unexpected)} unknown keys (e.g. {unexpected[:1]}), "
             f"{len(missing)} trunk weights missing (e.g. {missing[:1]})"
         )
@@ -473,7 +468,7 @@ def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
     wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
     if any(not k.startswith(classifier) for k in wrong):
         bad = next(k for k in wrong if not k.startswith(classifier))
-        raise ValueError(
+        raise TrainError(
             f"{source}: {bad} has shape {tuple(state[bad].shape)}, the model {tuple(own[bad].shape)}"
         )
     if wrong:
@@ -549,7 +544,7 @@ def weighted_update(
     weights = scheme.weights.to(losses.device)
     total = (weights * losses).sum() if head_local is None else head_local.objective(losses, weights)
     if not total.requires_grad:
-        raise ValueError("nothing to train: every output with a nonzero weight is frozen")
+        raise TrainError("nothing to train: every output with a nonzero weight is frozen")
     norms = weighting.per_head_grad_norms(list(losses), trunk_params) if scheme.needs_grad_norms else None
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from annify.errors import SpecError, UnknownNameError
+
 __all__ = [
     "HeadLocal",
     "WeightScheme",
@@ -64,7 +66,7 @@ def available() -> list[str]:
 def get(name: str, num_heads: int, **hparams: float | int) -> WeightScheme:
     """Build the scheme ``name`` for ``num_heads`` outputs; ``hparams`` go to its constructor."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown weight scheme {name!r}; available: {', '.join(available())}")
+        raise UnknownNameError(f"unknown weight scheme {name!r}; available: {', '.join(available())}")
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     cls = _REGISTRY[name]
@@ -72,15 +74,15 @@ def get(name: str, num_heads: int, **hparams: float | int) -> WeightScheme:
     params = inspect.signature(cls.__init__).parameters
     for key, value in hparams.items():
         if key not in accepted:
-            raise ValueError(
+            raise SpecError(
                 f"weight scheme {name!r} has no hyperparameter {key!r}; accepted: {', '.join(accepted) or 'none'}"
             )
         default = params[key].default
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if isinstance(default, (int, float)) and not isinstance(default, bool) and not numeric:
-            raise ValueError(f"hyperparameter {key} of {name} must be a number, got {value!r}")
+            raise SpecError(f"hyperparameter {key} of {name} must be a number, got {value!r}")
         if isinstance(default, int) and not isinstance(default, bool) and numeric and value != int(value):
-            raise ValueError(f"hyperparameter {key} of {name} must be an integer, got {value!r}")
+            raise SpecError(f"hyperparameter {key} of {name} must be an integer, got {value!r}")
     return cls(num_heads, **hparams)
 
 
@@ -191,7 +193,7 @@ class Opt(WeightScheme):
     def __init__(self, num_heads: int, head: int = -1) -> None:
         super().__init__(num_heads)
         if not isinstance(head, int) or not -num_heads <= head < num_heads:
-            raise ValueError(f"opt head {head} out of range for {num_heads} heads")
+            raise SpecError(f"opt head {head} out of range for {num_heads} heads")
         self.head = head
         self._weights.zero_()
         self._weights[head] = 1.0
@@ -222,11 +224,11 @@ class AdaLoss(WeightScheme):
     def __init__(self, num_heads: int, gamma: float = 0.05, momentum: float = 0.9, period: int = 1) -> None:
         super().__init__(num_heads)
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+            raise SpecError(f"gamma must be in [0, 1], got {gamma}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+            raise SpecError(f"momentum must be in [0, 1), got {momentum}")
         if not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be a positive int, got {period!r}")
+            raise SpecError(f"period must be a positive int, got {period!r}")
         self.gamma, self.momentum, self.period = gamma, momentum, period
         self.ema: Tensor | None = None  # float32, K entries; None until the first update
         self.step = 0

@@ -167,3 +167,46 @@ def test_eann_note_on_member_order_comes_before_training(tmp_path):
 
 def test_run_folder_files_are_json(run):
     assert json.loads((run / "data.json").read_text())["source"] == "digits"
+
+
+# --- the error boundary ---------------------------------------------------------------------------
+
+
+def test_boundary_catches_annify_errors_and_os_errors_only(monkeypatch):
+    import click
+
+    from annify._cli_common import friendly
+    from annify.errors import AnnifyError, DataError, UnknownNameError
+
+    def raising(exc):
+        @click.command()
+        @friendly
+        def cmd():
+            raise exc
+
+        return CliRunner().invoke(cmd, [])
+
+    assert_one_line_error(raising(DataError("bad data — fix it\nmore")), "bad data — fix it")
+    assert_one_line_error(raising(FileNotFoundError(2, "No such file or directory", "/x/y")),
+                          "cannot use /x/y: No such file or directory; check the path")  # fmt: skip
+    bug = raising(ZeroDivisionError("a bug"))
+    assert bug.exit_code == 1 and isinstance(bug.exception, ZeroDivisionError)  # not turned into a line
+    plain = raising(ValueError("a programming error"))
+    assert isinstance(plain.exception, ValueError) and "Error: a programming error" not in plain.output
+    monkeypatch.setenv("ANNIFY_DEBUG", "1")
+    assert isinstance(raising(DataError("x")).exception, DataError)  # the traceback, for bug reports
+    assert (
+        str(UnknownNameError("unknown weight scheme 'x'; available: a"))
+        == "unknown weight scheme 'x'; available: a"
+    )
+    assert issubclass(UnknownNameError, AnnifyError) and issubclass(UnknownNameError, KeyError)
+
+
+def test_registries_raise_unknown_name_errors():
+    from annify import heads
+    from annify.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="available: adaloss"):
+        get("adaloss_typo", 3)
+    with pytest.raises(UnknownNameError, match="unknown head type 'x'"):
+        heads.build("x", 4, 2, "NCHW")
