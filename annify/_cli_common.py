@@ -82,7 +82,8 @@ def format_flops(f: float) -> str:
 checkpoint_option = click.option(
     "--checkpoint",
     required=True,
-    help="Weights: a .safetensors file or a run's checkpoint folder holding model.safetensors.",
+    help="Weights: a run folder (its last checkpoint, spec and normalisation), a checkpoint folder, "
+    "or a .safetensors file.",
 )
 
 

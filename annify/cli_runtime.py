@@ -19,6 +19,51 @@ def _positive(value: float | None, param) -> float | None:
     return value
 
 
+def _floats(ctx, param, value: str | None) -> list[float] | None:
+    """'0.5' or '0.485,0.456,0.406' -> a list of floats."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected numbers separated by commas, got '{value}'", param=param
+        ) from None
+
+
+normalization_options = [
+    click.option(
+        "--mean",
+        callback=_floats,
+        help="Per-channel mean the network was trained with (default: the run's data.json).",
+    ),
+    click.option(
+        "--std",
+        callback=_floats,
+        help="Per-channel std the network was trained with (default: the run's data.json).",
+    ),
+]
+
+
+def with_normalization(fn):
+    for opt in reversed(normalization_options):
+        fn = opt(fn)
+    return fn
+
+
+def _resolve(spec, checkpoint, mean, std):
+    """The run-aware spec, weights and normalisation (``annify.run_dir.resolve``), notes printed."""
+    from annify.convert import build, load_weights
+    from annify.run_dir import resolve
+
+    res = resolve(spec, checkpoint, mean, std, need_normalization=True)
+    if res.note:
+        click.echo(res.note, err=True)
+    net = build(res.spec)
+    load_weights(net, res.weights)
+    return net, res
+
+
 def _read_labels(path: str | None) -> list[str] | None:
     if path is None:
         return None
@@ -48,8 +93,9 @@ def _read_labels(path: str | None) -> list[str] | None:
     help="Text file with one class name per line (default: class indices).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
+@with_normalization
 @friendly
-def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json):
+def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json, mean, std):
     """Classify IMAGE files with the anytime network SPEC, within a FLOP budget or a deadline.
 
     Each image is resized, center-cropped and normalized for the spec's model, then run segment by
@@ -62,17 +108,14 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     """
     import torch
 
-    from annify.convert import load
-    from annify.runtime import AnytimeRunner, load_image, run_normalization
+    from annify.runtime import AnytimeRunner, load_image
 
     names = _read_labels(labels)
-    net = load(spec, checkpoint)
+    net, res = _resolve(spec, checkpoint, mean, std)
     runner = AnytimeRunner(net)
     if budget_flops is not None:
         runner.select(budget_flops)  # fail on a budget below the first output before reading images
-    stats = run_normalization(checkpoint)  # what the run trained with; else the model's own config
-    mean, std = stats if stats else (None, None)
-    inputs = [load_image(path, net.spec, mean, std) for path in images]
+    inputs = [load_image(path, net.spec, res.mean, res.std) for path in images]
     if deadline_ms is not None:  # one untimed pass, so the first image does not pay for warm-up
         for _ in runner.steps(inputs[0].unsqueeze(0)):
             pass
@@ -124,8 +167,9 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
 )
 @click.option("--out", default="export", show_default=True, help="Output folder.")
 @click.option("--no-check", is_flag=True, help="Skip running each file against PyTorch (atol 1e-4).")
+@with_normalization
 @friendly
-def export_command(spec, checkpoint, fmt, out, no_check):
+def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     """Export SPEC's truncated networks and segments to ONNX and/or TorchScript, with manifest.json.
 
     NAME_out{k} maps the image to output k (0-based); NAME_seg{j} runs segment j from the carried
@@ -133,12 +177,14 @@ def export_command(spec, checkpoint, fmt, out, no_check):
 
     Example: annify export zoo/resann50.yaml --checkpoint runs/resann50 --format onnx --out export/
     """
-    from annify.convert import load
     from annify.export import FORMATS, export
 
     folder = writable_dir(out)
-    net = load(spec, checkpoint)
-    manifest = export(net, folder, formats=FORMATS if fmt == "all" else (fmt,), check=not no_check)
+    net, res = _resolve(spec, checkpoint, mean, std)
+    manifest = export(
+        net, folder, formats=FORMATS if fmt == "all" else (fmt,), check=not no_check,
+        preprocessing={"mean": res.mean, "std": res.std},
+    )  # fmt: skip
     for f in manifest["files"]:
         checked = "" if f["max_abs_diff"] is None else f"  max diff {f['max_abs_diff']:.1e}"
         click.echo(

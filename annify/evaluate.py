@@ -23,7 +23,7 @@ from torch import nn
 
 from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
-from annify.spec import Spec, atomic_write, load_spec
+from annify.spec import Spec, atomic_write
 
 __all__ = [
     "Evaluation",
@@ -161,7 +161,10 @@ def evaluate_checkpoint(
     network is fitted to the data as the trainer does (``fit_to_data``), and FLOPs are counted at
     that input size.
     """
-    spec = load_spec(spec_path)
+    from annify.run_dir import resolve
+
+    res = resolve(spec_path, checkpoint)
+    spec, checkpoint = res.spec, res.weights
     source = data or spec.train.get("data") or "digits"
     trained = spec.train.get("data")
     classes = data_info(source).num_classes

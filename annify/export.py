@@ -42,7 +42,6 @@ ATOL = 1e-4
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
-
 def _copy(graph: fx.Graph) -> fx.Graph:
     g = fx.Graph()
     g.output(g.graph_copy(graph, {}))
@@ -204,6 +203,7 @@ def export(
     out_dir: str | os.PathLike,
     formats: tuple[str, ...] | list[str] = FORMATS,
     check: bool = True,
+    preprocessing: dict | None = None,
 ) -> dict:
     """Export every truncated network and every segment of ``net``; returns the manifest.
 
@@ -213,6 +213,8 @@ def export(
         formats: any of ``"onnx"``, ``"torchscript"``.
         check: run each file (onnxruntime / ``torch.jit.load``) on a fresh input and require its
             outputs to match PyTorch's within ``atol=1e-4``; a mismatch raises ``ExportError``.
+        preprocessing: what the inputs must be normalised with (``mean``, ``std`` per channel),
+            recorded in the manifest beside ``input_size`` so a deployment feeds the files right.
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -253,6 +255,8 @@ def export(
         "name": name,
         "model": spec.model if spec is not None else None,
         "input_size": list(input_size),
+        "mean": (preprocessing or {}).get("mean"),
+        "std": (preprocessing or {}).get("std"),
         "num_classes": spec.num_classes if spec is not None else None,
         "opset": OPSET if "onnx" in formats else None,
         "cost_convention": getattr(spec, "cost_convention", None),

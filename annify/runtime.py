@@ -595,23 +595,13 @@ def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
     ``checkpoint`` is a run's checkpoint folder (``runs/x/checkpoints/last``) or a file in it; the run
     folder is searched up to three levels above. None where no run record is found.
     """
-    import json
     from pathlib import Path
 
+    from annify.run_dir import DATA, normalization
+
     p = Path(checkpoint).resolve()
-    for folder in [p, *p.parents][:4]:
-        record = folder / "data.json"
-        if record.is_file():
-            try:
-                data = json.loads(record.read_text())
-                mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                raise InferenceError(
-                    f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
-                    "restore them (e.g. from the run's data source) or re-run `annify train`"
-                ) from None
-            return mean, std
-    return None
+    folder = next((f for f in [p, *p.parents][:4] if (f / DATA).is_file()), None)
+    return None if folder is None else normalization(folder)
 
 
 def load_image(

@@ -104,7 +104,9 @@ def test_corrupt_checkpoint_is_one_line(run, specs, tmp_path):
 def test_mismatched_checkpoint_is_one_line(run, specs, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(run[0], out)
-    result = invoke("eval", specs / "other.yaml", "--checkpoint", out / "checkpoints" / "last")
+    bare = tmp_path / "bare.safetensors"  # outside its run, the weights meet the other spec as given
+    shutil.copy(out / "checkpoints" / "last" / "model.safetensors", bare)
+    result = invoke("eval", specs / "other.yaml", "--checkpoint", bare)
     assert_one_line_error(result, "does not fit this spec", "unexpected", alone=False)
     result = invoke(
         "train", specs / "other.yaml", "--epochs", "2", "--weights", "const", "--out", out, "--resume"

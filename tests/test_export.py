@@ -122,11 +122,17 @@ def test_export_command(tiny, tmp_path):
     net, spec = tiny
     (tmp_path / "tiny.yaml").write_text(dump(spec))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    args = ["export", str(tmp_path / "tiny.yaml"), "--checkpoint", str(tmp_path / "w.safetensors")]
+    args = ["export", str(tmp_path / "tiny.yaml"), "--mean", "0.5", "--std", "0.25", "--checkpoint", ""]
+    args[-1] = str(tmp_path / "w.safetensors")
     result = CliRunner().invoke(main, [*args, "--format", "onnx", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {f["format"] for f in manifest["files"]} == {"onnx"} and len(manifest["files"]) == 6
+    assert (manifest["mean"], manifest["std"], manifest["input_size"]) == (
+        [0.5],
+        [0.25],
+        list(spec.input_size),
+    )
     assert result.output.strip().endswith(f"wrote {tmp_path / 'out' / 'manifest.json'}")
 
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))

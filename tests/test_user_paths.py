@@ -210,3 +210,44 @@ def test_registries_raise_unknown_name_errors():
         get("adaloss_typo", 3)
     with pytest.raises(UnknownNameError, match="unknown head type 'x'"):
         heads.build("x", 4, 2, "NCHW")
+
+
+# --- run folders ----------------------------------------------------------------------------------
+
+
+def test_readme_predict_and_export_after_train_with_the_unrefitted_spec(spec_path, run, tmp_path):
+    """`annify train SPEC --out RUN` refits SPEC to the data; predict/export SPEC --checkpoint RUN work."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for checkpoint in (run, run / "checkpoints" / "last", run / "checkpoints" / "last" / "model.safetensors"):
+        result = invoke("predict", spec_path, image, "--checkpoint", checkpoint, "--json")
+        assert result.exit_code == 0, result.output
+        assert "note: using the run's resolved spec" in result.output
+    out = tmp_path / "export"
+    result = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    stats = json.loads((run / "data.json").read_text())
+    assert (manifest["mean"], manifest["std"]) == (stats["mean"], stats["std"])
+    assert manifest["input_size"] == [3, 8, 8]
+
+
+def test_bare_weights_need_mean_and_std(run, tmp_path):
+    import shutil
+
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(run / "checkpoints" / "last" / "model.safetensors", weights)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    args = ("predict", run / "config.yaml", image, "--checkpoint", weights)
+    assert_one_line_error(invoke(*args), "is not in a run folder", "pass --mean and --std")
+    ok = invoke(*args, "--mean", "0.5", "--std", "0.25")
+    assert ok.exit_code == 0, ok.output
+    assert_one_line_error(invoke(*args, "--mean", "0.5"), "pass --mean and --std together")
+
+
+def test_checkpoint_of_another_model_is_named(run, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(tiny_spec().replace("cifar_resnet_n3_c8", "cifar_resnet_n2_c16"))
+    result = invoke("eval", other, "--checkpoint", run)
+    assert_one_line_error(result, "is a checkpoint of cifar_resnet_n3_c8", "pass the run's own")

@@ -1,0 +1,120 @@
+"""The run folder: its layout, and how every command resolves ``--checkpoint`` to what it needs.
+
+``annify train --out RUN`` writes::
+
+    RUN/config.yaml                       the resolved spec (refitted to the data) and its settings
+    RUN/data.json                         the data source and the mean/std its images were normalised with
+    RUN/checkpoints/last/model.safetensors
+    RUN/checkpoints/best/model.safetensors
+
+``--checkpoint`` takes a run folder, a checkpoint folder or a ``.safetensors`` file. Inside a run,
+the run's own ``config.yaml`` is the network the weights fit (``annify train`` refits a spec to
+its data: class count, input size, channels), and its ``data.json`` is the normalisation: so
+``annify predict zoo/resann50.yaml --checkpoint runs/x`` works after ``annify train
+zoo/resann50.yaml --out runs/x``. A bare weights file outside a run has no normalisation record:
+the commands that read images then need ``--mean`` and ``--std``, never a silent guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from annify.errors import InferenceError, SpecError
+from annify.spec import Spec, load_spec
+
+__all__ = ["CONFIG", "DATA", "WEIGHTS", "Resolved", "find_run", "normalization", "resolve", "weights_file"]
+
+CONFIG, DATA, WEIGHTS = "config.yaml", "data.json", "model.safetensors"
+_LAST = Path("checkpoints") / "last"
+
+
+def weights_file(checkpoint: str | os.PathLike) -> Path:
+    """The weights file of a run folder (its last checkpoint), a checkpoint folder or a file."""
+    p = Path(checkpoint)
+    if (p / _LAST / WEIGHTS).is_file():
+        return p / _LAST / WEIGHTS
+    return p / WEIGHTS if p.is_dir() else p
+
+
+def find_run(checkpoint: str | os.PathLike) -> Path | None:
+    """The run folder holding ``checkpoint`` (itself, or up to three folders above), if any."""
+    p = Path(checkpoint).resolve()
+    for folder in [p, *p.parents][:4]:
+        if (folder / CONFIG).is_file() and (folder / "checkpoints").is_dir():
+            return folder
+    return None
+
+
+def normalization(run: Path) -> tuple[list[float], list[float]] | None:
+    """(mean, std) from the run's ``data.json``; None when the run has none."""
+    record = run / DATA
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+        return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise InferenceError(
+            f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
+            "restore them (e.g. from the run's data source) or re-run `annify train`"
+        ) from None
+
+
+@dataclass
+class Resolved:
+    """What a command needs from ``SPEC --checkpoint C``."""
+
+    spec: Spec  # the network the weights fit
+    weights: Path  # the .safetensors file
+    run: Path | None  # the run folder, if the weights are in one
+    mean: list[float] | None  # normalisation (None where not asked for and unknown)
+    std: list[float] | None
+    note: str | None  # one line when the run's spec replaces the one given
+
+
+def resolve(
+    spec_path: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    need_normalization: bool = False,
+) -> Resolved:
+    """Resolve ``spec_path`` and ``checkpoint`` as described in the module docstring.
+
+    ``mean``/``std`` given explicitly win over the run's record. With ``need_normalization`` a
+    checkpoint outside a run and no ``mean``/``std`` is a one-line error.
+    """
+    if (mean is None) != (std is None):
+        raise InferenceError("pass --mean and --std together (one value per input channel, or one for all)")
+    given = load_spec(spec_path)
+    weights, run = weights_file(checkpoint), find_run(checkpoint)
+    spec, note = given, None
+    if run is not None:
+        spec = load_spec(run / CONFIG)
+        if spec.model != given.model:
+            raise SpecError(
+                f"{checkpoint} is a checkpoint of {spec.model} (run {run}), but {spec_path} describes "
+                f"{given.model}; pass the run's own {run / CONFIG}"
+            )
+        if (spec.num_classes, tuple(spec.input_size), spec.model_kwargs, spec.taps) != (
+            given.num_classes, tuple(given.input_size), given.model_kwargs, given.taps
+        ):  # fmt: skip
+            note = (
+                f"note: using the run's resolved spec {run / CONFIG} ({spec.num_classes} classes at "
+                f"{'×'.join(map(str, spec.input_size))}), which its weights fit"
+            )
+    if mean is None and run is not None:
+        stats = normalization(run)
+        mean, std = stats if stats else (None, None)
+    if need_normalization and mean is None:
+        raise InferenceError(
+            f"{weights} is not in a run folder, so how its images were normalised is unknown; pass "
+            "--mean and --std (e.g. --mean 0.5 --std 0.25), or --checkpoint the run folder"
+        )
+    return Resolved(
+        spec, weights, run, None if mean is None else list(mean), None if std is None else list(std), note
+    )
