@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from annify.report import format_flops  # noqa: F401 - the CLI modules import it from here
+
 
 def friendly(fn):
     """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1).
@@ -69,14 +71,6 @@ def parse_size(value: str | None) -> tuple[int, int, int] | None:
     if len(size) != 3 or min(size) <= 0:
         raise click.BadParameter(f"expected C,H,W such as 3,224,224, got '{value}'")
     return size
-
-
-def format_flops(f: float) -> str:
-    """Human-readable FLOPs: 4.11G, 310.4K."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(f) >= scale:
-            return f"{f / scale:.3g}{unit}" if f / scale < 100 else f"{f / scale:.1f}{unit}"
-    return f"{f:.0f}"
 
 
 checkpoint_option = click.option(

@@ -23,6 +23,7 @@ from annify.convert import convert
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
 from annify.evaluate import plot_anytime
+from annify.report import format_flops
 from annify.spec import atomic_write, dump
 from annify.train import DEFAULTS, run_label, train
 
@@ -100,8 +101,6 @@ def demo(
 
 def side_by_side(tables: dict[str, list[dict]]) -> str:
     """Test error of each output under each variant, in one table (errors in percent)."""
-    from annify._cli_common import format_flops
-
     labels = list(tables)
     first = tables[labels[0]]
     head = f"{'output':>6}  {'flops':>8}  {'fraction':>8}  " + "  ".join(

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from annify.errors import EANNError
+from annify.report import figure, format_flops, save_figure
 
 __all__ = [
     "EANNRun",
@@ -372,12 +372,7 @@ def plot_eann(
     The PNG is written to a temporary file beside ``path`` and moved into place, so a reader never
     sees a half-written plot.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.4))
-    FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
-    ax = fig.add_subplot()
+    fig, ax = figure((6.4, 4.4), grid=False)
     for t in members:
         ax.step(t.flops, t.test_error, where="post", marker=".", alpha=0.6, label=f"{t.name} alone")
     curve = linear_ensemble_curve(linear or members)
@@ -398,16 +393,8 @@ def plot_eann(
     ax.set(xscale="log", xlabel="FLOPs", ylabel="test error", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    save_figure(fig, path)
+    return Path(path)
 
 
 # -------------------------------------------------------------------- the eann stage: models in, EANN out
@@ -653,7 +640,6 @@ def _table(name: str, rows: list[dict]) -> MemberTable:
 
 def format_eann(summary: dict[str, Any]) -> str:
     """``eann.json`` as text: the schedule (errors in percent), then the cost inflation against Prop. 4.1."""
-    from annify._cli_common import format_flops
 
     def pct(e: float) -> str:
         return f"{100 * e:.2f}"

@@ -23,6 +23,7 @@ from torch import nn
 
 from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
+from annify.report import figure, format_flops, save_figure
 from annify.spec import Spec, atomic_write
 
 __all__ = [
@@ -238,7 +239,6 @@ def save_table(rows: list[dict], folder: str | os.PathLike) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """The anytime table as aligned text, errors in percent."""
-    from annify._cli_common import format_flops
 
     def pct(e: float | None) -> str:
         return "-" if e is None else f"{100 * e:.2f}"
@@ -286,28 +286,6 @@ def nearest_outputs(
     return [min(range(len(fractions)), key=lambda i: abs(fractions[i] - t)) for t in targets]
 
 
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _axes(title: str | None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    return fig, ax
-
-
 def plot_anytime(
     tables: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str | None = None
 ) -> None:
@@ -316,7 +294,7 @@ def plot_anytime(
     Args:
         tables: label -> [(flops, error as a fraction), ...] in output order.
     """
-    fig, ax = _axes(title)
+    fig, ax = figure(title=title)
     for label, points in tables.items():
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
@@ -324,7 +302,7 @@ def plot_anytime(
     ax.set_xlabel("FLOPs (fvcore, cumulative)")
     ax.set_ylabel("top-1 error (%)")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_weights(
@@ -336,11 +314,11 @@ def plot_weights(
     """Each output's loss weight over training, from ``[(x, [w_1, ..., w_K]), ...]``; written atomically."""
     if not history:
         raise ValueError("plot_weights needs at least one point")
-    fig, ax = _axes(title)
+    fig, ax = figure(title=title)
     xs = [x for x, _ in history]
     for i in range(len(history[0][1])):
         ax.plot(xs, [w[i] for _, w in history], marker=".", label=f"output {i + 1}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss weight")
     ax.legend(fontsize="small", ncol=2)
-    _save_figure(fig, path)
+    save_figure(fig, path)

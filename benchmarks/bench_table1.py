@@ -315,7 +315,7 @@ def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: s
     import matplotlib.ticker
     from matplotlib.figure import Figure
 
-    from annify.evaluate import _save_figure
+    from annify.report import save_figure
 
     idx, schemes = agg["outputs"], agg["schemes"]
     fig = Figure(figsize=(12, 4.5))
@@ -343,7 +343,7 @@ def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: s
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)
-    _save_figure(fig, folder / "table1.png")
+    save_figure(fig, folder / "table1.png")
 
     adaptive = [s for s in schemes if s.startswith("adaloss")]
     fig = Figure(figsize=(12, 4.2))
@@ -379,7 +379,7 @@ def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: s
     ax.set_title("dark: early outputs, yellow: late outputs")
     ax.grid(True, alpha=0.3)
     fig.suptitle(title)
-    _save_figure(fig, folder / "adaloss_weights.png")
+    save_figure(fig, folder / "adaloss_weights.png")
 
 
 # -------------------------------------------------------------------- report

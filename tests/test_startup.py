@@ -39,3 +39,32 @@ def test_lazy_exports_resolve():
         "AnytimeNet annify.weighting"
     )
     assert "AnytimeNet" in python("import annify; print(dir(annify))")
+
+
+def test_plots_never_touch_pyplot_or_its_backend(tmp_path):
+    code = (
+        "import sys\n"
+        "from annify.evaluate import plot_anytime, plot_weights\n"
+        f"plot_anytime({{'a': [(1, 0.5), (2, 0.25)]}}, r'{tmp_path / 'a.png'}', title='t')\n"
+        f"plot_weights([(1, [0.5, 1.0]), (2, [0.7, 1.0])], r'{tmp_path / 'w.png'}')\n"
+        "print('matplotlib.pyplot' in sys.modules)"
+    )
+    assert python(code) == "False"
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "w.png").stat().st_size > 0
+    sources = "".join(p.read_text() for p in (ROOT / "annify").rglob("*.py"))
+    assert "matplotlib.use(" not in sources and "import matplotlib.pyplot" not in sources
+
+
+def test_no_library_module_imports_the_cli():
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "annify").rglob("*.py")):
+        if path.name.startswith("cli") or path.name in ("_cli_common.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n.startswith(("annify.cli", "annify._cli_common")) for n in names):
+                offenders.append(path.name)
+    assert offenders == []

@@ -1,0 +1,45 @@
+"""How annify shows numbers: FLOP counts as text, and figures drawn off-screen and written atomically.
+
+One owner for both, so the library, the CLI and the benchmarks print and plot the same way.
+Figures use matplotlib's ``Figure`` with the Agg canvas directly: pyplot's global backend is never
+switched, so importing annify in a notebook leaves its plotting alone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+__all__ = ["figure", "format_flops", "save_figure"]
+
+
+def format_flops(f: float) -> str:
+    """Human-readable FLOPs: 4.11G, 310.4K."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(f) >= scale:
+            return f"{f / scale:.3g}{unit}" if f / scale < 100 else f"{f / scale:.1f}{unit}"
+    return f"{f:.0f}"
+
+
+def figure(figsize: tuple[float, float] = (6, 4), title: str | None = None, grid: bool = True):
+    """(figure, axes) on an Agg canvas, not registered with pyplot; ``save_figure`` writes it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if title:
+        ax.set_title(title)
+    if grid:
+        ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG through a temporary file and a rename: a reader never sees half a plot."""
+    from annify.spec import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
