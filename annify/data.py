@@ -708,7 +708,6 @@ def data_info(source: str) -> DataInfo:
 def build_datasets(
     source: str,
     input_size: tuple[int, int, int] | None = None,
-    seed: int = 0,
     val_size: int | float | None = None,
     augment: bool = True,
     train_subset: int | None = None,
@@ -720,8 +719,6 @@ def build_datasets(
         input_size: (C, H, W) the model sees; defaults to the source's native size. digits accept
             1 or 3 channels (gray repeated), the others 3; H and W are reached by bilinear resizing
             (tensor sources) or timm's resize and crop (image folders).
-        seed: accepted so callers can pass the run seed, but unused: splits use ``SPLIT_SEED`` so every
-            run is selected and scored on the same images, and augmentation draws from torch's RNG.
         val_size: images held out of train for validation, as a count or a fraction of the training
             pool. Defaults: digits 270 (15% of all), CIFAR 5,000 (10% when train has < 10,000).
             Folder sources take their validation set from disk and ignore it.
@@ -731,7 +728,6 @@ def build_datasets(
         train_subset: keep this many training images, a fixed stratified subset (``SPLIT_SEED``, not
             the run's seed, so runs that differ in seed train on the same images). val/test stay whole.
     """
-    del seed  # see the docstring: splits are fixed on purpose
     kind, arg = parse_source(source)
     if kind == "timm":
         datasets = _timm_datasets(arg, input_size, augment)[1]
