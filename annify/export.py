@@ -232,6 +232,7 @@ def export(
     input_size = tuple(spec.input_size if spec is not None else net.input_size)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    previous = _previous_export(folder, name, spec.model if spec is not None else None)
     anytime = exit_flops(net)
     trunk, head = segment_costs(net)
     generator = torch.Generator().manual_seed(0)
@@ -275,4 +276,25 @@ def export(
         "files": files,
     }
     atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    written = {f["path"] for f in files}
+    for stale in previous - written:  # files of the earlier export of this network that no longer exist
+        (folder / stale).unlink(missing_ok=True)
     return manifest
+
+
+def _previous_export(folder: Path, name: str, model: str | None) -> set[str]:
+    """Files of an earlier export in ``folder``; another network's export there is refused."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return set()
+    try:
+        old = json.loads(path.read_text())
+        files = {str(f["path"]) for f in old["files"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ExportError(f"{path} is not an annify manifest; export into another --out folder") from None
+    if (old.get("name"), old.get("model")) != (name, model):
+        raise ExportError(
+            f"{folder} holds the export of another network ({old.get('name')}, {old.get('model')}); "
+            "export into another --out folder (or delete that one)"
+        )
+    return {f for f in files if "/" not in f and not f.startswith(".")}

@@ -251,3 +251,23 @@ def test_checkpoint_of_another_model_is_named(run, tmp_path):
     other.write_text(tiny_spec().replace("cifar_resnet_n3_c8", "cifar_resnet_n2_c16"))
     result = invoke("eval", other, "--checkpoint", run)
     assert_one_line_error(result, "is a checkpoint of cifar_resnet_n3_c8", "pass the run's own")
+
+
+def test_export_never_mixes_two_networks(run, spec_path, tmp_path):
+    out = tmp_path / "export"
+    first = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
+    assert first.exit_code == 0, first.output
+    before = sorted(p.name for p in out.iterdir())
+    (out / "tiny_out99.pt").write_bytes(b"")  # a stale file an earlier export listed
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"].append({"path": "tiny_out99.pt"})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == before  # replaced whole: the stale file is gone
+    manifest["name"] = "another"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    refused = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
+    assert_one_line_error(
+        refused, "holds the export of another network (another", "export into another --out"
+    )
