@@ -269,5 +269,5 @@ def test_export_never_mixes_two_networks(run, spec_path, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     refused = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
     assert_one_line_error(
-        refused, "holds the export of another network (another", "export into another --out"
+        refused, "holds the export of another network (another", "export into another --out", alone=False
     )
