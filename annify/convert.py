@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from annify import heads as head_registry
-from annify.cost import CONVENTION, Costs, count
+from annify.cost import CONVENTION, Costs, count, head_flops
 from annify.rewrite import AnytimeNet
 from annify.spec import HeadSpec, Spec, load_spec, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
@@ -35,6 +36,10 @@ __all__ = [
     "load",
     "spec_name",
 ]
+
+
+# Automatic placement leaves out tap points past this fraction of the trunk's cost.
+FINAL_FRACTION = 0.99
 
 
 class ConvertError(ValueError):
@@ -66,10 +71,11 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 def inspect_model(
     name: str, input_size: tuple[int, int, int] | None = None, **kwargs
 ) -> tuple[list[TapPoint], list[int], int]:
-    """Candidate tap points of a timm model with the trunk's cumulative FLOPs at each, and the total."""
+    """Candidate tap points of a timm model (block outputs and finer trunk points, in execution order)
+    with the trunk's cumulative FLOPs at each, and the total."""
     model = create_model(name, **kwargs).eval()
     traced = trace(model, input_size or default_input_size(model), train_graph=False)
-    taps = tap_points(traced)
+    taps = tap_points(traced, trunk=True)
     cum, total = _trunk_costs(traced, taps)
     return taps, cum, total
 
@@ -97,8 +103,15 @@ def choose(
     at: list[str] | None = None,
     flops_period: float | None = None,
     heads: int | None = None,
+    head_flops: Callable[[TapPoint], int] | None = None,
 ) -> tuple[list[str], dict]:
-    """Pick the nodes that get heads; returns (nodes in execution order, the placement as data)."""
+    """Pick the nodes that get heads; returns (nodes in execution order, the placement as data).
+
+    ``taps`` are the candidates (``tap_points(traced, trunk=True)``): ``every``/``start`` count the
+    block outputs among them; ``heads`` and ``flops_period`` take the candidate nearest each target
+    cost among those on the trunk (never one inside a branch, never the last block's output),
+    counting each head's own cost (``head_flops`` of a candidate) where it is given.
+    """
     given = [
         k for k, v in dict(every=every or start, at=at, flops_period=flops_period, heads=heads).items() if v
     ]
@@ -108,7 +121,7 @@ def choose(
         raise ConvertError(
             "found no repeated blocks to place heads after; name nodes with --at (see `annify inspect`)"
         )
-    inner = taps[:-1]  # the last block feeds the model's own classifier
+    blocks = [t for t in taps if t.index is not None]
     if every is not None or start is not None:
         every = every if every is not None else 1
         start = start if start is not None else every
@@ -116,6 +129,12 @@ def choose(
             raise ConvertError(
                 f"--every and --start must be positive integers, got every={every} start={start}"
             )
+        if not blocks:
+            raise ConvertError(
+                "found no repeated blocks to count with --every; use --heads N or name nodes with --at "
+                "(see `annify inspect`)"
+            )
+        inner = blocks[:-1]  # the last block feeds the model's own classifier
         picked = [t.node for t in inner if t.index >= start and (t.index - start) % every == 0]
         return picked, {"every": every, "start": start}
     if at:
@@ -137,29 +156,60 @@ def choose(
             picked += [h for h in hits if h not in picked]
         order = {q: i for i, q in enumerate(traced.qualnames)}
         return sorted(picked, key=order.get), {"at": list(at)}
-    if heads is not None and not 1 <= heads <= len(inner) + 1:  # checked before the (slow) costing
-        raise ConvertError(
-            f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), got {heads}"
-        )
-    cum, total = _trunk_costs(traced, taps)
-    cum = cum[:-1]  # inner taps only
-    if heads is not None:
-        targets = [total * k / heads for k in range(1, heads)]
-        placement = {"heads": heads}
-    elif flops_period is not None:
-        if flops_period <= 0:
-            raise ConvertError(f"--flops-period must be positive, got {flops_period}")
-        period = flops_period * total if flops_period <= 1 else flops_period
-        targets = [period * k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
-        placement = {"flops_period": flops_period}
-    else:
+    # automatic placement: never inside a branch, never the last block (the classifier reads it)
+    if heads is None and flops_period is None:
         raise ConvertError("give a placement: --every K, --at NODE, --flops-period P or --heads N")
+    if flops_period is not None and flops_period <= 0:
+        raise ConvertError(f"--flops-period must be positive, got {flops_period}")
+    last = blocks[-1].node if blocks else None
+    inner = [t for t in taps if t.on_trunk and t.node != last]
+    cum, total = _trunk_costs(traced, inner)
+    # nor where the trunk is all but done: a head there would repeat the model's own output
+    keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
+    inner, cum = [inner[i] for i in keep], [cum[i] for i in keep]
+    if heads is not None:
+        if not 1 <= heads <= len(inner) + 1:
+            raise ConvertError(
+                f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), "
+                f"got {heads}"
+            )
+        fractions, absolute = [k / heads for k in range(1, heads)], []
+        placement = {"heads": heads}
+    else:
+        period = flops_period * total if flops_period <= 1 else flops_period
+        ks = [k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
+        fractions = [k * flops_period for k in ks] if flops_period <= 1 else []
+        absolute = [k * period for k in ks] if flops_period > 1 else []
+        placement = {"flops_period": flops_period}
+    picked = _nearest(cum, total, fractions, absolute, [head_flops(t) for t in inner] if head_flops else None)
+    return [inner[i].node for i in picked], placement
+
+
+def _nearest(
+    cum: list[int], total: int, fractions: list[float], absolute: list[float], head: list[int] | None
+) -> list[int]:
+    """Indices of the candidates whose anytime cost is nearest each target, one candidate per target.
+
+    The anytime cost of an output at candidate i is the trunk's ``cum[i]`` plus the heads placed up
+    to it; a fraction is of the whole anytime network (trunk plus every head). Heads change both,
+    so the choice is repeated with the heads of the previous choice until it settles.
+    """
+    head = head or [0] * len(cum)
     picked: list[int] = []
-    for target in targets:  # nearest unused tap point by trunk cost
-        free = [i for i in range(len(inner)) if i not in picked]
-        if free:
-            picked.append(min(free, key=lambda i: abs(cum[i] - target)))
-    return [inner[i].node for i in sorted(picked)], placement
+    for _ in range(4):
+        all_heads = sum(head[i] for i in picked)
+        targets = [f * (total + all_heads) for f in fractions] + list(absolute)
+        chosen: list[int] = []
+        for target in targets:  # nearest unused candidate, counting the heads chosen before it
+            free = [i for i in range(len(cum)) if i not in chosen]
+            if free:
+                before = {i: sum(head[j] for j in chosen if j < i) for i in free}
+                chosen.append(min(free, key=lambda i: abs(cum[i] + before[i] + head[i] - target)))
+        chosen.sort()
+        if chosen == picked:
+            break
+        picked = chosen
+    return picked
 
 
 def _build_net(
@@ -183,12 +233,9 @@ def _build_net(
             layout, channels, _, _ = describe_node(traced, node)
         except ValueError as e:
             raise ConvertError(f"cannot put a head at '{node}': {e}") from None
-        kind = (types[i] if types else None) or head_type or head_registry.default_for(layout)
-        prefix = getattr(traced.model, "num_prefix_tokens", 0)
-        try:
-            heads.append(head_registry.build(kind, channels, num_classes, layout, num_prefix_tokens=prefix))
-        except (KeyError, ValueError) as e:
-            raise ConvertError(str(e).strip("'\"")) from None
+        heads.append(
+            _make_head(traced, layout, channels, num_classes, (types[i] if types else None) or head_type)
+        )
     try:
         return AnytimeNet(traced, nodes, heads)
     except KeyError as e:
@@ -197,8 +244,33 @@ def _build_net(
         raise ConvertError(f"heads: {e}") from None
 
 
+def _make_head(traced: Traced, layout: str, channels: int, num_classes: int, kind: str | None) -> nn.Module:
+    kind = kind or head_registry.default_for(layout)
+    prefix = getattr(traced.model, "num_prefix_tokens", 0)
+    try:
+        return head_registry.build(kind, channels, num_classes, layout, num_prefix_tokens=prefix)
+    except (KeyError, ValueError) as e:
+        raise ConvertError(str(e).strip("'\"")) from None
+
+
+def _head_costs(traced: Traced, num_classes: int, head_type: str | None) -> Callable[[TapPoint], int]:
+    """FLOPs of the head a tap point would get (one head built and counted per feature shape)."""
+    cache: dict[tuple, int] = {}
+
+    def flops(tap: TapPoint) -> int:
+        key = (tap.layout, tap.channels, tap.shape)
+        if key not in cache:
+            cache[key] = head_flops(
+                _make_head(traced, tap.layout, tap.channels, num_classes, head_type), tap.shape
+            )
+        return cache[key]
+
+    return flops
+
+
 def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=None) -> list[HeadSpec]:
-    block_of = {t.node: t.index for t in taps}
+    block_of = {t.node: t.index for t in taps if t.index is not None}
+    n_blocks = len(block_of)
     frac = costs.fraction
     entries = []
     for i, node in enumerate([*nodes, "model"]):
@@ -206,7 +278,7 @@ def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=No
             HeadSpec(
                 node=node,
                 type=(types[i] if types and i < len(nodes) else None),
-                block=block_of.get(node, len(taps) if node == "model" and taps else None),
+                block=block_of.get(node, n_blocks if node == "model" and n_blocks else None),
                 flops=costs.flops[i],
                 fraction=round(frac[i], 4),
                 flops_single=costs.flops_single[i],
@@ -237,8 +309,10 @@ def convert(
         raise ConvertError(f"{model} has no classifier (num_classes=0); pass --num-classes N to give it one")
     size = tuple(input_size) if input_size else default_input_size(m)
     traced = trace(m, size)
-    taps = tap_points(traced)
-    nodes, placement = choose(traced, taps, every, start, at, flops_period, heads)
+    taps = tap_points(traced, trunk=True)
+    nodes, placement = choose(
+        traced, taps, every, start, at, flops_period, heads, _head_costs(traced, num_classes, head_type)
+    )
     net = _build_net(traced, nodes, num_classes, head_type)
     costs = count(net)
     if num_classes != 1000 or "num_classes" in kwargs:

@@ -33,7 +33,7 @@ with warnings.catch_warnings():  # fvcore (last release 2022) calls the deprecat
 from annify.rewrite import AnytimeNet
 from annify.spec import Spec
 
-__all__ = ["CONVENTION", "Costs", "count", "mha_flop_jit", "sdpa_flop_jit", "with_costs"]
+__all__ = ["CONVENTION", "Costs", "count", "head_flops", "mha_flop_jit", "sdpa_flop_jit", "with_costs"]
 
 CONVENTION = (
     "fvcore FLOPs: one fused multiply-add = 1 FLOP; eval mode, batch 1; "
@@ -120,6 +120,16 @@ def _fvcore(fn, args: tuple, owner: nn.Module, unsupported: Counter) -> int:
     total = int(fca.total())
     unsupported.update(fca.unsupported_ops())
     return total
+
+
+def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of ``head`` reading one feature of ``shape`` (no batch dimension), by the convention above."""
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        flops = _fvcore(head, (torch.zeros(1, *shape),), head, Counter())
+    head.train(was_training)
+    return flops
 
 
 def _param_owners(net: AnytimeNet) -> list[set[int]]:
