@@ -156,7 +156,12 @@ def _graph_signature(graph: fx.Graph, names: dict[str, str]) -> list[tuple]:
     def plain(s: str | None) -> str | None:
         return re.sub(r"^_tensor_constant\d+$", "_tensor_constant", s) if s else s
 
-    return [(n.op, plain(names.get(n.name)), plain(str(n.target))) for n in graph.nodes]
+    # constant arguments count: torchvision's stochastic_depth(x, p, mode, training) is one leaf call
+    # in both modes, differing only in its `training` argument
+    def args(n: fx.Node) -> str:
+        return repr(fx.map_arg((n.args, n.kwargs), lambda a: plain(names.get(a.name))))
+
+    return [(n.op, plain(names.get(n.name)), plain(str(n.target)), args(n)) for n in graph.nodes]
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], train_graph: bool = True) -> Traced:
