@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
-__all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "tap_points", "trace"]
+__all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "overwritten", "tap_points", "trace"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -384,6 +385,10 @@ def tap_points(traced: Traced, trunk: bool = False) -> list[TapPoint]:
     for node in _dominators(graph, data, order):
         q = names[node.name]
         described = _head_readable(traced, node, q)
+        # a value the next op overwrites in place (x + shortcut, then ReLU(inplace=True)) would need a
+        # copy for its head: the overwriting op's own output is a point at the same cost
+        if overwritten(node, traced.model):
+            continue
         if described is not None and (in_train is None or q in in_train):
             readable.append((node, q, described))
     for node, q, (layout, ch, spatial, shape) in readable[:-1]:
@@ -459,6 +464,44 @@ def _holds_everything(node: fx.Node, data: set[fx.Node], order: dict[fx.Node, in
     at = order[node]
     crossing = (v for v in data if order[v] <= at and any(order[u] > at for u in v.users))
     return all(v in own for v in crossing)
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+
+def overwritten(node: fx.Node, model: nn.Module) -> bool:
+    """Whether a later op writes into ``node``'s value in place.
+
+    Recognised: modules with ``inplace=True`` (``nn.ReLU(inplace=True)``), functions called with
+    ``inplace=True``, methods and functions whose name ends in one underscore (``x.relu_()``), and
+    augmented assignments (``x += y``), each with the value as its first argument.
+    """
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_module":
+            try:
+                if getattr(model.get_submodule(user.target), "inplace", False) is True:
+                    return True
+            except AttributeError:
+                continue
+        elif user.op == "call_method":
+            if user.target.endswith("_") and not user.target.endswith("__"):
+                return True
+        elif user.op == "call_function":
+            name = getattr(user.target, "__name__", "")
+            if user.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+                return True
+            try:
+                bound = inspect.signature(user.target).bind(*user.args, **user.kwargs)
+            except (TypeError, ValueError):  # builtins without a signature
+                bound = None
+            if user.kwargs.get("inplace") is True or (bound and bound.arguments.get("inplace") is True):
+                return True
+    return False
 
 
 def _head_readable(traced: Traced, node: fx.Node, q: str):
