@@ -41,6 +41,7 @@ def _kwargs(in_chans):
 def inspect(model, input_size, num_classes, in_chans):
     """List MODEL's candidate tap points in execution order, with their cost.
 
+    MODEL is a timm name, hf-hub:ORG/NAME (timm, from the Hugging Face Hub) or torchvision:NAME.
     Columns: kind, 1-based block index, graph node, module path, feature layout (NCHW, NHWC or
     tokens NLC), channels, spatial size or token count, cumulative trunk FLOPs (fvcore: one
     multiply-add = 1 FLOP) and the fraction of the whole model. Kinds: `block` is a block output
@@ -116,8 +117,10 @@ def convert(
 ):
     """Convert MODEL into an anytime network and write its spec.
 
-    MODEL is a timm model name, or a YAML spec whose `heads` list the nodes (placement by spec):
-    the network it describes is built and its costs are filled in.
+    MODEL is a timm name, hf-hub:ORG/NAME (timm, from the Hugging Face Hub), torchvision:NAME
+    (torchvision's model registry, fresh weights), or a YAML spec whose `heads` list the nodes
+    (placement by spec): the network it describes is built and its costs are filled in. A module
+    of your own is converted in Python: annify.convert(module, heads=4).
 
     Example: annify convert resnet50 --every 2 --out zoo/
     """

@@ -1,6 +1,8 @@
-"""The convert stage: a timm model and a placement in, an anytime network and its spec out.
+"""The convert stage: a model and a placement in, an anytime network and its spec out.
 
-Placement is declarative: after every K blocks (``every``, ``start``), at named nodes or globs
+The model is a name (timm's registry, timm's ``hf-hub:ORG/NAME``, ``torchvision:NAME``) or any
+``nn.Module`` torch.fx can trace. A spec records a module of the user's own as ``module:CLASS`` and
+never names code to import: ``build``/``load`` take the module again (``model=``). Placement is declarative: after every K blocks (``every``, ``start``), at named nodes or globs
 (``at``), at multiples of a FLOP period (``flops_period``), or N outputs spaced evenly by cost
 (``heads``). The last block is never given a head: the model's own classifier reads it and is
 always the last output (so ``resnet50 --every 2`` has 8 outputs, as in the paper).
@@ -22,7 +24,7 @@ from torch import nn
 from annify import heads as head_registry
 from annify.cost import CONVENTION, Costs, count, head_flops
 from annify.rewrite import AnytimeNet
-from annify.spec import HeadSpec, Spec, load_spec, spec_name
+from annify.spec import HeadSpec, Spec, SpecError, load_spec, model_source, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
 
 __all__ = [
@@ -47,19 +49,104 @@ class ConvertError(ValueError):
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with annify's registrations, and close-name suggestions for typos."""
+    """A model with fresh weights, by name: timm's registry (annify's registrations included), timm's
+    ``hf-hub:ORG/NAME``, or ``torchvision:NAME`` (``torchvision.models.get_model``). Typos get close names.
+    """
     import annify.models  # noqa: F401 - registers the cifar_resnet family
 
-    if not timm.is_model(name):
+    try:
+        source, ident = model_source(name)
+    except SpecError as e:
+        raise ConvertError(str(e)) from None
+    if source == "module":
+        raise ConvertError(
+            f"'{name}' stands for a module of your own, which annify never imports; pass the module itself: "
+            "annify.convert(module, ...) or annify.load(spec, model=module)"
+        )
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if source == "torchvision":
+        return _torchvision_model(ident, kwargs)
+    if source == "timm" and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists the names"
         raise ConvertError(f"unknown model '{name}'{hint}")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ConvertError(f"timm could not build '{name}' with {kwargs}: {e}") from None
+    except (OSError, RuntimeError, ValueError, ImportError) as e:  # the Hub's download errors are OSErrors
+        if source != "hf-hub":
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(
+            f"could not fetch '{name}' from the Hugging Face Hub ({why}); check the name and the network, "
+            "or build the model with timm where the Hub is reachable and pass it: annify.convert(model)"
+        ) from None
+
+
+def _torchvision_model(name: str, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)  # the classification models
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else "; torchvision.models.list_models() lists them"
+        )
+        raise ConvertError(f"unknown torchvision classification model '{name}'{hint}")
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"torchvision could not build '{name}' with {kwargs}: {e}") from None
+
+
+def _classes(traced: Traced, wanted: int | None, model: str) -> int:
+    """The class count of a traced classifier: timm's ``num_classes``, else the width of its output.
+
+    A module passed in keeps its own classifier, so a different ``wanted`` count is refused.
+    """
+    own = getattr(traced.model, "num_classes", None)
+    output = next(n for n in traced.eval_graph.nodes if n.op == "output")
+    shape = traced.shapes.get(traced.eval_names[output.name])
+    if not isinstance(own, int):
+        own = shape[1] if shape is not None and len(shape) == 2 else None
+    named = not model.startswith("module:")
+    if own == 0:
+        fix = "pass --num-classes N to give it one" if named else "give it a classifier"
+        raise ConvertError(f"{model} has no classifier (num_classes=0); {fix}")
+    if own is None:
+        what = f"a {len(shape)}-D tensor" if shape is not None else "no single tensor"
+        raise ConvertError(
+            f"{model} returns {what}, not (batch, classes) logits; annify converts classifiers "
+            "(wrap the model so that its forward returns the logits)"
+        )
+    if wanted is not None and wanted != own:
+        raise ConvertError(
+            f"{model} predicts {own} classes, not {wanted}: a module passed in keeps its own classifier; "
+            "change its classifier or leave num_classes out"
+        )
+    return own
+
+
+def _spec_model(spec: Spec, model: nn.Module | None) -> nn.Module:
+    """The model a spec describes: built from its source, or the module the user passes."""
+    source, name = model_source(spec.model)
+    if model is None:
+        if source == "module":
+            raise ConvertError(
+                f"spec '{spec.name}' was converted from a {name} of your own, and a spec never names code "
+                f"to import; pass the module: annify.load(spec, model={name}(...))"
+            )
+        return create_model(spec.model, spec.num_classes, **spec.model_kwargs)
+    if source == "module" and type(model).__name__ != name:
+        raise ConvertError(
+            f"spec '{spec.name}' was converted from a {name}, not a {type(model).__name__}; "
+            "pass the module it was converted from"
+        )
+    return model
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -69,12 +156,13 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def inspect_model(
-    name: str, input_size: tuple[int, int, int] | None = None, **kwargs
+    model: str | nn.Module, input_size: tuple[int, int, int] | None = None, **kwargs
 ) -> tuple[list[TapPoint], list[int], int]:
-    """Candidate tap points of a timm model (block outputs and finer trunk points, in execution order)
-    with the trunk's cumulative FLOPs at each, and the total."""
-    model = create_model(name, **kwargs).eval()
-    traced = trace(model, input_size or default_input_size(model), train_graph=False)
+    """Candidate tap points of a model (a name, as ``create_model`` takes, or a module): block outputs
+    and finer trunk points in execution order, with the trunk's cumulative FLOPs at each, and the total."""
+    m = model if isinstance(model, nn.Module) else create_model(model, **kwargs)
+    m.eval()
+    traced = trace(m, input_size or default_input_size(m), train_graph=False)
     taps = tap_points(traced, trunk=True)
     cum, total = _trunk_costs(traced, taps)
     return taps, cum, total
@@ -289,7 +377,7 @@ def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=No
 
 
 def convert(
-    model: str,
+    model: str | nn.Module,
     every: int | None = None,
     start: int | None = None,
     at: list[str] | None = None,
@@ -301,14 +389,23 @@ def convert(
     head_type: str | None = None,
     name: str | None = None,
 ) -> tuple[AnytimeNet, Spec, Costs]:
-    """Convert a timm model into an anytime network; returns (network, spec, costs)."""
+    """Convert a model into an anytime network; returns (network, spec, costs).
+
+    ``model`` is a name (see ``create_model``; built with fresh weights) or a module of your own, which
+    the network then shares (its submodules and parameters, not copies) and which is left in eval
+    mode. Its spec records ``module:CLASS``; rebuild it with ``load(spec, model=module)``.
+    """
     kwargs = dict(model_kwargs or {})
-    m = create_model(model, num_classes, **kwargs).eval()
-    num_classes = m.num_classes if num_classes is None else num_classes
-    if not num_classes:
-        raise ConvertError(f"{model} has no classifier (num_classes=0); pass --num-classes N to give it one")
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise ConvertError("model_kwargs build a model by name; a module passed in is used as it is")
+        m, source = model, f"module:{type(model).__name__}"
+    else:
+        m, source = create_model(model, num_classes, **kwargs), model
+    m.eval()
     size = tuple(input_size) if input_size else default_input_size(m)
     traced = trace(m, size)
+    num_classes = _classes(traced, num_classes, source)
     taps = tap_points(traced, trunk=True)
     nodes, placement = choose(
         traced, taps, every, start, at, flops_period, heads, _head_costs(traced, num_classes, head_type)
@@ -318,8 +415,8 @@ def convert(
     if num_classes != 1000 or "num_classes" in kwargs:
         kwargs.pop("num_classes", None)
     spec = Spec(
-        name=name or spec_name(model),
-        model=model,
+        name=name or spec_name(source),
+        model=source,
         heads=_head_entries(nodes, taps, costs),
         input_size=size,
         num_classes=num_classes,
@@ -332,14 +429,19 @@ def convert(
     return net, spec, costs
 
 
-def build(spec: Spec) -> AnytimeNet:
-    """Rebuild the network a spec describes (fresh weights)."""
-    return _build(spec)[0]
+def build(spec: Spec, model: nn.Module | None = None) -> AnytimeNet:
+    """Rebuild the network a spec describes: fresh weights, or those of ``model`` where it is passed.
+
+    A spec of a module of your own (``module:CLASS``) needs that module (``model=``); any other spec
+    may take one too (a timm model with pretrained weights, say) in place of a freshly built one.
+    """
+    return _build(spec, model)[0]
 
 
-def _build(spec: Spec) -> tuple[AnytimeNet, Traced]:
-    m = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
+def _build(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Traced]:
+    m = _spec_model(spec, model).eval()
     traced = trace(m, spec.input_size)
+    _classes(traced, spec.num_classes, spec.model)
     if spec.heads[-1].node != "model":
         raise ConvertError("the last entry of 'heads' must be the model's own classifier (node: model)")
     types = [h.type for h in spec.heads[:-1]]
@@ -348,9 +450,9 @@ def _build(spec: Spec) -> tuple[AnytimeNet, Traced]:
     return net, traced
 
 
-def convert_spec(spec: Spec) -> tuple[AnytimeNet, Spec, Costs]:
+def convert_spec(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Spec, Costs]:
     """Build the network a (hand-written) spec describes and fill in its costs: placement by YAML."""
-    net, traced = _build(spec)
+    net, traced = _build(spec, model)
     costs = count(net)
     types = [h.type for h in spec.heads[:-1]]
     heads = _head_entries(spec.taps, tap_points(traced), costs, types)
@@ -359,12 +461,17 @@ def convert_spec(spec: Spec) -> tuple[AnytimeNet, Spec, Costs]:
     return net, spec, costs
 
 
-def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> AnytimeNet:
-    """Load the anytime network a spec file describes, with weights from ``checkpoint`` if given.
+def load(
+    spec: str | os.PathLike | Spec,
+    checkpoint: str | os.PathLike | None = None,
+    model: nn.Module | None = None,
+) -> AnytimeNet:
+    """Load the anytime network a spec (a file, or a ``Spec``) describes, with weights from ``checkpoint``.
 
     ``checkpoint`` is a ``.safetensors`` file or a checkpoint folder holding ``model.safetensors``.
+    ``model`` is the module to rebuild from, needed for a spec of a module of your own (see ``build``).
     """
-    net = build(load_spec(path))
+    net = build(spec if isinstance(spec, Spec) else load_spec(spec), model)
     if checkpoint is not None:
         load_weights(net, checkpoint)
     return net

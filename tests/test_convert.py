@@ -231,6 +231,10 @@ def test_spec_records_the_conversion(tiny):
         ("cifar_resnet_n7_c16", "cifar_resann_n7_c16"),
         ("vit_small_patch16_224", "vit_small_patch16_224_ann"),
         ("convnext_tiny", "convnext_tiny_ann"),
+        ("torchvision:resnet18", "tv_resann18"),  # not timm's resann18
+        ("torchvision:swin_t", "tv_swin_t_ann"),
+        ("hf-hub:timm/resnet18.a1_in1k", "resann18.a1_in1k"),
+        ("module:Mine", "Mine_ann"),
     ],
 )
 def test_spec_name(model, name):
