@@ -160,6 +160,8 @@ def inspect_model(
 ) -> tuple[list[TapPoint], list[int], int]:
     """Candidate tap points of a model (a name, as ``create_model`` takes, or a module): block outputs
     and finer trunk points in execution order, with the trunk's cumulative FLOPs at each, and the total."""
+    if isinstance(model, nn.Module) and kwargs:
+        raise ConvertError(f"{sorted(kwargs)} build a model by name; a module passed in is used as it is")
     m = model if isinstance(model, nn.Module) else create_model(model, **kwargs)
     m.eval()
     traced = trace(m, input_size or default_input_size(m), train_graph=False)
@@ -255,11 +257,18 @@ def choose(
     # nor where the trunk is all but done: a head there would repeat the model's own output
     keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
     inner, cum = [inner[i] for i in keep], [cum[i] for i in keep]
+    branches = (
+        "; block outputs inside branches are left to --every K and --at NODE (see `annify inspect`)"
+        if any(t.kind == "in-branch" for t in taps)
+        else ""
+    )
+    if not inner:
+        raise ConvertError(f"found no tap point on {_arch(traced)}'s trunk for automatic placement{branches}")
     if heads is not None:
         if not 1 <= heads <= len(inner) + 1:
             raise ConvertError(
                 f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), "
-                f"got {heads}"
+                f"got {heads}{branches}"
             )
         fractions, absolute = [k / heads for k in range(1, heads)], []
         placement = {"heads": heads}

@@ -193,6 +193,32 @@ def test_block_outputs_inside_a_branch_are_left_to_every_and_at():
     assert choose(traced, taps, flops_period=0.01)[0] == ["stem", "add", "add_1", "add_2"]
     # trunk cost at add, add_1, add_2: 0.31, 0.54, 0.77 of the whole; targets 1/3 and 2/3
     assert choose(traced, taps, heads=3)[0] == ["add", "add_2"]
+    with pytest.raises(ConvertError, match=r"between 1 and 5 \(4 tap points plus the classifier\), got 6; block "
+                       r"outputs inside branches are left to --every K and --at NODE"):  # fmt: skip
+        choose(traced, taps, heads=6)
+
+
+class _TwoTowers(nn.Module):
+    """Two towers of two units each, side by side until their sum feeds the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleList(nn.Sequential(_Branch(3), _Branch(3)) for _ in range(2))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc((self.towers[0](x) + self.towers[1](x)).mean((2, 3)))
+
+
+def test_a_model_whose_blocks_all_lie_in_branches_has_no_automatic_placement():
+    traced = annify.trace(_TwoTowers().eval(), (3, 8, 8), train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    assert [t.kind for t in taps] == ["in-branch"] * 4
+    with pytest.raises(
+        ConvertError, match="found no tap point on _TwoTowers's trunk for automatic placement; "
+    ):
+        choose(traced, taps, heads=2)
+    assert choose(traced, taps, every=1)[0] == ["towers.0.0.act", "towers.0.1.act", "towers.1.0.act"]
 
 
 def test_at_exact_names_in_execution_order(make_tiny):
