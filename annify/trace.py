@@ -78,7 +78,7 @@ class TapPoint:
     (``index`` None) are nodes every path from the input to the output passes through. ``on_trunk``
     says whether automatic placement (``--heads``, ``--flops-period``) may use the point: False for
     a block output inside one branch of a larger block (an HRNet branch), where the cut also carries
-    tensors the head never sees.
+    tensors from the other branches that the head never sees.
     """
 
     index: int | None  # 1-based block index; None for a trunk point between block outputs
@@ -358,7 +358,9 @@ def tap_points(traced: Traced, trunk: bool = False) -> list[TapPoint]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     data = _data_nodes(graph)
     found = []
-    for path in find_blocks(traced.model):
+    paths = find_blocks(traced.model)
+    block_of = _blocks_of(graph, names, paths)
+    for path in paths:
         out = _block_output(graph, names, path)
         if out is None:
             continue
@@ -375,7 +377,7 @@ def tap_points(traced: Traced, trunk: bool = False) -> list[TapPoint]:
         if q in seen:
             continue
         seen.add(q)
-        whole = _holds_everything(out, data, order)
+        whole = _outside_branches(out, path, block_of, data, order)
         taps.append(TapPoint(len(taps) + 1, q, path, layout, ch, spatial, tuple(shape[1:]), whole))
     if not trunk:
         return taps
@@ -453,17 +455,38 @@ def _dominators(graph: fx.Graph, data: set[fx.Node], order: dict[fx.Node, int]) 
     return chain[::-1]
 
 
-def _holds_everything(node: fx.Node, data: set[fx.Node], order: dict[fx.Node, int]) -> bool:
-    """Whether the cut after ``node`` carries only ``node`` and the tensors it was made from.
+def _blocks_of(graph: fx.Graph, names: dict[str, str], paths: list[str]) -> dict[fx.Node, str]:
+    """The block (module path) each node of ``graph`` belongs to, for the nodes inside one."""
+    found = {}
+    for n in graph.nodes:
+        q = names.get(n.name, "")
+        inside = [p for p in paths if q == p or q.startswith(f"{p}.")]
+        if inside:
+            found[n] = max(inside, key=len)
+    return found
 
-    True at every dominator and inside a DenseNet block (the tap is the concatenation of every
-    feature map still needed); False inside one branch of a block, where the other branches' tensors
-    cross the cut without the head seeing them.
+
+def _outside_branches(
+    node: fx.Node, path: str, block_of: dict[fx.Node, str], data: set[fx.Node], order: dict[fx.Node, int]
+) -> bool:
+    """Whether the output ``node`` of block ``path`` lies outside every branch.
+
+    It does where each tensor crossing the cut after it is the output itself, one it was made from
+    (inside a DenseNet block the tap is the concatenation of every feature map still needed), or a
+    stream that blocks pass on to later blocks beside it (TNT's blocks carry a pixel stream next to
+    the patch tokens). It does not where the tensor is a sibling branch's (HRNet, CrossViT) or a
+    shortcut that the model adds outside the block (``x + unit(x)``), nor where the block goes on
+    after its output.
     """
     own = {node, *node.all_input_nodes}
     at = order[node]
-    crossing = (v for v in data if order[v] <= at and any(order[u] > at for u in v.users))
-    return all(v in own for v in crossing)
+    for v in data:
+        later = [u for u in v.users if order[u] > at]
+        if v in own or order[v] > at or not later:
+            continue
+        if v not in block_of or any(block_of.get(u, path) == path for u in later):
+            return False
+    return True
 
 
 _INPLACE_OPERATORS = {

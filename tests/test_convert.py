@@ -210,6 +210,40 @@ class _TwoTowers(nn.Module):
         return self.fc((self.towers[0](x) + self.towers[1](x)).mean((2, 3)))
 
 
+class _TwoStreams(nn.Module):
+    """A unit that passes two streams on, as TNT's blocks do: (a, b) -> (a + f(a) + h(b'), b') with b' = b + g(b)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.f, self.g, self.h = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, streams):
+        a, b = streams
+        b = b + self.g(b)
+        return a + self.f(a) + self.h(b), b
+
+
+class _StreamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.units = nn.Sequential(*(_TwoStreams(4) for _ in range(4)))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, _ = self.units((self.stem(x), x.mean(1, keepdim=True).expand(-1, 4, -1, -1)))
+        return self.fc(a.mean((2, 3)))
+
+
+def test_a_stream_that_blocks_pass_on_beside_their_output_is_no_branch():
+    """The cut after a unit's output also carries the unit's second stream, which only later units read."""
+    traced = annify.trace(_StreamNet().eval(), (3, 8, 8), train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    assert [(t.kind, t.node) for t in taps if t.index] == [("block", f"units.{i}.add_2") for i in range(4)]
+    picked, _ = choose(traced, taps, heads=4)
+    assert picked == ["units.0.add_2", "units.1.add_2", "units.2.add_2"]
+
+
 def test_a_model_whose_blocks_all_lie_in_branches_has_no_automatic_placement():
     traced = annify.trace(_TwoTowers().eval(), (3, 8, 8), train_graph=False)
     taps = annify.tap_points(traced, trunk=True)
