@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import yaml
+from helpers import ConvBNReLU
 from torch import nn
 
 import annify
@@ -147,26 +148,13 @@ def test_automatic_placement_never_taps_inside_a_branch():
     assert not any(re.search(r"\.(conv|bn)\d$|\.add$", n) for n in picked)
 
 
-class _Branch(nn.Module):
-    """conv-BN-ReLU: the residual branch of a unit whose parent adds the shortcut."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
 class _ParentAdds(nn.Module):
     """Four repeated units whose outputs are branches: ``x = x + unit(x)`` happens outside them."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.units = nn.ModuleList(_Branch(8) for _ in range(4))
+        self.units = nn.ModuleList(ConvBNReLU(8) for _ in range(4))
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -203,7 +191,7 @@ class _TwoTowers(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.towers = nn.ModuleList(nn.Sequential(_Branch(3), _Branch(3)) for _ in range(2))
+        self.towers = nn.ModuleList(nn.Sequential(ConvBNReLU(3), ConvBNReLU(3)) for _ in range(2))
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):

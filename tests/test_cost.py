@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ConvBNReLU
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,17 +20,11 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(ConvBNReLU):
     """x + relu(bn(conv3x3(x))), C channels in and out."""
 
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.act = nn.ReLU()
-
     def forward(self, x):
-        return x + self.act(self.bn(self.conv(x)))
+        return x + super().forward(x)
 
 
 class Tiny(nn.Module):
