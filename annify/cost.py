@@ -5,9 +5,9 @@ Convention, stated once: fvcore counts one fused multiply-add as one FLOP (so re
 batch size 1, where fvcore counts BatchNorm as its eval-mode affine: two FLOPs per element (one
 without affine parameters). Heads are counted like any other module. ``scaled_dot_product_attention``,
 which fvcore leaves at zero, is counted here as batch·heads·L·S·(D + Dv) multiply-adds (QKᵀ plus
-AV); so is torch's fused ``_native_multi_head_attention`` (``nn.MultiheadAttention`` in eval mode, as in
-torchvision's ViT), plus its q/k/v in-projection and out-projection. The operators fvcore still skips (elementwise adds, activations, pooling) are reported, never
-hidden.
+AV); so is torch's fused ``_native_multi_head_attention`` (``nn.MultiheadAttention`` in eval mode,
+as in torchvision's ViT), plus its q/k/v in-projection and out-projection. The operators fvcore
+still skips (elementwise adds, activations, pooling) are reported, never hidden.
 
 For output k (0-based) of an anytime network:
 

@@ -385,13 +385,13 @@ def tap_points(traced: Traced, trunk: bool = False) -> list[TapPoint]:
     in_train = set(traced.train_names.values()) if traced.train_graph is not None else None
     readable = []
     for node in _dominators(graph, data, order):
-        q = names[node.name]
-        described = _head_readable(traced, node, q)
         # a value the next op overwrites in place (x + shortcut, then ReLU(inplace=True)) would need a
         # copy for its head: the overwriting op's own output is a point at the same cost
-        if overwritten(node, traced.model):
+        q = names[node.name]
+        if overwritten(node, traced.model) or (in_train is not None and q not in in_train):
             continue
-        if described is not None and (in_train is None or q in in_train):
+        described = _head_readable(traced, node, q)
+        if described is not None:
             readable.append((node, q, described))
     for node, q, (layout, ch, spatial, shape) in readable[:-1]:
         if q not in seen:
