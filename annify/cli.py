@@ -41,9 +41,13 @@ def _kwargs(in_chans):
 def inspect(model, input_size, num_classes, in_chans):
     """List MODEL's candidate tap points in execution order, with their cost.
 
-    Columns: 1-based block index, graph node, module path, feature layout (NCHW, NHWC or tokens
-    NLC), channels, spatial size or token count, cumulative trunk FLOPs (fvcore: one multiply-add
-    = 1 FLOP) and the fraction of the whole model.
+    MODEL is a timm name, hf-hub:ORG/NAME (timm, from the Hugging Face Hub) or torchvision:NAME.
+    Columns: kind, 1-based block index, graph node, module path, feature layout (NCHW, NHWC or
+    tokens NLC), channels, spatial size or token count, cumulative trunk FLOPs (fvcore: one
+    multiply-add = 1 FLOP) and the fraction of the whole model. Kinds: `block` is a block output
+    (what --every counts); `trunk` is a finer point every path through the network passes
+    (--heads and --flops-period use these and the blocks); `in-branch` is a block output inside one
+    branch of a larger block, which only --every and --at use.
 
     Example: annify inspect resnet50
     """
@@ -53,22 +57,25 @@ def inspect(model, input_size, num_classes, in_chans):
     if num_classes:
         kw["num_classes"] = num_classes
     taps, cum, total = inspect_model(model, parse_size(input_size), **kw)
-    rows = [("block", "node", "module", "layout", "channels", "size", "flops", "fraction")]
+    rows = [("kind", "block", "node", "module", "layout", "channels", "size", "flops", "fraction")]
     for t, c in zip(taps, cum):
         size = "x".join(str(s) for s in t.spatial)
+        block = "-" if t.index is None else str(t.index)
+        fraction = f"{c / total:.3f}"
         rows.append(
             (
-                str(t.index),
+                t.kind,
+                block,
                 t.node,
-                t.module,
+                t.module or "-",
                 t.layout,
                 str(t.channels),
                 size,
                 format_flops(c),
-                f"{c / total:.3f}",
+                fraction,
             )
         )
-    rows.append(("", "(whole model)", "", "", "", "", format_flops(total), "1.000"))
+    rows.append(("", "", "(whole model)", "", "", "", "", format_flops(total), "1.000"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
@@ -110,8 +117,10 @@ def convert(
 ):
     """Convert MODEL into an anytime network and write its spec.
 
-    MODEL is a timm model name, or a YAML spec whose `heads` list the nodes (placement by spec):
-    the network it describes is built and its costs are filled in.
+    MODEL is a timm name, hf-hub:ORG/NAME (timm, from the Hugging Face Hub), torchvision:NAME
+    (torchvision's model registry, fresh weights), or a YAML spec whose `heads` list the nodes
+    (placement by spec): the network it describes is built and its costs are filled in. A module
+    of your own is converted in Python: annify.convert(module, heads=4).
 
     Example: annify convert resnet50 --every 2 --out zoo/
     """

@@ -1,6 +1,8 @@
-"""The convert stage: a timm model and a placement in, an anytime network and its spec out.
+"""The convert stage: a model and a placement in, an anytime network and its spec out.
 
-Placement is declarative: after every K blocks (``every``, ``start``), at named nodes or globs
+The model is a name (timm's registry, timm's ``hf-hub:ORG/NAME``, ``torchvision:NAME``) or any
+``nn.Module`` torch.fx can trace. A spec records a module of the user's own as ``module:CLASS`` and
+never names code to import: ``build``/``load`` take the module again (``model=``). Placement is declarative: after every K blocks (``every``, ``start``), at named nodes or globs
 (``at``), at multiples of a FLOP period (``flops_period``), or N outputs spaced evenly by cost
 (``heads``). The last block is never given a head: the model's own classifier reads it and is
 always the last output (so ``resnet50 --every 2`` has 8 outputs, as in the paper).
@@ -11,6 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,10 +22,10 @@ import torch
 from torch import nn
 
 from annify import heads as head_registry
-from annify.cost import CONVENTION, Costs, count
+from annify.cost import CONVENTION, Costs, count, head_flops
 from annify.errors import ConvertError
 from annify.rewrite import AnytimeNet
-from annify.spec import HeadSpec, Spec, load_spec, spec_name
+from annify.spec import HeadSpec, Spec, SpecError, load_spec, model_source, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
 
 __all__ = [
@@ -38,21 +41,109 @@ __all__ = [
 ]
 
 
+# Automatic placement leaves out tap points past this fraction of the trunk's cost.
+FINAL_FRACTION = 0.99
+
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with annify's registrations, and close-name suggestions for typos."""
+    """A model with fresh weights, by name: timm's registry (annify's registrations included), timm's
+    ``hf-hub:ORG/NAME``, or ``torchvision:NAME`` (``torchvision.models.get_model``). Typos get close names.
+    """
     import annify.models  # noqa: F401 - registers the cifar_resnet family
 
-    if not timm.is_model(name):
+    try:
+        source, ident = model_source(name)
+    except SpecError as e:
+        raise ConvertError(str(e)) from None
+    if source == "module":
+        raise ConvertError(
+            f"'{name}' stands for a module of your own, which annify never imports; pass the module itself: "
+            "annify.convert(module, ...) or annify.load(spec, model=module)"
+        )
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if source == "torchvision":
+        return _torchvision_model(ident, kwargs)
+    if source == "timm" and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists the names"
         raise ConvertError(f"unknown model '{name}'{hint}")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ConvertError(f"timm could not build '{name}' with {kwargs}: {e}") from None
+    except (OSError, RuntimeError, ValueError, ImportError) as e:  # the Hub's download errors are OSErrors
+        if source != "hf-hub":
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(
+            f"could not fetch '{name}' from the Hugging Face Hub ({why}); check the name and the network, "
+            "or build the model with timm where the Hub is reachable and pass it: annify.convert(model)"
+        ) from None
+
+
+def _torchvision_model(name: str, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)  # the classification models
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else "; torchvision.models.list_models() lists them"
+        )
+        raise ConvertError(f"unknown torchvision classification model '{name}'{hint}")
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"torchvision could not build '{name}' with {kwargs}: {e}") from None
+
+
+def _classes(traced: Traced, wanted: int | None, model: str) -> int:
+    """The class count of a traced classifier: timm's ``num_classes``, else the width of its output.
+
+    A module passed in keeps its own classifier, so a different ``wanted`` count is refused.
+    """
+    own = getattr(traced.model, "num_classes", None)
+    output = next(n for n in traced.eval_graph.nodes if n.op == "output")
+    shape = traced.shapes.get(traced.eval_names[output.name])
+    if not isinstance(own, int):
+        own = shape[1] if shape is not None and len(shape) == 2 else None
+    named = not model.startswith("module:")
+    if own == 0:
+        fix = "pass --num-classes N to give it one" if named else "give it a classifier"
+        raise ConvertError(f"{model} has no classifier (num_classes=0); {fix}")
+    if own is None:
+        what = f"a {len(shape)}-D tensor" if shape is not None else "no single tensor"
+        raise ConvertError(
+            f"{model} returns {what}, not (batch, classes) logits; annify converts classifiers "
+            "(wrap the model so that its forward returns the logits)"
+        )
+    if wanted is not None and wanted != own:
+        raise ConvertError(
+            f"{model} predicts {own} classes, not {wanted}: a module passed in keeps its own classifier; "
+            "change its classifier or leave num_classes out"
+        )
+    return own
+
+
+def _spec_model(spec: Spec, model: nn.Module | None) -> nn.Module:
+    """The model a spec describes: built from its source, or the module the user passes."""
+    source, name = model_source(spec.model)
+    if model is None:
+        if source == "module":
+            raise ConvertError(
+                f"spec '{spec.name}' was converted from a {name} of your own, and a spec never names code "
+                f"to import; pass the module: annify.load(spec, model={name}(...))"
+            )
+        return create_model(spec.model, spec.num_classes, **spec.model_kwargs)
+    if source == "module" and type(model).__name__ != name:
+        raise ConvertError(
+            f"spec '{spec.name}' was converted from a {name}, not a {type(model).__name__}; "
+            "pass the module it was converted from"
+        )
+    return model
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -62,12 +153,16 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def inspect_model(
-    name: str, input_size: tuple[int, int, int] | None = None, **kwargs
+    model: str | nn.Module, input_size: tuple[int, int, int] | None = None, **kwargs
 ) -> tuple[list[TapPoint], list[int], int]:
-    """Candidate tap points of a timm model with the trunk's cumulative FLOPs at each, and the total."""
-    model = create_model(name, **kwargs).eval()
-    traced = trace(model, input_size or default_input_size(model), train_graph=False)
-    taps = tap_points(traced)
+    """Candidate tap points of a model (a name, as ``create_model`` takes, or a module): block outputs
+    and finer trunk points in execution order, with the trunk's cumulative FLOPs at each, and the total."""
+    if isinstance(model, nn.Module) and kwargs:
+        raise ConvertError(f"{sorted(kwargs)} build a model by name; a module passed in is used as it is")
+    m = model if isinstance(model, nn.Module) else create_model(model, **kwargs)
+    m.eval()
+    traced = trace(m, input_size or default_input_size(m), train_graph=False)
+    taps = tap_points(traced, trunk=True)
     cum, total = _trunk_costs(traced, taps)
     return taps, cum, total
 
@@ -95,8 +190,15 @@ def choose(
     at: list[str] | None = None,
     flops_period: float | None = None,
     heads: int | None = None,
+    head_flops: Callable[[TapPoint], int] | None = None,
 ) -> tuple[list[str], dict]:
-    """Pick the nodes that get heads; returns (nodes in execution order, the placement as data)."""
+    """Pick the nodes that get heads; returns (nodes in execution order, the placement as data).
+
+    ``taps`` are the candidates (``tap_points(traced, trunk=True)``): ``every``/``start`` count the
+    block outputs among them; ``heads`` and ``flops_period`` take the candidate nearest each target
+    cost among those on the trunk (never one inside a branch, never the last block's output),
+    counting each head's own cost (``head_flops`` of a candidate) where it is given.
+    """
     given = [
         k for k, v in dict(every=every or start, at=at, flops_period=flops_period, heads=heads).items() if v
     ]
@@ -106,7 +208,7 @@ def choose(
         raise ConvertError(
             "found no repeated blocks to place heads after; name nodes with --at (see `annify inspect`)"
         )
-    inner = taps[:-1]  # the last block feeds the model's own classifier
+    blocks = [t for t in taps if t.index is not None]
     if every is not None or start is not None:
         every = every if every is not None else 1
         start = start if start is not None else every
@@ -114,6 +216,12 @@ def choose(
             raise ConvertError(
                 f"--every and --start must be positive integers, got every={every} start={start}"
             )
+        if not blocks:
+            raise ConvertError(
+                "found no repeated blocks to count with --every; use --heads N or name nodes with --at "
+                "(see `annify inspect`)"
+            )
+        inner = blocks[:-1]  # the last block feeds the model's own classifier
         picked = [t.node for t in inner if t.index >= start and (t.index - start) % every == 0]
         return picked, {"every": every, "start": start}
     if at:
@@ -135,29 +243,67 @@ def choose(
             picked += [h for h in hits if h not in picked]
         order = {q: i for i, q in enumerate(traced.qualnames)}
         return sorted(picked, key=order.get), {"at": list(at)}
-    if heads is not None and not 1 <= heads <= len(inner) + 1:  # checked before the (slow) costing
-        raise ConvertError(
-            f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), got {heads}"
-        )
-    cum, total = _trunk_costs(traced, taps)
-    cum = cum[:-1]  # inner taps only
-    if heads is not None:
-        targets = [total * k / heads for k in range(1, heads)]
-        placement = {"heads": heads}
-    elif flops_period is not None:
-        if flops_period <= 0:
-            raise ConvertError(f"--flops-period must be positive, got {flops_period}")
-        period = flops_period * total if flops_period <= 1 else flops_period
-        targets = [period * k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
-        placement = {"flops_period": flops_period}
-    else:
+    # automatic placement: never inside a branch, never the last block (the classifier reads it)
+    if heads is None and flops_period is None:
         raise ConvertError("give a placement: --every K, --at NODE, --flops-period P or --heads N")
+    if flops_period is not None and flops_period <= 0:
+        raise ConvertError(f"--flops-period must be positive, got {flops_period}")
+    last = blocks[-1].node if blocks else None
+    inner = [t for t in taps if t.on_trunk and t.node != last]
+    cum, total = _trunk_costs(traced, inner)
+    # nor where the trunk is all but done: a head there would repeat the model's own output
+    keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
+    inner, cum = [inner[i] for i in keep], [cum[i] for i in keep]
+    branches = (
+        "; block outputs inside branches are left to --every K and --at NODE (see `annify inspect`)"
+        if any(t.kind == "in-branch" for t in taps)
+        else ""
+    )
+    if not inner:
+        raise ConvertError(f"found no tap point on {_arch(traced)}'s trunk for automatic placement{branches}")
+    if heads is not None:
+        if not 1 <= heads <= len(inner) + 1:
+            raise ConvertError(
+                f"--heads must be between 1 and {len(inner) + 1} ({len(inner)} tap points plus the classifier), "
+                f"got {heads}{branches}"
+            )
+        fractions, absolute = [k / heads for k in range(1, heads)], []
+        placement = {"heads": heads}
+    else:
+        period = flops_period * total if flops_period <= 1 else flops_period
+        ks = [k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
+        fractions = [k * flops_period for k in ks] if flops_period <= 1 else []
+        absolute = [k * period for k in ks] if flops_period > 1 else []
+        placement = {"flops_period": flops_period}
+    picked = _nearest(cum, total, fractions, absolute, [head_flops(t) for t in inner] if head_flops else None)
+    return [inner[i].node for i in picked], placement
+
+
+def _nearest(
+    cum: list[int], total: int, fractions: list[float], absolute: list[float], head: list[int] | None
+) -> list[int]:
+    """Indices of the candidates whose anytime cost is nearest each target, one candidate per target.
+
+    The anytime cost of an output at candidate i is the trunk's ``cum[i]`` plus the heads placed up
+    to it; a fraction is of the whole anytime network (trunk plus every head). Heads change both,
+    so the choice is repeated with the heads of the previous choice until it settles.
+    """
+    head = head or [0] * len(cum)
     picked: list[int] = []
-    for target in targets:  # nearest unused tap point by trunk cost
-        free = [i for i in range(len(inner)) if i not in picked]
-        if free:
-            picked.append(min(free, key=lambda i: abs(cum[i] - target)))
-    return [inner[i].node for i in sorted(picked)], placement
+    for _ in range(4):
+        all_heads = sum(head[i] for i in picked)
+        targets = [f * (total + all_heads) for f in fractions] + list(absolute)
+        chosen: list[int] = []
+        for target in targets:  # nearest unused candidate, counting the heads chosen before it
+            free = [i for i in range(len(cum)) if i not in chosen]
+            if free:
+                before = {i: sum(head[j] for j in chosen if j < i) for i in free}
+                chosen.append(min(free, key=lambda i: abs(cum[i] + before[i] + head[i] - target)))
+        chosen.sort()
+        if chosen == picked:
+            break
+        picked = chosen
+    return picked
 
 
 def _build_net(
@@ -181,12 +327,9 @@ def _build_net(
             layout, channels, _, _ = describe_node(traced, node)
         except ValueError as e:
             raise ConvertError(f"cannot put a head at '{node}': {e}") from None
-        kind = (types[i] if types else None) or head_type or head_registry.default_for(layout)
-        prefix = getattr(traced.model, "num_prefix_tokens", 0)
-        try:
-            heads.append(head_registry.build(kind, channels, num_classes, layout, num_prefix_tokens=prefix))
-        except (KeyError, ValueError) as e:
-            raise ConvertError(str(e).strip("'\"")) from None
+        heads.append(
+            _make_head(traced, layout, channels, num_classes, (types[i] if types else None) or head_type)
+        )
     try:
         return AnytimeNet(traced, nodes, heads)
     except KeyError as e:
@@ -195,8 +338,33 @@ def _build_net(
         raise ConvertError(f"heads: {e}") from None
 
 
+def _make_head(traced: Traced, layout: str, channels: int, num_classes: int, kind: str | None) -> nn.Module:
+    kind = kind or head_registry.default_for(layout)
+    prefix = getattr(traced.model, "num_prefix_tokens", 0)
+    try:
+        return head_registry.build(kind, channels, num_classes, layout, num_prefix_tokens=prefix)
+    except (KeyError, ValueError) as e:
+        raise ConvertError(str(e).strip("'\"")) from None
+
+
+def _head_costs(traced: Traced, num_classes: int, head_type: str | None) -> Callable[[TapPoint], int]:
+    """FLOPs of the head a tap point would get (one head built and counted per feature shape)."""
+    cache: dict[tuple, int] = {}
+
+    def flops(tap: TapPoint) -> int:
+        key = (tap.layout, tap.channels, tap.shape)
+        if key not in cache:
+            cache[key] = head_flops(
+                _make_head(traced, tap.layout, tap.channels, num_classes, head_type), tap.shape
+            )
+        return cache[key]
+
+    return flops
+
+
 def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=None) -> list[HeadSpec]:
-    block_of = {t.node: t.index for t in taps}
+    block_of = {t.node: t.index for t in taps if t.index is not None}
+    n_blocks = len(block_of)
     frac = costs.fraction
     entries = []
     for i, node in enumerate([*nodes, "model"]):
@@ -204,7 +372,7 @@ def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=No
             HeadSpec(
                 node=node,
                 type=(types[i] if types and i < len(nodes) else None),
-                block=block_of.get(node, len(taps) if node == "model" and taps else None),
+                block=block_of.get(node, n_blocks if node == "model" and n_blocks else None),
                 flops=costs.flops[i],
                 fraction=round(frac[i], 4),
                 flops_single=costs.flops_single[i],
@@ -215,7 +383,7 @@ def _head_entries(nodes: list[str], taps: list[TapPoint], costs: Costs, types=No
 
 
 def convert(
-    model: str,
+    model: str | nn.Module,
     every: int | None = None,
     start: int | None = None,
     at: list[str] | None = None,
@@ -227,23 +395,34 @@ def convert(
     head_type: str | None = None,
     name: str | None = None,
 ) -> tuple[AnytimeNet, Spec, Costs]:
-    """Convert a timm model into an anytime network; returns (network, spec, costs)."""
+    """Convert a model into an anytime network; returns (network, spec, costs).
+
+    ``model`` is a name (see ``create_model``; built with fresh weights) or a module of your own, which
+    the network then shares (its submodules and parameters, not copies) and which is left in eval
+    mode. Its spec records ``module:CLASS``; rebuild it with ``load(spec, model=module)``.
+    """
     kwargs = dict(model_kwargs or {})
-    m = create_model(model, num_classes, **kwargs).eval()
-    num_classes = m.num_classes if num_classes is None else num_classes
-    if not num_classes:
-        raise ConvertError(f"{model} has no classifier (num_classes=0); pass --num-classes N to give it one")
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise ConvertError("model_kwargs build a model by name; a module passed in is used as it is")
+        m, source = model, f"module:{type(model).__name__}"
+    else:
+        m, source = create_model(model, num_classes, **kwargs), model
+    m.eval()
     size = tuple(input_size) if input_size else default_input_size(m)
     traced = trace(m, size)
-    taps = tap_points(traced)
-    nodes, placement = choose(traced, taps, every, start, at, flops_period, heads)
+    num_classes = _classes(traced, num_classes, source)
+    taps = tap_points(traced, trunk=True)
+    nodes, placement = choose(
+        traced, taps, every, start, at, flops_period, heads, _head_costs(traced, num_classes, head_type)
+    )
     net = _build_net(traced, nodes, num_classes, head_type)
     costs = count(net)
     if num_classes != 1000 or "num_classes" in kwargs:
         kwargs.pop("num_classes", None)
     spec = Spec(
-        name=name or spec_name(model),
-        model=model,
+        name=name or spec_name(source),
+        model=source,
         heads=_head_entries(nodes, taps, costs),
         input_size=size,
         num_classes=num_classes,
@@ -256,14 +435,19 @@ def convert(
     return net, spec, costs
 
 
-def build(spec: Spec) -> AnytimeNet:
-    """Rebuild the network a spec describes (fresh weights)."""
-    return _build(spec)[0]
+def build(spec: Spec, model: nn.Module | None = None) -> AnytimeNet:
+    """Rebuild the network a spec describes: fresh weights, or those of ``model`` where it is passed.
+
+    A spec of a module of your own (``module:CLASS``) needs that module (``model=``); any other spec
+    may take one too (a timm model with pretrained weights, say) in place of a freshly built one.
+    """
+    return _build(spec, model)[0]
 
 
-def _build(spec: Spec) -> tuple[AnytimeNet, Traced]:
-    m = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
+def _build(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Traced]:
+    m = _spec_model(spec, model).eval()
     traced = trace(m, spec.input_size)
+    _classes(traced, spec.num_classes, spec.model)
     if spec.heads[-1].node != "model":
         raise ConvertError("the last entry of 'heads' must be the model's own classifier (node: model)")
     types = [h.type for h in spec.heads[:-1]]
@@ -272,9 +456,9 @@ def _build(spec: Spec) -> tuple[AnytimeNet, Traced]:
     return net, traced
 
 
-def convert_spec(spec: Spec) -> tuple[AnytimeNet, Spec, Costs]:
+def convert_spec(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Spec, Costs]:
     """Build the network a (hand-written) spec describes and fill in its costs: placement by YAML."""
-    net, traced = _build(spec)
+    net, traced = _build(spec, model)
     costs = count(net)
     types = [h.type for h in spec.heads[:-1]]
     heads = _head_entries(spec.taps, tap_points(traced), costs, types)
@@ -283,12 +467,17 @@ def convert_spec(spec: Spec) -> tuple[AnytimeNet, Spec, Costs]:
     return net, spec, costs
 
 
-def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> AnytimeNet:
-    """Load the anytime network a spec file describes, with weights from ``checkpoint`` if given.
+def load(
+    spec: str | os.PathLike | Spec,
+    checkpoint: str | os.PathLike | None = None,
+    model: nn.Module | None = None,
+) -> AnytimeNet:
+    """Load the anytime network a spec (a file, or a ``Spec``) describes, with weights from ``checkpoint``.
 
     ``checkpoint`` is a ``.safetensors`` file or a checkpoint folder holding ``model.safetensors``.
+    ``model`` is the module to rebuild from, needed for a spec of a module of your own (see ``build``).
     """
-    net = build(load_spec(path))
+    net = build(spec if isinstance(spec, Spec) else load_spec(spec), model)
     if checkpoint is not None:
         load_weights(net, checkpoint)
     return net

@@ -5,8 +5,9 @@ Convention, stated once: fvcore counts one fused multiply-add as one FLOP (so re
 batch size 1, where fvcore counts BatchNorm as its eval-mode affine: two FLOPs per element (one
 without affine parameters). Heads are counted like any other module. ``scaled_dot_product_attention``,
 which fvcore leaves at zero, is counted here as batch·heads·L·S·(D + Dv) multiply-adds (QKᵀ plus
-AV). The operators fvcore still skips (elementwise adds, activations, pooling) are reported, never
-hidden.
+AV); so is torch's fused ``_native_multi_head_attention`` (``nn.MultiheadAttention`` in eval mode,
+as in torchvision's ViT), plus its q/k/v in-projection and out-projection. The operators fvcore
+still skips (elementwise adds, activations, pooling) are reported, never hidden.
 
 For output k (0-based) of an anytime network:
 
@@ -32,11 +33,12 @@ with warnings.catch_warnings():  # fvcore (last release 2022) calls the deprecat
 from annify.rewrite import AnytimeNet
 from annify.spec import Spec
 
-__all__ = ["CONVENTION", "Costs", "count", "sdpa_flop_jit", "with_costs"]
+__all__ = ["CONVENTION", "Costs", "count", "head_flops", "mha_flop_jit", "sdpa_flop_jit", "with_costs"]
 
 CONVENTION = (
     "fvcore FLOPs: one fused multiply-add = 1 FLOP; eval mode, batch 1; "
-    "scaled_dot_product_attention counted as B*H*L*S*(D+Dv)"
+    "scaled_dot_product_attention counted as B*H*L*S*(D+Dv), fused multi-head attention "
+    "as that plus its in- and out-projections"
 )
 
 
@@ -47,6 +49,26 @@ def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     for d in q[:-1]:
         batch *= d  # B·H·L
     return batch * k[-2] * (q[-1] + v[-1])
+
+
+def mha_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::_native_multi_head_attention``, the fused path of ``nn.MultiheadAttention``.
+
+    Inputs: query (B, L, E), key and value (B, S, E), embed_dim, num_heads, the packed q/k/v weight
+    (3E, E) and bias, the out-projection weight (Eo, E) and bias, ... Multiply-adds: the in-projection
+    B·(L + 2S)·E·E, attention B·H·L·S·(D + Dv) = B·L·S·2E (H heads of D = E/H), the out-projection
+    B·L·E·Eo; biases are not counted, as fvcore counts none for ``linear``.
+    """
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    qkv_w, proj_w = get_shape(inputs[5]), get_shape(inputs[7])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    length, source, dim = q[-2], k[-2], q[-1]
+    in_proj = batch * (length + 2 * source) * (qkv_w[0] // 3) * qkv_w[1]
+    attention = batch * length * source * 2 * dim
+    out_proj = batch * length * proj_w[0] * proj_w[1]
+    return in_proj + attention + out_proj
 
 
 @dataclass
@@ -93,10 +115,21 @@ def _fvcore(fn, args: tuple, owner: nn.Module, unsupported: Counter) -> int:
     probe = _Probe(fn, args, owner)
     fca = FlopCountAnalysis(probe, tuple(a for a in args if isinstance(a, torch.Tensor)))
     fca.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    fca.set_op_handle("aten::_native_multi_head_attention", mha_flop_jit)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     total = int(fca.total())
     unsupported.update(fca.unsupported_ops())
     return total
+
+
+def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of ``head`` reading one feature of ``shape`` (no batch dimension), by the convention above."""
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        flops = _fvcore(head, (torch.zeros(1, *shape),), head, Counter())
+    head.train(was_training)
+    return flops
 
 
 def _param_owners(net: AnytimeNet) -> list[set[int]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from annify.trace import Traced
+from annify.trace import Traced, overwritten
 
 __all__ = ["AnytimeNet", "Segment", "cut"]
 
@@ -157,6 +157,10 @@ class AnytimeNet(nn.Module):
             if traced.train_graph is not None
             else None
         )
+        # a tap value that a later op overwrites in place (ReLU(inplace=True) after a residual add):
+        # its head reads a copy, or backward would find the value it saved already changed
+        modes = [False, True] if traced.train_graph is not None else [False]
+        self._copy_tap = [any(overwritten(traced.node(q, m), traced.model) for m in modes) for q in taps]
         self.train(traced.model.training)
 
     @property
@@ -193,7 +197,9 @@ class AnytimeNet(nn.Module):
         if seg.tap is None:
             return (), values
         feature = values[seg.tap]
-        return tuple(values[: seg.carry]), (self.exits[j](feature) if head else feature)
+        if not head:
+            return tuple(values[: seg.carry]), feature
+        return tuple(values[: seg.carry]), self.exits[j](feature.clone() if self._copy_tap[j] else feature)
 
     def stream(self, x: torch.Tensor, k: int | None = None) -> Iterator[object]:
         """Yield the outputs one at a time, computing each segment only when the next one is asked for."""

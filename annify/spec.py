@@ -1,9 +1,12 @@
 """Specs: plain, commented YAML that fully describes an anytime network.
 
-A spec names a timm model (and its keyword arguments), the input size, the class count and one
-entry per output, in order; the last entry is the model's own classifier. Loading collects every
-problem and reports them together, each with the key that is wrong. ``yaml.safe_load`` only: a
-spec never names Python to import and run.
+A spec names a model (and its keyword arguments), the input size, the class count and one entry per
+output, in order; the last entry is the model's own classifier. The model is a timm name, timm's
+``hf-hub:ORG/NAME``, ``torchvision:NAME`` (from torchvision's model registry), or ``module:CLASS``
+for a module of the user's own, which the spec records but can never rebuild: the user passes the
+module again (``annify.load(spec, model=module)``). Loading collects every problem and reports them
+together, each with the key that is wrong. ``yaml.safe_load`` only: a spec never names Python to
+import and run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ import yaml
 
 from annify.errors import SpecError
 
-__all__ = ["HeadSpec", "Spec", "SpecError", "atomic_write", "dump", "load_spec", "parse", "spec_name"]
+__all__ = [
+    "SOURCES",
+    "HeadSpec",
+    "Spec",
+    "SpecError",
+    "atomic_write",
+    "dump",
+    "load_spec",
+    "model_source",
+    "parse",
+    "spec_name",
+]
 
 
 
@@ -38,10 +52,10 @@ class HeadSpec:
 
 @dataclass
 class Spec:
-    """An anytime network: a timm model plus its outputs."""
+    """An anytime network: a model (see ``model_source``) plus its outputs."""
 
     name: str
-    model: str
+    model: str  # resnet50, hf-hub:timm/resnet50.a1_in1k, torchvision:resnet50 or module:MyNet
     heads: list[HeadSpec]
     input_size: tuple[int, int, int] = (3, 224, 224)
     num_classes: int = 1000
@@ -57,11 +71,47 @@ class Spec:
         return [h.node for h in self.heads[:-1]]
 
 
+# Where a spec's model comes from: a prefix of its name (none for timm's registry).
+SOURCES = {
+    "hf-hub": "hf-hub:ORG/NAME (timm, configuration from the Hugging Face Hub)",
+    "torchvision": "torchvision:NAME (torchvision.models.get_model)",
+    "module": "module:CLASS (a module of your own, passed again to annify.load(spec, model=...))",
+}
+
+
+def model_source(model: str) -> tuple[str, str]:
+    """(source, name) of a spec's model: ``timm``, ``hf-hub``, ``torchvision`` or ``module``.
+
+    ``hf-hub:`` names stay whole (timm reads the prefix); raises ``SpecError`` for an unknown prefix
+    or a missing name.
+    """
+    prefix, sep, name = model.partition(":")
+    if not sep:
+        return "timm", model
+    if prefix not in SOURCES:
+        known = "; ".join(["a timm name", *SOURCES.values()])
+        raise SpecError(f"unknown model source '{prefix}:' in '{model}' (known: {known})")
+    if not name:
+        raise SpecError(f"'{model}' names no model after '{prefix}:' (expected {SOURCES[prefix]})")
+    if prefix == "module" and not name.isidentifier():
+        raise SpecError(
+            f"'{model}': after 'module:' comes the class name of your module, such as module:MyNet"
+        )
+    return prefix, model if prefix == "hf-hub" else name
+
+
 def spec_name(model: str) -> str:
     """The paper's naming: resnet50 → resann50, densenet169 → denseann169, others ``<name>_ann``.
 
-    The CIFAR family keeps its prefix: cifar_resnet_n7_c16 → cifar_resann_n7_c16.
+    The CIFAR family keeps its prefix: cifar_resnet_n7_c16 → cifar_resann_n7_c16. A source prefix
+    is dropped (hf-hub:timm/resnet18.a1_in1k → resann18.a1_in1k, module:MyNet → MyNet_ann), but
+    torchvision's models keep a mark of it (torchvision:resnet18 → tv_resann18), so that they do not
+    share a file with timm's.
     """
+    source, _, rest = model.rpartition(":")
+    if source:
+        name = spec_name(rest.rpartition("/")[2])
+        return f"tv_{name}" if source == "torchvision" else name
     for plain, ann in (("resnet", "resann"), ("densenet", "denseann")):
         m = re.fullmatch(rf"((?:cifar_)?){plain}(\d.*|_n\d.*)", model)
         if m:
@@ -86,7 +136,15 @@ def parse(data: Any, source: str = "spec") -> Spec:
         if key not in data:
             errors.append(f"'{key}' is required")
     if "model" in data and not isinstance(data["model"], str):
-        errors.append("'model' must be a timm model name")
+        errors.append("'model' must be a timm model name, hf-hub:ORG/NAME, torchvision:NAME or module:CLASS")
+    elif "model" in data:
+        try:
+            source, _ = model_source(data["model"])
+        except SpecError as e:
+            errors.append(str(e))
+        else:
+            if source == "module" and data.get("model_kwargs"):
+                errors.append("'model_kwargs' must be empty for module: (your module is passed as it is)")
     size = data.get("input_size", (3, 224, 224))
     if not (
         isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)
@@ -179,8 +237,9 @@ def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
 
 _COMMENTS = {
     "name": "name of the anytime network",
-    "model": "timm model name (annify registers the paper's cifar_resnet_n{n}_c{c} family too)",
-    "model_kwargs": "keyword arguments for timm.create_model (default: none)",
+    "model": "timm name (cifar_resnet_n{n}_c{c} included), hf-hub:ORG/NAME, torchvision:NAME, or "
+    "module:CLASS (your own module, passed to annify.load(spec, model=...))",
+    "model_kwargs": "keyword arguments for timm.create_model or torchvision's get_model (default: none)",
     "input_size": "[C, H, W] the network is traced and costed at",
     "num_classes": "classes predicted by every output",
     "head_type": "default head type for added heads (default: by layout: NCHW bn_relu_pool_linear, else norm_pool_linear)",

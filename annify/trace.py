@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from annify.errors import TraceError
 
-__all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "tap_points", "trace"]
+__all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "overwritten", "tap_points", "trace"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -70,15 +71,30 @@ class Traced:
 
 @dataclass
 class TapPoint:
-    """A place in the graph where a head can read features."""
+    """A place in the graph where a head can read features.
 
-    index: int  # 1-based block index
+    Block outputs carry their 1-based block ``index`` (what ``--every`` counts). Finer trunk points
+    (``index`` None) are nodes every path from the input to the output passes through. ``on_trunk``
+    says whether automatic placement (``--heads``, ``--flops-period``) may use the point: False for
+    a block output inside one branch of a larger block (an HRNet branch), where the cut also carries
+    tensors from the other branches that the head never sees.
+    """
+
+    index: int | None  # 1-based block index; None for a trunk point between block outputs
     node: str  # qualified name of the node whose value the head reads
-    module: str  # module path of the block
+    module: str  # module path of the block (of the node's module for a trunk point)
     layout: str  # NCHW, NHWC, NLC or NC
     channels: int
     spatial: tuple[int, ...]  # (H, W) or (L,) or ()
     shape: tuple[int, ...]
+    on_trunk: bool = True
+
+    @property
+    def kind(self) -> str:
+        """``block`` (a block output), ``trunk`` (a finer point) or ``in-branch`` (a block output in a branch)."""
+        if self.index is None:
+            return "trunk"
+        return "block" if self.on_trunk else "in-branch"
 
 
 def _tracer() -> NodePathTracer:
@@ -140,7 +156,12 @@ def _graph_signature(graph: fx.Graph, names: dict[str, str]) -> list[tuple]:
     def plain(s: str | None) -> str | None:
         return re.sub(r"^_tensor_constant\d+$", "_tensor_constant", s) if s else s
 
-    return [(n.op, plain(names.get(n.name)), plain(str(n.target))) for n in graph.nodes]
+    # constant arguments count: torchvision's stochastic_depth(x, p, mode, training) is one leaf call
+    # in both modes, differing only in its `training` argument
+    def args(n: fx.Node) -> str:
+        return repr(fx.map_arg((n.args, n.kwargs), lambda a: plain(names.get(a.name))))
+
+    return [(n.op, plain(names.get(n.name)), plain(str(n.target)), args(n)) for n in graph.nodes]
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], train_graph: bool = True) -> Traced:
@@ -322,27 +343,203 @@ def describe_node(traced: Traced, qualname: str) -> tuple[str, int, tuple[int, .
     return layout, shape[1], (), shape
 
 
-def tap_points(traced: Traced) -> list[TapPoint]:
-    """Candidate tap points: the output of every block, in execution order (1-based index)."""
+def tap_points(traced: Traced, trunk: bool = False) -> list[TapPoint]:
+    """Candidate tap points in execution order: the output of every block (1-based ``index``).
+
+    With ``trunk``, also every finer point on the trunk: each node that dominates the output (every
+    path from the input to the output passes through it) whose value is a feature map or token
+    sequence a head can read, up to but not including the last such node (the features the
+    classifier reads). These never lie inside one branch of a block: a ResNet unit's conv path is
+    bypassed by its shortcut, so it is no such point. They reach past the last block where
+    ``find_blocks`` stops early (mobilevit's attention stages).
+    """
     graph, names = traced.eval_graph, traced.eval_names
     order = {n: i for i, n in enumerate(graph.nodes)}
+    data = _data_nodes(graph)
     found = []
-    for path in find_blocks(traced.model):
+    paths = find_blocks(traced.model)
+    block_of = _blocks_of(graph, names, paths)
+    for path in paths:
         out = _block_output(graph, names, path)
         if out is None:
             continue
         out = _dense_cat(out)
-        q = names[out.name]
         try:
-            layout, ch, spatial, shape = describe_node(traced, q)
+            layout, ch, spatial, shape = describe_node(traced, names[out.name])
         except ValueError:
             continue  # a block passing tuples on: not a place for a head
-        found.append((order[out], path, q, layout, ch, spatial, shape))
+        found.append((order[out], path, out, layout, ch, spatial, shape))
     found.sort(key=lambda t: t[0])
     taps, seen = [], set()
-    for _, path, q, layout, ch, spatial, shape in found:
+    for _, path, out, layout, ch, spatial, shape in found:
+        q = names[out.name]
         if q in seen:
             continue
         seen.add(q)
-        taps.append(TapPoint(len(taps) + 1, q, path, layout, ch, spatial, tuple(shape[1:])))
-    return taps
+        whole = _outside_branches(out, path, block_of, data, order)
+        taps.append(TapPoint(len(taps) + 1, q, path, layout, ch, spatial, tuple(shape[1:]), whole))
+    if not trunk:
+        return taps
+    # finer points: dominators a head can read, up to the features the classifier reads (the last one)
+    in_train = set(traced.train_names.values()) if traced.train_graph is not None else None
+    readable = []
+    for node in _dominators(graph, data, order):
+        # a value the next op overwrites in place (x + shortcut, then ReLU(inplace=True)) would need a
+        # copy for its head: the overwriting op's own output is a point at the same cost
+        q = names[node.name]
+        if overwritten(node, traced.model) or (in_train is not None and q not in in_train):
+            continue
+        described = _head_readable(traced, node, q)
+        if described is not None:
+            readable.append((node, q, described))
+    for node, q, (layout, ch, spatial, shape) in readable[:-1]:
+        if q not in seen:
+            module = node.target if node.op == "call_module" else q.rpartition(".")[0]
+            taps.append(TapPoint(None, q, module, layout, ch, spatial, tuple(shape[1:])))
+    position = {names[n.name]: order[n] for n in graph.nodes}
+    return sorted(taps, key=lambda t: position[t.node])
+
+
+def _data_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value holds tensors computed from the input (the first placeholder).
+
+    Sizes read off a tensor, constants and parameters are left out: they are carried across a cut
+    for free and no head reads them, so they do not make a path that bypasses a node.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    data = set(placeholders[:1])
+    for n in graph.nodes:
+        computed = n.op in ("call_module", "call_function", "call_method") and "tensor_meta" in n.meta
+        if computed and any(a in data for a in n.all_input_nodes):
+            data.add(n)
+    return data
+
+
+def _dominators(graph: fx.Graph, data: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
+    """The nodes every input-to-output path of ``data`` nodes passes through, in execution order.
+
+    Immediate dominators in one pass over the topologically ordered graph (Cooper, Harvey and
+    Kennedy's intersection, walking up the dominator tree by execution order).
+    """
+    idom: dict[fx.Node, fx.Node] = {}
+
+    def meet(a: fx.Node, b: fx.Node) -> fx.Node:
+        while a is not b:
+            while order[a] > order[b]:
+                a = idom[a]
+            while order[b] > order[a]:
+                b = idom[b]
+        return a
+
+    def dominator_of(n: fx.Node) -> fx.Node | None:
+        preds = [p for p in n.all_input_nodes if p in data]
+        if not preds:
+            return None
+        d = preds[0]
+        for p in preds[1:]:
+            d = meet(d, p)
+        return d
+
+    source = next(iter(sorted(data, key=order.get)), None)
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    if source is None or output is None:
+        return []
+    for n in graph.nodes:
+        if n in data and n is not source:
+            idom[n] = dominator_of(n)
+    chain, d = [], dominator_of(output)
+    while d is not None and d is not source:
+        chain.append(d)
+        d = idom[d]
+    return chain[::-1]
+
+
+def _blocks_of(graph: fx.Graph, names: dict[str, str], paths: list[str]) -> dict[fx.Node, str]:
+    """The block (module path) each node of ``graph`` belongs to, for the nodes inside one."""
+    found = {}
+    for n in graph.nodes:
+        q = names.get(n.name, "")
+        inside = [p for p in paths if q == p or q.startswith(f"{p}.")]
+        if inside:
+            found[n] = max(inside, key=len)
+    return found
+
+
+def _outside_branches(
+    node: fx.Node, path: str, block_of: dict[fx.Node, str], data: set[fx.Node], order: dict[fx.Node, int]
+) -> bool:
+    """Whether the output ``node`` of block ``path`` lies outside every branch.
+
+    It does where each tensor crossing the cut after it is the output itself, one it was made from
+    (inside a DenseNet block the tap is the concatenation of every feature map still needed), or a
+    stream that blocks pass on to later blocks beside it (TNT's blocks carry a pixel stream next to
+    the patch tokens). It does not where the tensor is a sibling branch's (HRNet, CrossViT) or a
+    shortcut that the model adds outside the block (``x + unit(x)``), nor where the block goes on
+    after its output.
+    """
+    own = {node, *node.all_input_nodes}
+    at = order[node]
+    for v in data:
+        later = [u for u in v.users if order[u] > at]
+        if v in own or order[v] > at or not later:
+            continue
+        if v not in block_of or any(block_of.get(u, path) == path for u in later):
+            return False
+    return True
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+
+def overwritten(node: fx.Node, model: nn.Module) -> bool:
+    """Whether a later op writes into ``node``'s value in place.
+
+    Recognised: modules with ``inplace=True`` (``nn.ReLU(inplace=True)``), functions called with
+    ``inplace=True``, methods and functions whose name ends in one underscore (``x.relu_()``), and
+    augmented assignments (``x += y``), each with the value as its first argument.
+    """
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_module":
+            try:
+                if getattr(model.get_submodule(user.target), "inplace", False) is True:
+                    return True
+            except AttributeError:
+                continue
+        elif user.op == "call_method":
+            if user.target.endswith("_") and not user.target.endswith("__"):
+                return True
+        elif user.op == "call_function":
+            name = getattr(user.target, "__name__", "")
+            if user.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+                return True
+            try:
+                bound = inspect.signature(user.target).bind(*user.args, **user.kwargs)
+            except (TypeError, ValueError):  # builtins without a signature
+                bound = None
+            if user.kwargs.get("inplace") is True or (bound and bound.arguments.get("inplace") is True):
+                return True
+    return False
+
+
+def _head_readable(traced: Traced, node: fx.Node, q: str):
+    """(layout, channels, spatial, shape) where the node's value has a layout a head reads, else None.
+
+    Batch first (the shapes were propagated at batch 2) and, where the producing module's channel
+    count is known, the channels where the layout puts them (a ViT's patch embedding before its
+    transpose, B×C×L, is no token sequence).
+    """
+    try:
+        layout, ch, spatial, shape = describe_node(traced, q)
+    except ValueError:
+        return None
+    if shape[0] != 2 or len(shape) < 3:
+        return None
+    known = _channels_of(node, traced.model)
+    if known is not None and ch != known:
+        return None
+    return layout, ch, spatial, shape

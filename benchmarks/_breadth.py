@@ -151,16 +151,29 @@ def check_annify(name: str, heads: int = 4) -> dict:
     """Convert ``name`` with ``heads`` outputs; compare the last output with timm's, ``torch.equal``, eval mode.
 
     Batch 1 at the model's default input size. The timm model gets the same weights (its state dict
-    is loaded into the converted network; the only missing keys may be the heads').
+    is loaded into the converted network; the only missing keys may be the heads'). A model with too
+    few points on its trunk for ``heads`` (every block inside a branch: crossvit's two towers) is
+    converted with ``every`` instead, about ``heads`` outputs, so that its exactness is still checked.
     """
-    from annify.convert import convert, create_model, default_input_size
+    from annify.convert import ConvertError, convert, create_model, default_input_size
+    from annify.trace import tap_points, trace
 
     # Feature backbones registered with num_classes=0 (dinov3, sam2, qwen3 vision towers) would get
     # heads with zero outputs; give them a 1000-class classifier, as a user converting them would.
     classes = 1000 if timm.models.get_pretrained_cfg_value(name, "num_classes") == 0 else None
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    net, spec, costs = convert(name, heads=heads, num_classes=classes)
+    placement = {"heads": heads}
+    try:
+        net, spec, costs = convert(name, **placement, num_classes=classes)
+    except ConvertError as e:
+        if "--heads must be between" not in str(e) and "found no tap point" not in str(e):
+            raise
+        m = create_model(name, num_classes=classes).eval()
+        blocks = tap_points(trace(m, default_input_size(m), train_graph=False))
+        placement = {"every": max(1, len(blocks) // heads)}
+        torch.manual_seed(0)
+        net, spec, costs = convert(name, **placement, num_classes=classes)
     t_convert = time.perf_counter() - t0
     torch.manual_seed(0)
     model = create_model(name, num_classes=classes).eval()
@@ -181,12 +194,20 @@ def check_annify(name: str, heads: int = 4) -> dict:
     equal = torch.equal(last, ref)
     shapes_ok = all(tuple(o.shape) == tuple(ref.shape) for o in outs[:-1])
     even = [(k + 1) / len(outs) for k in range(len(outs))]
+    by_heads = "heads" in placement
     return {
+        "placement": placement,
+        # each placed output's distance from its target k/heads (the classifier's, 1.0, is left out)
+        "spacing": [round(abs(f - e), 4) for f, e in zip(costs.fraction[:-1], even, strict=False)]
+        if by_heads
+        else [],
         "num_classes_set": classes,
         # tensors carried across each cut: 1 at a clean block output; more where the tap is inside a
         # branch (the other branches stay live) or inside a DenseNet block (every earlier feature map)
         "carried": [seg.carry for seg in net._eval_segments[:-1]],
-        "spacing_error": round(max(abs(f - e) for f, e in zip(costs.fraction, even, strict=True)), 3),
+        "spacing_error": round(max(abs(f - e) for f, e in zip(costs.fraction, even, strict=True)), 3)
+        if by_heads
+        else None,
         "equal": bool(equal),
         "max_abs_diff": None if equal else float((last - ref).abs().max()),
         "heads_shape_ok": bool(shapes_ok),

@@ -7,13 +7,20 @@ than 100M parameters are skipped and listed. For comparison, timm's own FX test
 (``test_model_forward_fx``: trace with timm's leaf registrations, return the last node) runs on the
 same model. Results go to ``benchmarks/results/breadth.json``.
 
+The report also says how near ``--heads 4`` puts each output to its target: the distance between
+each placed output's cost fraction (anytime FLOPs over the whole network's) and k/4, its median and
+worst over all outputs.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_breadth.py --jobs 2          # all families, 2 workers
     PYTHONPATH=. python benchmarks/bench_breadth.py --only resnet,vgg  # some families
+    PYTHONPATH=. python benchmarks/bench_breadth.py --models regnetx_002,mobilevit_xxs --no-timm-fx
 
 Each worker appends one JSON line per family to ``results/breadth_shard{k}.jsonl`` and skips
 families already there, so an interrupted run resumes where it stopped (``--fresh`` starts over).
+``--models`` checks the named models instead of the families' representatives, in
+``results/models_shard{k}.jsonl`` and ``results/models.json``.
 """
 
 from __future__ import annotations
@@ -32,19 +39,25 @@ from benchmarks._breadth import (  # noqa: E402
     RESULTS,
     check_annify,
     check_timm_fx,
+    count_params,
     families,
     run_check,
 )
 from benchmarks._timing import machine, machine_line, set_threads, table  # noqa: E402
 
 
-def _shard_file(k: int) -> Path:
-    return RESULTS / f"breadth_shard{k}.jsonl"
+def _shard_file(k: int, kind: str = "breadth") -> Path:
+    return RESULTS / f"{kind}_shard{k}.jsonl"
 
 
-def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool) -> None:
+def _named(models: list[str]) -> list[dict]:
+    """Rows like ``families()``'s for models named on the command line (each its own "family")."""
+    return [{"module": m, "model": m, "params": count_params(m), "test_model": None} for m in models]
+
+
+def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool, kind: str = "breadth") -> None:
     """Worker: check every n-th family starting at k, appending to the shard file."""
-    path = _shard_file(k)
+    path = _shard_file(k, kind)
     done = set()
     if path.is_file():
         done = {json.loads(line)["module"] for line in path.read_text().splitlines() if line.strip()}
@@ -78,17 +91,38 @@ def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool) -> None
         )
 
 
-def _collect(n: int) -> list[dict]:
+def _collect(n: int, kind: str = "breadth") -> list[dict]:
     rows = []
     for k in range(n):
-        p = _shard_file(k)
+        p = _shard_file(k, kind)
         if p.is_file():
             rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     return sorted(rows, key=lambda r: r["module"])
 
 
-def report(rows: list[dict], info: dict, wall_s: float, command: str) -> dict:
-    """Summarise, write breadth.json, print the Markdown tables."""
+def spacing_summary(rows: list[dict]) -> dict:
+    """Median and worst distance of a placed output's cost fraction from its target, over all outputs."""
+    found = [(d, r["model"]) for r in rows for d in r.get("annify", {}).get("spacing", [])]
+    if not found:
+        return {}
+    distances = sorted(d for d, _ in found)
+    worst, model = max(found)
+    n = len(distances)
+    median = (distances[(n - 1) // 2] + distances[n // 2]) / 2
+    models = sum(bool(r.get("annify", {}).get("spacing")) for r in rows)
+    every = [r["model"] for r in rows if "every" in r.get("annify", {}).get("placement", {})]
+    return {
+        "outputs": n,
+        "models": models,
+        "median": round(median, 4),
+        "worst": worst,
+        "worst_model": model,
+        "every_instead": every,  # too few trunk points for --heads 4: converted with --every
+    }
+
+
+def report(rows: list[dict], info: dict, wall_s: float, command: str, kind: str = "breadth") -> dict:
+    """Summarise, write breadth.json (models.json for --models), print the Markdown tables."""
     tried = [r for r in rows if "annify" in r]
     skipped = [r for r in rows if r["status"].startswith("skipped") or r["status"] == "no model"]
     ok = [r for r in tried if r["annify"]["ok"]]
@@ -118,10 +152,11 @@ def report(rows: list[dict], info: dict, wall_s: float, command: str) -> dict:
             for r in rows
             if "test" in r and not r["test"]["annify"]["ok"]
         },
+        "spacing": spacing_summary(tried),
         "wall_s": round(wall_s, 1),
     }
     out = {"command": command, "machine": info, "summary": summary, "rows": rows}
-    (RESULTS / "breadth.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{kind}.json").write_text(json.dumps(out, indent=1))
 
     print(machine_line(info))
     print(
@@ -130,6 +165,19 @@ def report(rows: list[dict], info: dict, wall_s: float, command: str) -> dict:
     if fx_tried:
         print(f"; timm's own FX test passes {len(fx_ok)}/{len(fx_tried)}", end="")
     print(f"; {len(skipped)} skipped; wall {wall_s / 60:.1f} min\n")
+    sp = summary["spacing"]
+    if sp:
+        print(
+            f"--heads 4: distance of each placed output's cost fraction from its target k/4, over "
+            f"{sp['outputs']} outputs of {sp['models']} models: median {sp['median']:.3f}, "
+            f"worst {sp['worst']:.3f} ({sp['worst_model']})"
+            + (
+                f"; converted with --every instead: {', '.join(sp['every_instead'])}"
+                if sp["every_instead"]
+                else ""
+            )
+            + "\n"
+        )
     body = []
     for r in rows:
         a, t = r.get("annify", {}), r.get("timm_fx", {})
@@ -143,7 +191,7 @@ def report(rows: list[dict], info: dict, wall_s: float, command: str) -> dict:
                 "ok" if t.get("ok") else ("fail" if t else "-"),
                 ", ".join(f"`{n}`" for n in a.get("taps", [])),
                 "/".join(str(c) for c in a.get("carried", [])),
-                a.get("spacing_error", ""),
+                "-" if a.get("spacing_error") is None else a["spacing_error"],
                 a.get("seconds", ""),
                 (a.get("reason") or "").replace("|", "\\|"),
             ]
@@ -185,30 +233,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     ap.add_argument("--only", default="", help="comma-separated families (timm module names)")
+    ap.add_argument("--models", default="", help="comma-separated timm models, checked instead of families")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per check before it counts as failed")
     ap.add_argument("--no-timm-fx", action="store_true", help="skip timm's own FX test")
     ap.add_argument("--fresh", action="store_true", help="discard earlier shard results")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "k/n": run as worker k of n
     args = ap.parse_args()
 
-    fams = families()
+    kind = "models" if args.models else "breadth"
+    fams = _named(args.models.split(",")) if args.models else families()
     if args.only:
         wanted = set(args.only.split(","))
         fams = [f for f in fams if f["module"] in wanted]
     if args.worker:
         k, n = (int(v) for v in args.worker.split("/"))
         set_threads(1 if n > 1 else None)
-        _work(fams, k, n, args.timeout, not args.no_timm_fx)
+        _work(fams, k, n, args.timeout, not args.no_timm_fx, kind)
         return
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         for k in range(max(args.jobs, 8)):
-            _shard_file(k).unlink(missing_ok=True)
+            _shard_file(k, kind).unlink(missing_ok=True)
     t0 = time.perf_counter()
     base = [sys.executable, __file__, "--timeout", str(args.timeout)]
     if args.only:
         base += ["--only", args.only]
+    if args.models:
+        base += ["--models", args.models]
     if args.no_timm_fx:
         base.append("--no-timm-fx")
     procs = [subprocess.Popen([*base, "--worker", f"{k}/{args.jobs}"]) for k in range(args.jobs)]
@@ -217,10 +269,11 @@ def main() -> None:
     info = machine()
     info["threads"] = 1 if args.jobs > 1 else info["threads"]
     info["workers"] = args.jobs
-    rows = _collect(args.jobs)
-    if args.only:
-        rows = [r for r in rows if r["module"] in set(args.only.split(","))]
-    report(rows, info, time.perf_counter() - t0, " ".join(["python", *sys.argv]))
+    rows = _collect(args.jobs, kind)
+    if args.only or args.models:
+        wanted = {f["module"] for f in fams}
+        rows = [r for r in rows if r["module"] in wanted]
+    report(rows, info, time.perf_counter() - t0, " ".join(["python", *sys.argv]), kind)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,20 @@
 """Helpers shared by the test modules (pytest puts this folder on sys.path)."""
 
+from torch import nn
+
+
+class ConvBNReLU(nn.Module):
+    """relu(bn(conv3x3(x))), C channels in and out, no bias: a unit whose cost is easy to derive."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
 
 def tiny_spec(train: str = "{batch_size: 128}") -> str:
     """A hand-written spec: cifar_resnet_n3_c8 at 3×32×32 with heads after stages 1 and 2."""

@@ -28,23 +28,28 @@ def test_inspect_prints_a_row_for_every_tap_point(run):
     result = run("inspect", *TINY)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["block", "node", "module", "layout", "channels", "size", "flops", "fraction"]
+    header = ["kind", "block", "node", "module", "layout", "channels", "size", "flops", "fraction"]
+    assert lines[0].split() == header
     model = annify.create_model("cifar_resnet_n3_c8", in_chans=1)
-    taps = annify.tap_points(annify.trace(model, (1, 8, 8), train_graph=False))
+    taps = annify.tap_points(annify.trace(model, (1, 8, 8), train_graph=False), trunk=True)
     rows = lines[1:-1]
-    assert len(rows) == len(taps) == 9
+    assert len(rows) == len(taps) == 16
     for row, tap in zip(rows, taps, strict=True):
-        index, node, module, layout, channels, size = row.split()[:6]
-        assert (int(index), node, module, layout, int(channels)) == (
-            tap.index,
+        kind, index, node, module, layout, channels, size = row.split()[:7]
+        assert (kind, node, module, layout, int(channels)) == (
+            tap.kind,
             tap.node,
             tap.module,
             tap.layout,
             tap.channels,
         )
+        assert index == (str(tap.index) if tap.index else "-")
         assert size == "x".join(map(str, tap.spatial))
+    kinds = [r.split()[0] for r in rows]
+    assert kinds.count("block") == 9 and kinds.count("trunk") == 7  # the 9 units; stem, pre-activations, norm
+    assert [r.split()[1] for r in rows if r.startswith("block")] == [str(i) for i in range(1, 10)]
     fractions = [float(r.split()[-1]) for r in rows]
-    assert fractions == sorted(fractions) and fractions[-1] < 1
+    assert fractions == sorted(fractions) and fractions[-1] <= 1
     assert lines[-1].split()[0] == "(whole" and lines[-1].endswith("1.000")
 
 
@@ -93,7 +98,7 @@ def test_every_command_has_help_with_an_example(run, name):
         (["resnet5O", "--every", "2"], ["unknown model 'resnet5O'", "did you mean resnet50"]),
         ([*TINY, "--at", "stages.9.add"], ["node 'stages.9.add'", "annify inspect cifar_resnet_n3_c8"]),
         ([*TINY, "--every", "0"], ["--every and --start must be positive"]),
-        ([*TINY, "--heads", "999"], ["--heads must be between 1 and 9", "got 999"]),
+        ([*TINY, "--heads", "999"], ["--heads must be between 1 and 14", "got 999"]),
         ([*TINY, "--every", "2", "--heads", "3"], ["choose one placement"]),
         ([*TINY, "--every", "2", "--head-type", "mlp"], ["unknown head type 'mlp'"]),
     ],

@@ -1,14 +1,17 @@
 """The convert stage: the paper's placements, the other placement rules, naming, rebuilding, bad input."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
 import yaml
+from helpers import ConvBNReLU
+from torch import nn
 
 import annify
 from annify import ConvertError, build, convert, spec_name
-from annify.convert import choose
+from annify.convert import _head_costs, choose
 from annify.spec import parse
 
 # Placement does not depend on the input size; 64×64 keeps tracing and costing quick.
@@ -75,10 +78,10 @@ def test_denseann169_every_fourteen_dense_layers_from_the_twelfth():
 
 @pytest.fixture(scope="module")
 def tiny_traced():
-    """The tiny model traced once, for placements that need no costing."""
+    """The tiny model traced once, with its candidate tap points (blocks and finer trunk points)."""
     model = annify.create_model("cifar_resnet_n3_c8", 5, in_chans=1).eval()
     traced = annify.trace(model, (1, 8, 8), train_graph=False)
-    return traced, annify.tap_points(traced)
+    return traced, annify.tap_points(traced, trunk=True)
 
 
 def test_start_and_every(tiny_traced):
@@ -109,10 +112,135 @@ def test_flops_period_as_fraction_and_as_flops(make_tiny, tiny_traced):
     assert len(spec.heads) == 4
     for k, h in enumerate(spec.heads, 1):
         assert h.fraction == pytest.approx(k / 4, abs=0.08)
-    picked, placement = choose(*tiny_traced, flops_period=costs.flops[-1] / 4)  # in FLOPs
+    heads = _head_costs(tiny_traced[0], 5, None)  # as convert counts them
+    picked, placement = choose(*tiny_traced, flops_period=costs.flops[-1] / 4, head_flops=heads)  # in FLOPs
     assert picked == nodes(spec)[:-1]
     assert placement == {"flops_period": costs.flops[-1] / 4}
     assert spec.placement == {"flops_period": 0.25}
+
+
+def test_heads_land_near_their_targets_on_a_model_with_coarse_blocks():
+    """regnetx_002's blocks are its five stages; trunk points inside them bring each output near k/4."""
+    _, spec, _ = convert("regnetx_002", heads=4)
+    targets = [0.25, 0.5, 0.75, 1.0]
+    assert [h.fraction for h in spec.heads] == pytest.approx(targets, abs=0.05)
+    assert spec.placement == {"heads": 4}
+    # the block outputs alone could not: the nearest of them to 1/2 is a whole stage away
+    traced = annify.trace(annify.create_model("regnetx_002").eval(), (3, 224, 224), train_graph=False)
+    taps, cum, total = annify.inspect_model("regnetx_002")
+    fraction = {t.node: c / total for t, c in zip(taps, cum)}
+    by_blocks, _ = choose(traced, annify.tap_points(traced), heads=4)
+    assert max(abs(fraction[n] - t) for n, t in zip(by_blocks, targets)) > 0.2
+
+
+def test_automatic_placement_never_taps_inside_a_branch():
+    """Every candidate --heads and --flops-period may use on resnet18: the stem and each unit's output;
+    never the conv path the shortcut bypasses, nor the residual add that ReLU(inplace=True) overwrites;
+    every cut carries one tensor."""
+    traced = annify.trace(annify.create_model("resnet18").eval(), SMALL, train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    picked, _ = choose(traced, taps, flops_period=0.01)  # 99 targets: every usable candidate is taken
+    assert picked[:3] == ["conv1", "act1", "maxpool"]  # bn1 is overwritten by act1 in place
+    units = picked[3:]
+    assert units == [f"layer{s}.{u}.act2" for s in (1, 2, 3, 4) for u in (0, 1)][:-1]  # the last feeds fc
+    net = annify.AnytimeNet(traced, picked, [nn.Identity() for _ in picked])
+    assert [seg.carry for seg in net.segments[:-1]] == [1] * len(picked)
+    assert not any(re.search(r"\.(conv|bn)\d$|\.add$", n) for n in picked)
+
+
+class _ParentAdds(nn.Module):
+    """Four repeated units whose outputs are branches: ``x = x + unit(x)`` happens outside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.units = nn.ModuleList(ConvBNReLU(8) for _ in range(4))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for unit in self.units:
+            x = x + unit(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_block_outputs_inside_a_branch_are_left_to_every_and_at():
+    traced = annify.trace(_ParentAdds().eval(), (3, 16, 16), train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    assert [(t.kind, t.index, t.node) for t in taps] == [
+        ("trunk", None, "stem"),
+        ("in-branch", 1, "units.0.act"),
+        ("trunk", None, "add"),
+        ("in-branch", 2, "units.1.act"),
+        ("trunk", None, "add_1"),
+        ("in-branch", 3, "units.2.act"),
+        ("trunk", None, "add_2"),
+        ("in-branch", 4, "units.3.act"),
+    ]  # add_3 is what the classifier reads
+    assert choose(traced, taps, every=1)[0] == ["units.0.act", "units.1.act", "units.2.act"]  # numbering kept
+    assert choose(traced, taps, flops_period=0.01)[0] == ["stem", "add", "add_1", "add_2"]
+    # trunk cost at add, add_1, add_2: 0.31, 0.54, 0.77 of the whole; targets 1/3 and 2/3
+    assert choose(traced, taps, heads=3)[0] == ["add", "add_2"]
+    with pytest.raises(ConvertError, match=r"between 1 and 5 \(4 tap points plus the classifier\), got 6; block "
+                       r"outputs inside branches are left to --every K and --at NODE"):  # fmt: skip
+        choose(traced, taps, heads=6)
+
+
+class _TwoTowers(nn.Module):
+    """Two towers of two units each, side by side until their sum feeds the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleList(nn.Sequential(ConvBNReLU(3), ConvBNReLU(3)) for _ in range(2))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc((self.towers[0](x) + self.towers[1](x)).mean((2, 3)))
+
+
+class _TwoStreams(nn.Module):
+    """A unit that passes two streams on, as TNT's blocks do: (a, b) -> (a + f(a) + h(b'), b') with b' = b + g(b)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.f, self.g, self.h = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, streams):
+        a, b = streams
+        b = b + self.g(b)
+        return a + self.f(a) + self.h(b), b
+
+
+class _StreamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.units = nn.Sequential(*(_TwoStreams(4) for _ in range(4)))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, _ = self.units((self.stem(x), x.mean(1, keepdim=True).expand(-1, 4, -1, -1)))
+        return self.fc(a.mean((2, 3)))
+
+
+def test_a_stream_that_blocks_pass_on_beside_their_output_is_no_branch():
+    """The cut after a unit's output also carries the unit's second stream, which only later units read."""
+    traced = annify.trace(_StreamNet().eval(), (3, 8, 8), train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    assert [(t.kind, t.node) for t in taps if t.index] == [("block", f"units.{i}.add_2") for i in range(4)]
+    picked, _ = choose(traced, taps, heads=4)
+    assert picked == ["units.0.add_2", "units.1.add_2", "units.2.add_2"]
+
+
+def test_a_model_whose_blocks_all_lie_in_branches_has_no_automatic_placement():
+    traced = annify.trace(_TwoTowers().eval(), (3, 8, 8), train_graph=False)
+    taps = annify.tap_points(traced, trunk=True)
+    assert [t.kind for t in taps] == ["in-branch"] * 4
+    with pytest.raises(
+        ConvertError, match="found no tap point on _TwoTowers's trunk for automatic placement; "
+    ):
+        choose(traced, taps, heads=2)
+    assert choose(traced, taps, every=1)[0] == ["towers.0.0.act", "towers.0.1.act", "towers.1.0.act"]
 
 
 def test_at_exact_names_in_execution_order(make_tiny):
@@ -151,6 +279,10 @@ def test_spec_records_the_conversion(tiny):
         ("cifar_resnet_n7_c16", "cifar_resann_n7_c16"),
         ("vit_small_patch16_224", "vit_small_patch16_224_ann"),
         ("convnext_tiny", "convnext_tiny_ann"),
+        ("torchvision:resnet18", "tv_resann18"),  # not timm's resann18
+        ("torchvision:swin_t", "tv_swin_t_ann"),
+        ("hf-hub:timm/resnet18.a1_in1k", "resann18.a1_in1k"),
+        ("module:Mine", "Mine_ann"),
     ],
 )
 def test_spec_name(model, name):
@@ -250,8 +382,8 @@ def test_spec_must_end_with_the_classifier(tiny):
         ({"every": 0}, "--every and --start must be positive"),
         ({"every": -2}, "--every and --start must be positive"),
         ({"every": 2, "start": 0}, "--every and --start must be positive"),
-        ({"heads": 0}, r"--heads must be between 1 and 9 \(8 tap points plus the classifier\), got 0"),
-        ({"heads": 999}, r"--heads must be between 1 and 9 \(8 tap points plus the classifier\), got 999"),
+        ({"heads": 0}, r"--heads must be between 1 and 14 \(13 tap points plus the classifier\), got 0"),
+        ({"heads": 999}, r"--heads must be between 1 and 14 \(13 tap points plus the classifier\), got 999"),
         ({"flops_period": -0.5}, "--flops-period must be positive"),
         ({"every": 2, "heads": 3}, "choose one placement, not every and heads"),
         ({"start": 2, "at": ["stages.0.0.add"]}, "choose one placement"),

@@ -6,30 +6,25 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ConvBNReLU
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import annify
 from annify import AnytimeNet, count, tap_points, trace
 from annify import heads as head_registry
-from annify.cost import sdpa_flop_jit
+from annify.cost import mha_flop_jit, sdpa_flop_jit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fvcore.nn import FlopCountAnalysis
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(ConvBNReLU):
     """x + relu(bn(conv3x3(x))), C channels in and out."""
 
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.act = nn.ReLU()
-
     def forward(self, x):
-        return x + self.act(self.bn(self.conv(x)))
+        return x + super().forward(x)
 
 
 class Tiny(nn.Module):
@@ -160,6 +155,51 @@ def test_attention_is_counted_in_a_small_vit(monkeypatch):
     tokens, head_dim = 4 + 1, 32
     assert with_attention.flops[-1] - without.flops[-1] == 2 * 2 * tokens * tokens * 2 * head_dim
     assert "aten::scaled_dot_product_attention" not in with_attention.unsupported
+
+
+class _SelfAttention(nn.Module):
+    """One nn.MultiheadAttention over a token sequence, as torchvision's ViT calls it."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+# On paper, B = 2, L = S = 5 tokens, E = 8 channels in 2 heads of D = 4 (one multiply-add = 1 FLOP):
+#   q, k, v in-projection   B·L·E·3E = 2·5·8·24                    = 1920
+#   attention QKᵀ and AV    B·H·L·S·(D + Dv) = 2·2·5·5·(4 + 4)     =  800
+#   out-projection          B·L·E·E = 2·5·8·8                      =  640
+#   total (biases are not counted, as fvcore counts none for linear) 3360
+MHA_FLOPS = 1920 + 800 + 640
+
+
+def test_fused_multi_head_attention_is_counted_by_hand():
+    layer, x = _SelfAttention(8, 2).eval(), torch.zeros(2, 5, 8)
+    with torch.no_grad():
+        plain = FlopCountAnalysis(layer, (x,)).unsupported_ops_warnings(False)
+        assert plain.total() == 0  # fvcore on its own: the fused op is not counted at all
+        assert plain.unsupported_ops() == {"aten::_native_multi_head_attention": 1}
+        fca = FlopCountAnalysis(layer, (x,)).unsupported_ops_warnings(False)
+        fca.set_op_handle("aten::_native_multi_head_attention", mha_flop_jit)
+        assert fca.total() == MHA_FLOPS
+
+
+def test_fused_and_unfused_attention_count_the_same():
+    """With the fast path off, nn.MultiheadAttention runs linear + SDPA + linear: the same count."""
+    traced = trace(_SelfAttention(8, 2).eval(), (5, 8), train_graph=False)  # inputs of L×E tokens
+    net = AnytimeNet(traced, [], [])
+    assert count(net, (5, 8)).flops == [MHA_FLOPS // 2]  # batch 1
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        unfused = count(net, (5, 8))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    assert unfused.flops == [MHA_FLOPS // 2]
+    assert "aten::_native_multi_head_attention" not in unfused.unsupported
 
 
 def test_vit_small_total_with_attention(zoo):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import annify
 
@@ -162,6 +163,43 @@ def test_gradients_reach_trunk_and_heads(tiny_net, tiny_input):
     net.zero_grad()
     F.cross_entropy(net(tiny_input)[-1], target).backward()
     assert not torch.allclose(net.stem.weight.grad, all_losses)
+
+
+class _AddThenReLU(nn.Module):
+    """Three units relu_(x + conv(x)), as torchvision's ResNets run them: ReLU(inplace=True) after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.act(x + conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_head_at_a_value_overwritten_in_place_reads_a_copy():
+    """A head at the add that ReLU(inplace=True) then overwrites: it sees the add (negatives included),
+    the trunk is unchanged, and backward does not find its saved input modified."""
+    torch.manual_seed(0)
+    model = _AddThenReLU()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    traced = annify.trace(model, (4, 6, 6))
+    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in range(2)]
+    net = annify.AnytimeNet(traced, ["add", "add_1"], heads)
+    seen = []
+    net.exits[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        outs = net.eval()(x)
+    assert torch.equal(outs[-1], expected)
+    assert seen[0].min() < 0  # the add itself, before the ReLU
+    net.train()
+    sum(F.cross_entropy(o, torch.tensor([0, 2])) for o in net(x)).backward()  # no in-place error
+    assert all(h.fc.weight.grad is not None for h in net.exits)
 
 
 def test_train_mode_updates_batchnorm_statistics(tiny_net, tiny_input):

@@ -6,6 +6,7 @@ import pytest
 import timm
 import timm.layers._fx as timm_fx
 import torch
+import torchvision
 from torch import nn
 
 from annify import TraceError, trace
@@ -178,6 +179,26 @@ def test_train_graph_only_where_it_differs(branches):
     if branches:
         assert sum(n.target is operator.mul for n in traced.train_graph.nodes) == 3
         assert not any(n.target is operator.mul for n in traced.eval_graph.nodes)
+
+
+class _RowDrop(nn.Module):
+    """x + stochastic_depth(conv(x)): torchvision's op is one leaf call whose `training` argument alone differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+def test_train_graph_kept_where_only_a_constant_argument_differs():
+    traced = trace(_RowDrop(), (2, 4, 4))
+    assert traced.train_graph is not None
+    for graph, training in ((traced.eval_graph, False), (traced.train_graph, True)):
+        (call,) = [n for n in graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
+        assert call.args[-1] is training
 
 
 class Gate(nn.Module):
