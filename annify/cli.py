@@ -30,8 +30,27 @@ def with_model_options(fn):
     return fn
 
 
-def _kwargs(in_chans):
+def _kwargs(in_chans, size=None):
+    """``model_kwargs`` for the CLI's --in-chans, taking the channel count of --input-size when it differs
+    from the usual 3 (so ``--input-size 1,224,224`` builds a 1-channel model)."""
+    if in_chans is not None and in_chans < 1:
+        raise click.BadParameter(f"must be a positive integer, got {in_chans}", param_hint="--in-chans")
+    if size is not None and in_chans is not None and size[0] != in_chans:
+        raise click.BadParameter(
+            f"--input-size has {size[0]} channels but --in-chans is {in_chans}; make them agree",
+            param_hint="--in-chans",
+        )
+    if in_chans is None and size is not None and size[0] != 3:
+        in_chans = size[0]
     return {"in_chans": in_chans} if in_chans else {}
+
+
+def _finite_positive(ctx, param, value):
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite positive number, got {value}", param=param)
+    return value
 
 
 @main.command()
@@ -53,7 +72,7 @@ def inspect(model, input_size, num_classes, in_chans):
     """
     from annify.convert import inspect_model
 
-    kw = _kwargs(in_chans)
+    kw = _kwargs(in_chans, parse_size(input_size))
     if num_classes:
         kw["num_classes"] = num_classes
     taps, cum, total = inspect_model(model, parse_size(input_size), **kw)
@@ -102,6 +121,7 @@ def print_cost_table(spec) -> None:
 @click.option(
     "--flops-period",
     type=float,
+    callback=_finite_positive,
     help="A head at each multiple P of the total cost (P<=1: fraction; P>1: FLOPs).",
 )
 @click.option("--heads", type=int, help="N outputs spaced evenly by cost (the last is the classifier).")
@@ -110,11 +130,13 @@ def print_cost_table(spec) -> None:
     "--name", help="Spec name (default: resnet50 -> resann50, densenet169 -> denseann169, else <model>_ann)."
 )
 @click.option("--out", default="zoo", show_default=True, help="Output folder, or a .yaml path.")
+@click.option("--force", is_flag=True, help="Replace an existing spec file that differs from the new one.")
 @with_model_options
 @friendly
 def convert(
-    model, every, start, at, flops_period, heads, head_type, name, out, input_size, num_classes, in_chans
-):
+    model, every, start, at, flops_period, heads, head_type, name, out, force, input_size, num_classes,
+    in_chans,
+):  # fmt: skip
     """Convert MODEL into an anytime network and write its spec.
 
     MODEL is a timm name, hf-hub:ORG/NAME (timm, from the Hugging Face Hub), torchvision:NAME
@@ -127,7 +149,7 @@ def convert(
     from pathlib import Path
 
     from annify.convert import convert as run_convert
-    from annify.spec import atomic_write, dump
+    from annify.spec import SpecError, atomic_write, dump
 
     out_path = Path(out)
     folder = out_path.parent if out_path.suffix in (".yaml", ".yml") else out_path
@@ -152,11 +174,22 @@ def convert(
             heads=heads,
             input_size=parse_size(input_size),
             num_classes=num_classes,
-            model_kwargs=_kwargs(in_chans),
+            model_kwargs=_kwargs(in_chans, parse_size(input_size)),
             head_type=head_type,
             name=name,
         )
     target = out_path if out_path.suffix in (".yaml", ".yml") else folder / f"{spec.name}.yaml"
+    if target.exists() and not force and target.resolve() != Path(model).resolve():
+        from annify.spec import load_spec
+
+        try:
+            same = load_spec(target) == spec
+        except SpecError:
+            same = False
+        if not same:
+            raise click.ClickException(
+                f"{target} already holds a different spec; pass --force to replace it or choose another --out"
+            )
     header = f"annify train {target}\n{spec.name}: {model} with {len(spec.heads)} outputs, written by `annify convert`"
     atomic_write(target, dump(spec, header))
     print_cost_table(spec)
@@ -185,7 +218,9 @@ def convert(
     type=click.IntRange(1),
     help="Train on a fixed subset of N images (default: all; fashion-mnist: 5000 keeps the demo near 5 min).",
 )
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(1), help="Epochs per training run.")
+@click.option(
+    "--epochs", default=15, show_default=True, type=click.IntRange(1), help="Epochs per training run."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--eann/--no-eann",

@@ -11,7 +11,9 @@ and in train mode; the train graph is kept only where it differs (stochastic dep
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import math
 import operator
 import re
@@ -28,7 +30,6 @@ from annify.errors import TraceError
 __all__ = ["TapPoint", "TraceError", "Traced", "find_blocks", "overwritten", "tap_points", "trace"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
 
 
 @dataclass
@@ -193,9 +194,21 @@ def _propagate_shapes(traced: Traced) -> dict[str, tuple[int, ...] | None]:
     model.eval()
     gm = fx.GraphModule(model, traced.eval_graph)
     example = torch.zeros(2, *traced.input_size)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
-    model.train(was_training)
+    try:  # ShapeProp prints a failing node's traceback itself: keep it for the error, off the screen
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(example)
+    except Exception as e:  # any op may refuse the shape; say which node, in one line
+        cause = e.__cause__ or e
+        node = re.search(r"node=%?(\w+)", str(e))
+        where = f" at node '{traced.eval_names.get(node.group(1), node.group(1))}'" if node else ""
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+        size = "×".join(map(str, traced.input_size))
+        raise TraceError(
+            f"{type(model).__name__} does not run at {size}{where}: {reason}. Hint: pass the size the model "
+            "was built for (--input-size), or build it for yours (e.g. img_size for ViTs)"
+        ) from e
+    finally:
+        model.train(was_training)
     shapes = {}
     for n in traced.eval_graph.nodes:
         meta = n.meta.get("tensor_meta")

@@ -271,3 +271,43 @@ def test_export_never_mixes_two_networks(run, spec_path, tmp_path):
     assert_one_line_error(
         refused, "holds the export of another network (another", "export into another --out", alone=False
     )
+
+
+# --- convert and inspect --------------------------------------------------------------------------
+
+TINY_ARGS = ("cifar_resnet_n3_c8", "--input-size", "1,8,8", "--num-classes", "5")
+
+
+def test_convert_never_replaces_a_different_spec_without_force(tmp_path):
+    out = tmp_path / "zoo"
+    assert invoke("convert", *TINY_ARGS, "--every", "2", "--out", out).exit_code == 0
+    target = out / "cifar_resann_n3_c8.yaml"
+    first = target.read_text()
+    again = invoke("convert", *TINY_ARGS, "--every", "2", "--out", out)  # the same spec: fine
+    assert again.exit_code == 0, again.output
+    other = invoke("convert", *TINY_ARGS, "--every", "3", "--out", out)
+    assert_one_line_error(other, "already holds a different spec; pass --force", alone=False)
+    assert target.read_text() == first
+    forced = invoke("convert", *TINY_ARGS, "--every", "3", "--out", out, "--force")
+    assert forced.exit_code == 0 and target.read_text() != first
+
+
+def test_input_size_channels_become_in_chans(tmp_path):
+    result = invoke("inspect", "cifar_resnet_n3_c8", "--input-size", "2,8,8")
+    assert result.exit_code == 0, result.output  # built with in_chans=2
+    clash = invoke(
+        "convert", "cifar_resnet_n3_c8", "--input-size", "2,8,8", "--in-chans", "3", "--out", tmp_path
+    )
+    assert clash.exit_code == 2 and "--input-size has 2 channels but --in-chans is 3" in clash.output
+
+
+def test_flops_period_nan(tmp_path):
+    result = invoke("convert", *TINY_ARGS, "--flops-period", "nan", "--out", tmp_path)
+    assert result.exit_code == 2 and "must be a finite positive number" in result.output
+
+
+def test_shape_failure_names_model_node_and_hint(tmp_path):
+    result = invoke(
+        "convert", "vit_tiny_patch16_224", "--input-size", "3,32,32", "--heads", "2", "--out", tmp_path
+    )
+    assert_one_line_error(result, "VisionTransformer does not run at 3×32×32 at node 'patch_embed", "Hint:")
