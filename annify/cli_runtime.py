@@ -108,7 +108,8 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     """
     import torch
 
-    from annify.runtime import AnytimeRunner, load_image
+    from annify.data import load_image
+    from annify.runtime import AnytimeRunner
 
     names = _read_labels(labels)
     net, res = _resolve(spec, checkpoint, mean, std)

@@ -19,8 +19,10 @@ For output k (0-based) of an anytime network:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from itertools import accumulate, pairwise
 
 import torch
 from torch import nn
@@ -203,3 +205,39 @@ def with_costs(spec: Spec, costs: Costs) -> Spec:
         )
     ]
     return replace(spec, heads=heads, cost_convention=CONVENTION)
+
+
+# --------------------------------------------------------------------------- per-segment costs of a network
+
+_COUNTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def segment_costs(net: AnytimeNet) -> tuple[list[float], list[float]]:
+    """(trunk FLOPs of each segment, FLOPs of each head) of ``net``, per sample.
+
+    Derived from the spec's cumulative ``flops`` and single-exit ``flops_single`` when every output
+    has them (their difference at output k is the cost of the heads before k), counted with
+    ``annify.cost.count`` otherwise (once per network). The last output is the model's own classifier, inside the last
+    segment, so its head costs 0.
+    """
+    spec = getattr(net, "spec", None)
+    heads = list(spec.heads) if spec is not None else []
+    if len(heads) == net.num_outputs and all(
+        h.flops is not None and h.flops_single is not None for h in heads
+    ):
+        before = [h.flops - h.flops_single for h in heads]  # heads before output k
+        head = [b - a for a, b in pairwise(before)] + [0]
+        trunk_cum = [h.flops_single - c for h, c in zip(heads, head, strict=True)]
+        trunk = [trunk_cum[0]] + [b - a for a, b in pairwise(trunk_cum)]
+        return [float(t) for t in trunk], [float(c) for c in head]
+    if net not in _COUNTED:  # counting traces the network; its structure never changes, so once
+        costs = count(net, spec.input_size if spec is not None else None)
+        _COUNTED[net] = [float(t) for t in costs.trunk_flops], [float(c) for c in costs.head_flops]
+    trunk, head = _COUNTED[net]
+    return list(trunk), list(head)
+
+
+def exit_flops(net: AnytimeNet) -> list[float]:
+    """Cumulative anytime FLOPs of each output of ``net`` (what exiting there costs), per sample."""
+    trunk, head = segment_costs(net)
+    return [t + h for t, h in zip(accumulate(trunk), accumulate(head), strict=True)]

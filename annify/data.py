@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-from annify.errors import DataError
+from annify.errors import DataError, InferenceError
 
 __all__ = [
     "DataError",
@@ -51,7 +52,6 @@ ACCEPTED = (
 )
 SPLIT_SEED = 0  # seeds every split; deliberately not the training seed
 IMAGENET_INPUT = (3, 224, 224)
-
 
 
 @dataclass
@@ -861,3 +861,98 @@ def set_epoch(loaders: dict[str, DataLoader], epoch: int) -> None:
     for loader in loaders.values():
         if isinstance(getattr(loader, "sampler", None), DistributedSampler):
             loader.sampler.set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def data_config(spec) -> dict:
+    """timm's resolved data config for the spec's model, at the spec's input size.
+
+    Read from the registered pretrained config (so the mean and std are those the model family is
+    trained with: ImageNet's for timm models, CIFAR's for cifar_resnet); a model with no registered
+    config is built once to ask it.
+    """
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    import annify.models  # noqa: F401 - registers cifar_resnet
+
+    args = {"input_size": tuple(spec.input_size)}
+    try:
+        cfg = get_pretrained_cfg(spec.model)
+    except RuntimeError:
+        cfg = None
+    if cfg is not None:
+        return resolve_data_config(args, pretrained_cfg=cfg.to_dict())
+    from annify.convert import create_model
+
+    return resolve_data_config(args, model=create_model(spec.model, spec.num_classes, **spec.model_kwargs))
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise InferenceError(f"{len(values)} normalization values for a {channels}-channel input")
+
+
+def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) a run normalised its data with, read from ``data.json`` of the checkpoint's run.
+
+    ``checkpoint`` is a run's checkpoint folder (``runs/x/checkpoints/last``) or a file in it; the run
+    folder is searched up to three levels above. None where no run record is found.
+    """
+    from pathlib import Path
+
+    from annify.run_dir import DATA, normalization
+
+    p = Path(checkpoint).resolve()
+    folder = next((f for f in [p, *p.parents][:4] if (f / DATA).is_file()), None)
+    return None if folder is None else normalization(folder)
+
+
+def load_image(
+    path, spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Read an image file as the spec's input: C×H×W, resized, center-cropped and normalized.
+
+    Resizing and cropping follow timm's eval transform for the model (``crop_pct``, interpolation);
+    the image is converted to the spec's channel count (L or RGB) and normalized with ``mean``/``std``
+    if given, else with the model's data config (a 3-channel mean is averaged for a 1-channel input).
+    """
+    from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
+    from timm.data import create_transform
+
+    channels = spec.input_size[0]
+    if channels not in (1, 3):
+        raise InferenceError(f"images can feed 1- or 3-channel inputs, this spec takes {channels}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+    except FileNotFoundError:
+        raise InferenceError(f"cannot read image '{path}': no such file") from None
+    except UnidentifiedImageError:
+        raise InferenceError(f"cannot read image '{path}': not an image format PIL can read") from None
+    except DecompressionBombError:
+        raise InferenceError(
+            f"cannot read image '{path}': too many pixels for PIL's decompression-bomb limit; downscale it first"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"cannot read image '{path}': {e}") from None
+    cfg = data_config(spec)
+    transform = create_transform(
+        input_size=tuple(spec.input_size),
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
+        mean=_per_channel(mean if mean is not None else cfg["mean"], channels),
+        std=_per_channel(std if std is not None else cfg["std"], channels),
+        is_training=False,
+    )
+    return transform(im)

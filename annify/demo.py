@@ -152,7 +152,9 @@ def eann_verdict(summary: dict) -> str:
     used = [s for s in steps if s["used"]]
     last = used[-1]
     share = last["flops"] / steps[-1]["flops"]
-    where = f"{last['member_name']} output {last['output'] + 1}, at {100 * share:.0f}% of the EANN's total cost"
+    where = (
+        f"{last['member_name']} output {last['output'] + 1}, at {100 * share:.0f}% of the EANN's total cost"
+    )
     if inf["max"] <= bounds["sup_C"]:
         return (
             f"In words: the measured inflation (max C {inf['max']:.2f}) stays within Proposition 4.1's bound "

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from annify.cost import exit_flops, segment_costs
+from annify.early_exit import batched_carry
 from annify.errors import ExportError
 from annify.rewrite import AnytimeNet
-from annify.runtime import batched_carry, exit_flops, segment_costs
 from annify.spec import atomic_write
 
 __all__ = ["FORMATS", "ExportError", "export"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 
-__all__ = ["figure", "format_flops", "save_figure"]
+__all__ = ["figure", "format_flops", "format_sci", "save_figure"]
 
 
 def format_flops(f: float) -> str:
@@ -19,6 +19,12 @@ def format_flops(f: float) -> str:
         if abs(f) >= scale:
             return f"{f / scale:.3g}{unit}" if f / scale < 100 else f"{f / scale:.1f}{unit}"
     return f"{f:.0f}"
+
+
+def format_sci(value: float) -> str:
+    """Short scientific notation for messages: 2.0e9, 8.1e4."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def figure(figsize: tuple[float, float] = (6, 4), title: str | None = None, grid: bool = True):

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class HeadSpec:
     """One output. ``node`` is the qualified FX node the head reads (``model`` for the classifier)."""

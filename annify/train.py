@@ -94,8 +94,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-
-
 @dataclass
 class RunResult:
     """What a run produced."""
@@ -268,7 +266,7 @@ def train(
         net = build(spec)
         costs = count(net, spec.input_size)  # at the size actually trained
         spec = replace(with_costs(spec, costs), train=dict(cfg))  # costs at the trained size
-        net.spec = spec  # its costs at the trained size: runtime.exit_flops(result.net) reads them
+        net.spec = spec  # its costs at the trained size: cost.exit_flops(result.net) reads them
         nodes = [h.node for h in spec.heads]
         if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
             _load_init(net, spec, cfg["init"], say)

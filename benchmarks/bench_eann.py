@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from annify._cli_common import format_flops  # noqa: E402
+from annify.report import format_flops  # noqa: E402
 from benchmarks._timing import load_average, machine, machine_line, set_threads, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

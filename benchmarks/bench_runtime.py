@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from annify._cli_common import format_flops  # noqa: E402
+from annify.report import format_flops  # noqa: E402
 from benchmarks._timing import (
     _quantile,
     interleaved,
@@ -80,7 +80,7 @@ def _iqr(xs: list[float]) -> str:
 
 
 def latency(label: str, net, spec, repeats: int) -> tuple[str, dict]:
-    from annify.runtime import exit_flops
+    from annify.cost import exit_flops
 
     flops = exit_flops(net)
     x = torch.randn(1, *spec.input_size)
@@ -144,9 +144,10 @@ def _digits_net(run: Path, epochs: int):
 
 
 def early_exit_part(run: Path, epochs: int, repeats: int) -> tuple[str, dict]:
+    from annify.cost import exit_flops
     from annify.data import build_datasets, build_loaders
+    from annify.early_exit import budget_curve, early_exit
     from annify.evaluate import evaluate
-    from annify.runtime import budget_curve, early_exit, exit_flops
 
     net, how = _digits_net(run, epochs)
     spec = net.spec

@@ -12,22 +12,14 @@ from PIL import Image
 from torch import nn
 
 from annify import heads as head_registry
-from annify._cli_common import format_flops
 from annify.convert import convert
+from annify.cost import exit_flops, segment_costs
+from annify.data import load_image, run_normalization
 from annify.eann import MemberTable, build_schedule
+from annify.early_exit import budget_curve, calibrate_temperatures, early_exit, fit_thresholds
+from annify.report import format_flops
 from annify.rewrite import AnytimeNet
-from annify.runtime import (
-    AnytimeRunner,
-    EANNRuntime,
-    budget_curve,
-    calibrate_temperatures,
-    early_exit,
-    exit_flops,
-    fit_thresholds,
-    load_image,
-    run_normalization,
-    segment_costs,
-)
+from annify.runtime import AnytimeRunner, EANNRuntime
 from annify.trace import trace
 
 TINY = dict(input_size=(1, 8, 8), num_classes=10, model_kwargs={"in_chans": 1})

@@ -1,0 +1,287 @@
+"""Budgeted batch classification (MSDNet's protocol) that really saves what it skips.
+
+``calibrate_temperatures`` and ``fit_thresholds`` choose, on validation, a confidence threshold per
+output; ``early_exit`` then runs a batch segment by segment and shrinks it at every output to the
+samples still undecided, so skipped work is not computed; ``budget_curve`` ties them together into
+accuracy against expected FLOPs. Costs follow ``annify.cost``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from annify.cost import exit_flops
+from annify.report import format_sci
+from annify.rewrite import AnytimeNet
+
+__all__ = ["batched_carry", "budget_curve", "calibrate_temperatures", "early_exit", "fit_thresholds"]
+
+
+def calibrate_temperatures(
+    logits_per_output: Sequence[torch.Tensor], labels: torch.Tensor, max_iter: int = 50
+) -> list[float]:
+    """One temperature per output, minimizing the validation NLL of ``softmax(logits / T)``.
+
+    Optimizes log T with L-BFGS (so T stays positive), starting from T = 1. The result is clamped
+    to [0.01, 100]: an output whose NLL keeps falling beyond that (e.g. an untrained head) carries
+    no confidence worth scaling, and a float32 softmax at such T would flatten into ties.
+    """
+    labels = labels.long().clone()  # clones: tensors made under inference_mode cannot enter autograd
+    temps = []
+    with torch.enable_grad():
+        for logits in logits_per_output:
+            z = logits.detach().float().clone()
+            log_t = torch.zeros((), requires_grad=True)
+            opt = torch.optim.LBFGS([log_t], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+            def closure(z=z, log_t=log_t, opt=opt):
+                opt.zero_grad()
+                loss = F.cross_entropy(z / log_t.exp(), labels)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            temps.append(min(max(float(log_t.detach().exp()), 1e-2), 1e2))
+    return temps
+
+
+def _exit_index(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """First output whose confidence reaches its threshold, per sample; conf is K×N."""
+    passed = conf >= torch.tensor(thresholds, dtype=conf.dtype).unsqueeze(1)
+    passed[-1] = True
+    return passed.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximum
+
+
+def fit_thresholds(
+    val_probs_per_output: Sequence[torch.Tensor],
+    target_avg_flops: float,
+    flops_per_output: Sequence[float],
+    val_labels: torch.Tensor | None = None,
+) -> list[float]:
+    """Max-softmax thresholds whose average cost on validation is ``target_avg_flops`` (MSDNet's scheme).
+
+    The share of samples exiting at output k follows q^k (k = 1..K, normalized). For a given q,
+    output k's threshold is the confidence of the n_k-th most confident sample still running, so
+    that n_k of them exit there (the last output takes everyone left). q is found by bisection on
+    log q so that the average FLOPs realized on validation hits the target; the closest q seen wins.
+
+    With ``val_labels``, the first output allowed to exit is searched too: weak early heads can make
+    the geometric schedule worse than stopping at one fixed output, so for each first exit j the
+    schedule is fitted over outputs j..K and the policy with the best validation accuracy at (or
+    nearest below) the target cost wins. Stopping every sample at a single output is among them.
+
+    Returns K thresholds; a sample exits at the first output whose max softmax is >= its threshold.
+    ``math.inf`` means no sample exits there; the last is 0 (everyone exits).
+    """
+    conf = torch.stack([p.float().max(dim=1).values for p in val_probs_per_output])  # K×N
+    k_out, n = conf.shape
+    flops = torch.tensor([float(f) for f in flops_per_output], dtype=torch.float64)
+    if len(flops) != k_out:
+        raise ValueError(f"{k_out} outputs of probabilities but {len(flops)} FLOP counts")
+    if not flops[0] <= target_avg_flops <= flops[-1]:
+        raise ValueError(
+            f"target {format_sci(target_avg_flops)} FLOPs is outside what exiting can reach, "
+            f"{format_sci(float(flops[0]))} to {format_sci(float(flops[-1]))}"
+        )
+    order = conf.argsort(dim=1, descending=True)
+
+    def thresholds_for(log_q: float, start: int) -> list[float]:
+        ranks = torch.arange(1, k_out - start + 1, dtype=torch.float64)
+        cum = torch.round(n * torch.softmax(log_q * ranks, 0).cumsum(0)).long()
+        exited = torch.zeros(n, dtype=torch.bool)
+        out = [math.inf] * start
+        for k in range(start, k_out - 1):
+            want = int(cum[k - start]) - int(exited.sum())
+            if want <= 0:
+                out.append(math.inf)
+                continue
+            running = order[k][~exited[order[k]]]
+            t = float(conf[k, running[want - 1]])
+            out.append(t)
+            exited |= conf[k] >= t
+        return [*out, 0.0]
+
+    def avg_flops(thresholds: list[float]) -> float:
+        return float(flops[_exit_index(conf, thresholds)].mean())
+
+    def fit(start: int) -> list[float]:
+        lo, hi = -30.0, 30.0
+        best, best_gap = None, math.inf
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            t = thresholds_for(mid, start)
+            got = avg_flops(t)
+            if abs(got - target_avg_flops) < best_gap:
+                best, best_gap = t, abs(got - target_avg_flops)
+            if got < target_avg_flops:
+                lo = mid
+            else:
+                hi = mid
+        assert best is not None
+        return best
+
+    if val_labels is None:
+        return fit(0)
+    preds = torch.stack([p.argmax(dim=1) for p in val_probs_per_output])  # K×N
+    correct = preds == val_labels.reshape(1, -1)
+    tolerance = 0.01 * float(flops[-1])  # a policy may overshoot the target by 1% of the full cost
+
+    def score(thresholds: list[float]) -> tuple[bool, float]:
+        exits = _exit_index(conf, thresholds)
+        fits = avg_flops(thresholds) <= target_avg_flops + tolerance
+        return fits, float(correct[exits, torch.arange(n)].float().mean())
+
+    starts = [j for j in range(k_out) if flops[j] <= target_avg_flops + tolerance]
+    fixed = [[math.inf] * j + [0.0] * (k_out - j) for j in starts]  # everyone stops at output j
+    candidates = [fit(j) for j in starts] + fixed
+    best = max(candidates or [fit(0)], key=score)
+    assert best is not None
+    return best
+
+
+@contextlib.contextmanager
+def _inference(net: nn.Module):
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        net.train(was_training)
+
+
+def batched_carry(net: AnytimeNet) -> list[list[bool]]:
+    """For each segment, which carried values derive from the input (and so have its batch dimension).
+
+    Found by data flow in the segment graphs: a value computed only from parameters and constants
+    is shared by the whole batch and must not be sliced.
+    """
+    flags, out = [True], []  # segment 0 reads the input batch
+    for seg in net.segments[:-1]:
+        dep: dict[fx.Node, bool] = {}
+        from_input = iter(flags)
+        for node in seg.graph.nodes:
+            if node.op == "placeholder":
+                dep[node] = next(from_input, False)
+            else:
+                dep[node] = any(dep.get(a, False) for a in node.all_input_nodes)
+        ret = next(n for n in seg.graph.nodes if n.op == "output").args[0]
+        flags = [isinstance(v, fx.Node) and dep[v] for v in ret[: seg.carry]]
+        out.append(flags)
+    return out
+
+
+def early_exit(
+    net: AnytimeNet,
+    x: torch.Tensor,
+    thresholds: Sequence[float],
+    temperatures: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classify a batch, each sample exiting at its first output confident enough; skips real compute.
+
+    After each segment the samples whose ``max softmax(logits / T_k) >= thresholds[k]`` leave, and
+    the carried state is cut down to the rest (``index_select`` on dim 0 of every carried tensor that
+    derives from the input and has the current batch size; other carried values are kept as they
+    are), so later segments run on the undecided samples only.
+
+    Returns:
+        (logits at each sample's exit, N×classes; exit output index, N; per-sample FLOPs, N).
+    """
+    k_out, n = net.num_outputs, x.shape[0]
+    if len(thresholds) != k_out:
+        raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
+    temps = list(temperatures) if temperatures is not None else [1.0] * k_out
+    if n == 0:
+        raise ValueError("early_exit needs a non-empty batch")
+    flops = torch.tensor(exit_flops(net), dtype=torch.float64)
+    exit_at = torch.full((n,), k_out - 1, dtype=torch.long)
+    result: torch.Tensor | None = None
+    active = torch.arange(n)
+    state: tuple = (x,)
+    with _inference(net):
+        batched = batched_carry(net)
+        for j in range(k_out):
+            state, logits = net.run_segment(j, state)
+            if result is None:
+                result = logits.new_empty((n, *logits.shape[1:]))
+            if j == k_out - 1:
+                done = torch.ones(len(active), dtype=torch.bool)
+            else:
+                conf = torch.softmax(logits.float() / temps[j], dim=-1).amax(dim=-1)
+                done = conf >= thresholds[j]
+            result[active[done]] = logits[done]
+            exit_at[active[done]] = j
+            if done.all():
+                break
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                b = len(active)
+                state = tuple(
+                    v.index_select(0, keep)
+                    if flag and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
+                    else v
+                    for v, flag in zip(state, batched[j], strict=True)
+                )
+                active = active[keep]
+    assert result is not None
+    return result, exit_at, flops[exit_at]
+
+
+def _collect(net: AnytimeNet, loader) -> tuple[list[torch.Tensor], torch.Tensor]:
+    outs: list[list[torch.Tensor]] = [[] for _ in range(net.num_outputs)]
+    labels = []
+    for x, y in loader:
+        for k, logits in enumerate(net(x)):
+            outs[k].append(logits.float())
+        labels.append(torch.as_tensor(y))
+    return [torch.cat(o) for o in outs], torch.cat(labels)
+
+
+def budget_curve(net: AnytimeNet, val_loader, test_loader, targets: Sequence[float]) -> list[dict]:
+    """Budgeted batch classification: accuracy against average FLOPs, one row per target.
+
+    Temperatures and thresholds (including the first output allowed to exit, see
+    ``fit_thresholds``) are fit on ``val_loader`` (never on test), then ``early_exit`` runs
+    on ``test_loader``. ``wall_s`` is the time spent in ``early_exit`` on test (data loading excluded).
+
+    Returns:
+        One dict per target: ``target_flops``, ``avg_flops`` and ``accuracy`` on test, ``wall_s``,
+        ``val_avg_flops`` and the ``thresholds`` and ``temperatures`` used.
+    """
+    flops = exit_flops(net)
+    with _inference(net):
+        val_logits, val_labels = _collect(net, val_loader)
+    temps = calibrate_temperatures(val_logits, val_labels)
+    probs = [torch.softmax(z / t, dim=-1) for z, t in zip(val_logits, temps, strict=True)]
+    conf = torch.stack([p.max(dim=1).values for p in probs])
+    rows = []
+    for target in targets:
+        thresholds = fit_thresholds(probs, target, flops, val_labels)
+        val_avg = float(torch.tensor(flops, dtype=torch.float64)[_exit_index(conf, thresholds)].mean())
+        correct, total, spent, wall = 0, 0, 0.0, 0.0
+        for x, y in test_loader:
+            start = time.perf_counter()
+            logits, _, per_sample = early_exit(net, x, thresholds, temps)
+            wall += time.perf_counter() - start
+            correct += int((logits.argmax(dim=-1) == torch.as_tensor(y)).sum())
+            total += len(per_sample)
+            spent += float(per_sample.sum())
+        rows.append(
+            {
+                "target_flops": float(target),
+                "avg_flops": spent / total,
+                "accuracy": correct / total,
+                "wall_s": wall,
+                "val_avg_flops": val_avg,
+                "thresholds": thresholds,
+                "temperatures": temps,
+            }
+        )
+    return rows
