@@ -24,7 +24,7 @@ from torch import nn
 from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
 from annify.report import figure, format_flops, save_figure
-from annify.spec import Spec, atomic_write
+from annify.spec import Spec, atomic_write, model_source
 
 __all__ = [
     "Evaluation",
@@ -60,15 +60,16 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
 
     The class count always comes from the data. Sources with one native resolution (digits 8×8,
     the MNIST family 28×28, CIFAR 32×32) also set H×W. Gray sources other than digits (the MNIST
-    family, gray timm data sets) train natively at 1 channel: the model is built with
-    ``in_chans=1``. Digits keep the spec's channel count (gray repeated to 3 when the model wants 3).
+    family, gray timm data sets) train natively at 1 channel: a timm model is built with
+    ``in_chans=1`` (torchvision models and modules of your own keep 3, the gray repeated). Digits keep the spec's channel count (gray repeated to 3 when the model wants 3).
     Folder sources resize to any size, so the spec's H×W stays.
     """
     info = data_info(source)
     kind = parse_source(source)[0]
     c, h, w = spec.input_size
     kwargs = dict(spec.model_kwargs)
-    if info.input_size[0] == 1 and kind != "digits":
+    timm_model = model_source(spec.model)[0] in ("timm", "hf-hub")  # others take no in_chans
+    if info.input_size[0] == 1 and kind != "digits" and timm_model:
         c = kwargs["in_chans"] = 1
     size = (c, *info.input_size[1:]) if kind in FIXED_SIZE_SOURCES else (c, h, w)
     if (

@@ -227,3 +227,16 @@ def test_fast_path_shards_like_distributed_sampler():
     assert set(seen) == set(range(10))
     evals = [torch.cat([y for _, y in TensorBatches(ds, 2, rank=r, world=3)]).tolist() for r in range(3)]
     assert sorted(sum(evals, [])) == list(range(10))  # evaluation shards: every image once
+
+
+def test_gray_data_keeps_three_channels_for_torchvision_models(tmp_path):
+    from annify.spec import parse
+
+    src = tmp_path / "src"
+    write_idx(src)
+    spec = parse({"model": "torchvision:resnet18", "input_size": [3, 64, 64], "num_classes": 10,
+                  "heads": [{"node": "model"}]}, "t")  # fmt: skip
+    fitted, _ = fit_to_data(spec, f"fashion-mnist:{src}")
+    assert fitted.input_size == (3, 28, 28) and "in_chans" not in fitted.model_kwargs
+    x, _ = build_datasets(f"fashion-mnist:{src}", input_size=fitted.input_size)["train"][0]
+    assert x.shape == (3, 28, 28) and torch.equal(x[0], x[2])  # gray repeated
