@@ -178,6 +178,12 @@ def parse(data: Any, source: str = "spec") -> Spec:
             errors.append(f"heads[{i}]: unknown key '{bad[0]}' (known: {', '.join(sorted(_HEAD_KEYS))})")
             continue
         heads.append(HeadSpec(**h))
+    if isinstance(data.get("train"), dict) and data["train"]:
+        from annify.config import train_section_problems  # imports the registries it checks against
+
+        errors += [
+            f"train: {p}" if not p.startswith("train:") else p for p in train_section_problems(data["train"])
+        ]
     nodes = [h.node for h in heads[:-1]]
     dup = sorted({n for n in nodes if nodes.count(n) > 1})
     if dup:

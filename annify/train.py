@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from annify import weighting
+from annify.config import DEFAULTS, resolve_settings, run_label
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
 from annify.data import build_datasets, data_info, describe_batches, make_batches, set_epoch
@@ -70,29 +71,6 @@ __all__ = [
     "train",
 ]
 
-DEFAULTS: dict[str, Any] = {
-    "data": "digits",  # data source, see annify.data
-    "epochs": 300,  # paper: 300 on CIFAR
-    "batch_size": 64,  # per process
-    "opt": "sgd",  # timm optimizer name
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,  # timm's convention: not on biases and norm parameters
-    "nesterov": False,
-    "milestones": [0.5, 0.75],  # lr × decay_rate after these fractions (floats) or epoch counts (ints)
-    "decay_rate": 0.1,
-    "weights": "adaloss",  # weight scheme, see annify.weighting
-    "weight_hparams": {},  # e.g. {gamma: 0.05}
-    "head": None,  # for weights=opt: the output trained (1-based, as in the tables); default the last
-    "seed": 0,
-    "init": None,  # "timm" (the model's pretrained weights) or a state dict file
-    "freeze_trunk": False,  # train the added heads only
-    "head_local": False,  # weights scale only what each head sends into the trunk (annify.weighting.HeadLocal)
-    "distill": 0.0,  # gamma: earlier outputs also learn from the last output's softened prediction
-    "distill_temperature": 1.0,  # T of the distillation's softmax
-    "train_subset": None,  # train on a fixed, seeded subset of this many training images
-}
-
 
 @dataclass
 class RunResult:
@@ -107,95 +85,10 @@ class RunResult:
     rank: int  # 0 on the process that wrote the files
 
 
-def run_label(settings: dict) -> str:
-    """A short name for a run's weighting: ``adaloss``, ``adaloss+hl`` (head-local), ``const+kd`` (distilled)."""
-    cfg = {**DEFAULTS, **settings}
-    return cfg["weights"] + ("+hl" if cfg["head_local"] else "") + ("+kd" if cfg["distill"] else "")
-
-
-def resolve_settings(spec_train: dict, overrides: dict) -> dict:
-    """DEFAULTS, then the spec's ``train:`` section, then the non-None ``overrides``; validated."""
-    errors = [
-        f"train: unknown key '{k}' (known: {', '.join(DEFAULTS)})" for k in spec_train if k not in DEFAULTS
-    ]
-    cfg = {**DEFAULTS, **{k: v for k, v in spec_train.items() if k in DEFAULTS}}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("epochs", "batch_size"):
-        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
-            errors.append(f"{key} must be a positive integer, got {cfg[key]!r}")
-    for key in ("lr", "momentum", "weight_decay", "decay_rate"):
-        if not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
-            errors.append(f"{key} must be a non-negative number, got {cfg[key]!r}")
-    if not (
-        isinstance(cfg["milestones"], list) and all(isinstance(m, (int, float)) for m in cfg["milestones"])
-    ):
-        errors.append(f"milestones must be a list of fractions or epoch counts, got {cfg['milestones']!r}")
-    if cfg["weights"] not in weighting.available():
-        errors.append(
-            f"unknown weight scheme '{cfg['weights']}' (available: {', '.join(weighting.available())})"
-        )
-    if cfg["head"] is not None and cfg["weights"] != "opt":
-        errors.append(f"head is for --weights opt, not {cfg['weights']}")
-    if cfg["head"] is not None and not (isinstance(cfg["head"], int) and cfg["head"] >= 1):
-        errors.append(f"head is an output number, 1 for the first, got {cfg['head']!r}")
-    if not isinstance(cfg["weight_hparams"], dict):
-        errors.append("weight_hparams must be a mapping such as {gamma: 0.05}")
-    elif cfg["weights"] in weighting.available() and cfg["weights"] != "opt":
-        try:  # the scheme's own checks, with a stand-in head count
-            weighting.get(cfg["weights"], 2, **cfg["weight_hparams"])
-        except ValueError as e:
-            errors.append(f"weight_hparams: {e}")
-    seed = cfg["seed"]
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
-        errors.append(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
-    from timm.optim import list_optimizers
-
-    if cfg["opt"] not in list_optimizers():
-        errors.append(f"opt: unknown optimizer '{cfg['opt']}' (timm's, e.g. sgd, adamw, lamb)")
-    for key in ("head_local", "freeze_trunk"):
-        if not isinstance(cfg[key], bool):
-            errors.append(f"{key} must be true or false, got {cfg[key]!r}")
-    if not (isinstance(cfg["distill"], (int, float)) and 0.0 <= cfg["distill"] <= 1.0):
-        errors.append(
-            f"distill must be a number in [0, 1] (the weight of the KL term), got {cfg['distill']!r}"
-        )
-    temp = cfg["distill_temperature"]
-    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp > 0):
-        errors.append(f"distill_temperature must be a positive number, got {temp!r}")
-    subset = cfg["train_subset"]
-    if subset is not None and not (isinstance(subset, int) and not isinstance(subset, bool) and subset >= 1):
-        errors.append(f"train_subset must be a positive integer (images), got {subset!r}")
-    if cfg["head_local"] and cfg["weights"] == "adaloss_grad":
-        errors.append("adaloss_grad measures each head's trunk gradient, which head_local rescales; pick one")
-    if cfg["freeze_trunk"] and cfg["weights"] == "adaloss_grad":
-        errors.append(
-            "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
-        )
-    if errors:
-        raise SpecError("; ".join(errors))
-    cfg["milestones"] = list(cfg["milestones"])
-    cfg["weight_hparams"] = dict(cfg["weight_hparams"])
-    return cfg
-
-
 def train(
     spec_or_path: Spec | str | os.PathLike,
     *,
     out: str | os.PathLike,
-    data: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weights: str | None = None,
-    weight_hparams: dict | None = None,
-    head: int | None = None,
-    seed: int | None = None,
-    init: str | None = None,
-    freeze_trunk: bool | None = None,
-    head_local: bool | None = None,
-    distill: float | None = None,
-    distill_temperature: float | None = None,
-    train_subset: int | None = None,
     device: str = "auto",
     amp: bool | None = None,
     channels_last: bool | None = None,
@@ -205,219 +98,287 @@ def train(
     loader: str = "auto",
     stop_after: int | None = None,
     log: Callable[[str], Any] = print,
+    **settings: Any,
 ) -> RunResult:
     """Train an anytime network and write its run folder (see the module docstring).
 
-    Arguments left at None take the spec's ``train:`` value, else ``DEFAULTS``. ``amp`` (bf16
-    autocast) and ``channels_last`` default to on for CUDA and off for the CPU, where they run too
-    when asked (bf16 autocast on CPU, channels-last tensors, inductor for ``compile``): the GPU code
-    paths are then exercised on any machine, and only the device differs. Under ``torchrun`` (WORLD_SIZE > 1) this
-    runs DistributedDataParallel (gloo on CPU, nccl on CUDA); ``batch_size`` is per process and
-    rank 0 writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same
-    settings (it starts afresh, with a note, when there is none). ``stop_after`` ends the run once
-    that many epochs are done, as a time-limited job would; ``resume`` continues it later.
-    ``loader``: ``tensor`` holds in-memory data sets (digits, the MNIST family, CIFAR) whole on the
-    training device and makes batches there (``annify.data.TensorBatches``); ``dataloader`` uses
-    torch's DataLoader with ``workers`` processes; ``auto`` takes ``tensor`` where the data allows.
+    ``settings`` are the run's settings (``DEFAULTS`` lists them: data, epochs, weights, ...); one
+    left out or None takes the spec's ``train:`` value, else its default. The other arguments say
+    how to run, not what to learn: ``amp`` (bf16 autocast) and ``channels_last`` default to on for
+    CUDA and off for the CPU, where they run too when asked (with ``compile``, inductor), so the
+    GPU code paths are exercised on any machine. Under ``torchrun`` (WORLD_SIZE > 1) this runs
+    DistributedDataParallel (gloo on CPU, nccl on CUDA); ``batch_size`` is per process and rank 0
+    writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same settings (it
+    starts afresh, with a note, when there is none). ``stop_after`` ends the run once that many
+    epochs are done, as a time-limited job would. ``loader``: see ``annify.data.make_batches``.
     """
     started = time.perf_counter()
-    # ---------------------------------------------------------------- setup: settings and devices
+    # ---------------------------------------------------------------- setup
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
-    overrides = dict(data=data, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights, head=head)
-    overrides.update(weight_hparams=weight_hparams, seed=seed, init=init, freeze_trunk=freeze_trunk)
-    overrides.update(head_local=head_local, distill=distill, distill_temperature=distill_temperature)
-    overrides.update(train_subset=train_subset)
-    cfg = resolve_settings(spec.train, overrides)
+    cfg = resolve_settings(spec.train, settings)
+    out = Path(out)
+    _check_out(out)
+    world, rank, dev, owns_group = _start_distributed(device)
+    try:
+        run = _setup(
+            spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log
+        )
+        # ------------------------------------------------------------ loop: train, evaluate on val, save
+        val: Evaluation | None = None
+        done = run.start_epoch
+        for epoch in range(run.start_epoch, cfg["epochs"]):
+            if stop_after is not None and epoch >= stop_after:
+                break
+            row = _train_epoch(run, epoch)
+            val = evaluate(run.net, run.eval_batches["val"], dev, run.amp, run.channels_last)
+            _end_epoch(run, epoch, row, val)
+            done = epoch + 1
+        # ------------------------------------------------------------ evaluate the final weights, save
+        table = _finish(run, val)
+        return RunResult(out, run.spec, run.net, done, table, time.perf_counter() - started, rank)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------- the run's pieces
+
+
+@dataclass
+class _Run:
+    """What one training run holds from setup to the end."""
+
+    out: Path
+    cfg: dict
+    spec: Spec  # refitted to the data, with costs at the trained size and the settings
+    net: nn.Module  # the AnytimeNet
+    model: nn.Module  # what the steps call: the net, wrapped by DDP and torch.compile where asked
+    costs: Any
+    optimizer: Any
+    scheduler: Any
+    scheme: weighting.WeightScheme
+    head_local: weighting.HeadLocal | None
+    trunk_params: list[torch.Tensor]
+    train_batches: Any
+    eval_batches: dict
+    dev: torch.device
+    amp: bool
+    channels_last: bool
+    rank: int
+    world: int
+    say: Callable[[str], Any]
+    resumed: bool
+    start_epoch: int
+    best: float
+
+    @property
+    def nodes(self) -> list[str]:
+        return [h.node for h in self.spec.heads]
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def _start_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+    """(world size, rank, device, whether this call started the process group)."""
     world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     dev = resolve_device(device, local_rank)
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    return world, dist.get_rank() if world > 1 else 0, dev, owns_group
+
+
+def _setup(
+    spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log
+) -> _Run:
+    """Run folder, data, network, optimizer, weight scheme and resume state, in that order."""
     say = log if rank == 0 else (lambda *_: None)
     cuda = dev.type == "cuda"
     use_amp = cuda if amp is None else amp
     use_cl = cuda if channels_last is None else channels_last
-    out, ckpt_root = Path(out), Path(out) / "checkpoints"
-    _check_out(out)
-    try:
-        # ------------------------------------------------------------ setup: run folder
-        last = _find_checkpoint(ckpt_root, "last")
-        if last is not None and not resume:
-            raise TrainError(
-                f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
-            )
-        if resume and last is None:
-            say(f"note: no checkpoint in {out} to resume from; starting from scratch")
-
-        # ------------------------------------------------------------ setup: data and network
-        spec, note = fit_to_data(spec, cfg["data"])
-        if note:
-            say(note)
-        datasets = build_datasets(cfg["data"], input_size=spec.input_size, train_subset=cfg["train_subset"])
-        batches = make_batches(
-            datasets, cfg["batch_size"], loader, workers, dev, seed=cfg["seed"], rank=rank, world=world
+    ckpt_root = out / "checkpoints"
+    last = _find_checkpoint(ckpt_root, "last")
+    if last is not None and not resume:
+        raise TrainError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
         )
-        train_loader, eval_loaders = batches["train"], {s: batches[s] for s in ("val", "test")}
-        say(f"data: {cfg['data']}, {len(datasets['train'])} train / {len(datasets['val'])} val / "
-            f"{len(datasets['test'])} test images, {describe_batches(train_loader, workers)}")  # fmt: skip
+    if resume and last is None:
+        say(f"note: no checkpoint in {out} to resume from; starting from scratch")
 
-        torch.manual_seed(cfg["seed"])
-        net = build(spec)
-        costs = count(net, spec.input_size)  # at the size actually trained
-        spec = replace(with_costs(spec, costs), train=dict(cfg))  # costs at the trained size
-        net.spec = spec  # its costs at the trained size: cost.exit_flops(result.net) reads them
-        nodes = [h.node for h in spec.heads]
-        if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
-            _load_init(net, spec, cfg["init"], say)
-        if cfg["freeze_trunk"]:
-            for name, p in net.named_parameters():
-                p.requires_grad_(name.startswith(net.exits_prefix))
-        net.to(dev)
-        if use_cl:
-            net.to(memory_format=torch.channels_last)
+    # data and network
+    spec, note = fit_to_data(spec, cfg["data"])
+    if note:
+        say(note)
+    datasets = build_datasets(cfg["data"], input_size=spec.input_size, train_subset=cfg["train_subset"])
+    batches = make_batches(
+        datasets, cfg["batch_size"], loader, workers, dev, seed=cfg["seed"], rank=rank, world=world
+    )
+    say(f"data: {cfg['data']}, {len(datasets['train'])} train / {len(datasets['val'])} val / "
+        f"{len(datasets['test'])} test images, {describe_batches(batches['train'], workers)}")  # fmt: skip
+    torch.manual_seed(cfg["seed"])
+    net = build(spec)
+    costs = count(net, spec.input_size)  # at the size actually trained
+    spec = replace(with_costs(spec, costs), train=dict(cfg))
+    net.spec = spec  # its costs at the trained size: cost.exit_flops(result.net) reads them
+    if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
+        _load_init(net, spec, cfg["init"], say)
+    if cfg["freeze_trunk"]:
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.startswith(net.exits_prefix))
+    net.to(dev)
+    if use_cl:
+        net.to(memory_format=torch.channels_last)
 
-        # ------------------------------------------------------------ setup: optimizer, weights, resume
-        if last is not None:
-            load_weights(net, last)  # a checkpoint of another spec gets a one-line ConvertError
-        optimizer, scheduler = _optimizer(net, cfg)
-        scheme_hp = dict(cfg["weight_hparams"])
-        if cfg["weights"] == "opt" and cfg["head"] is not None:
-            if cfg["head"] > net.num_outputs:
-                raise SpecError(
-                    f"head {cfg['head']} is out of range: {spec.name} has {net.num_outputs} outputs (1 to "
-                    f"{net.num_outputs}; `annify eval` lists them)"
-                )
-            scheme_hp["head"] = cfg["head"] - 1
-        scheme = weighting.get(cfg["weights"], net.num_outputs, **scheme_hp)
-        start_epoch, best = 0, math.inf
-        if last is not None:
-            start_epoch, best = _restore(last, cfg, optimizer, scheduler, scheme)
-            say(f"resuming {out} after epoch {start_epoch}")
-        if rank == 0:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            for leftover in ckpt_root.glob(".tmp-*"):  # a write that a kill interrupted
-                shutil.rmtree(leftover, ignore_errors=True)
-            machine = f"device={dev} amp={'bf16' if use_amp else 'off'} compile={compile} world_size={world}"
-            header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
-            header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
-            atomic_write(out / "config.yaml", dump(spec, header))
-            info = data_info(cfg["data"])  # what `annify predict` must normalise images with
-            record = {"source": cfg["data"], "mean": list(info.mean), "std": list(info.std)}
-            atomic_write(out / "data.json", json.dumps(record, indent=1) + "\n")
-            _keep_metrics(out / "metrics.jsonl", start_epoch)
+    # optimizer, weights, resume
+    if last is not None:
+        load_weights(net, last)  # a checkpoint of another spec gets a one-line ConvertError
+    optimizer, scheduler = _optimizer(net, cfg)
+    scheme = _scheme(cfg, spec, net.num_outputs)
+    start_epoch, best = 0, math.inf
+    if last is not None:
+        start_epoch, best = _restore(last, cfg, optimizer, scheduler, scheme)
+        say(f"resuming {out} after epoch {start_epoch}")
+    if rank == 0:
+        _start_run_folder(out, spec, cfg, start_epoch, f"device={dev} amp={'bf16' if use_amp else 'off'} "
+                          f"compile={compile} world_size={world}")  # fmt: skip
 
-        model: nn.Module = net
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if cuda else None)
-        if compile:
-            model = torch.compile(model)
-        trunk_params = [
-            p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)
-        ]
-        head_local = weighting.HeadLocal(net) if cfg["head_local"] else None
-        distill = (cfg["distill"], cfg["distill_temperature"])
+    model: nn.Module = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if cuda else None)
+    if compile:
+        model = torch.compile(model)
+    trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
+    head_local = weighting.HeadLocal(net) if cfg["head_local"] else None
+    return _Run(
+        out, cfg, spec, net, model, costs, optimizer, scheduler, scheme, head_local, trunk, batches["train"],
+        {s: batches[s] for s in ("val", "test")}, dev, use_amp, use_cl, rank, world, say, last is not None,
+        start_epoch, best,
+    )  # fmt: skip
 
-        # ------------------------------------------------------------ loop
-        from tqdm.auto import tqdm
 
-        val: Evaluation | None = None
-        done = start_epoch
-        for epoch in range(start_epoch, cfg["epochs"]):
-            if stop_after is not None and epoch >= stop_after:
-                break
-            _seed_all(_epoch_seed(cfg["seed"], epoch, rank))
-            train_loader.generator.manual_seed(_epoch_seed(cfg["seed"], epoch, 0))  # shuffle (one process)
-            set_epoch({"train": train_loader}, epoch)  # shuffle (DistributedSampler)
-            scheduler.step(epoch)
-            scheme.set_progress(epoch, cfg["epochs"])
-            _train_mode(net, cfg["freeze_trunk"])
-            loss_sum = torch.zeros(net.num_outputs, dtype=torch.float64)  # (K,) summed over steps
-            steps, images, tic = 0, 0, time.perf_counter()
-            bar = tqdm(
-                train_loader,
-                desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                leave=False,
-                disable=True if rank != 0 else None,  # None: off when not a TTY
+def _scheme(cfg: dict, spec: Spec, num_outputs: int) -> weighting.WeightScheme:
+    hp = dict(cfg["weight_hparams"])
+    if cfg["weights"] == "opt" and cfg["head"] is not None:
+        if cfg["head"] > num_outputs:
+            raise SpecError(
+                f"head {cfg['head']} is out of range: {spec.name} has {num_outputs} outputs (1 to "
+                f"{num_outputs}; `annify eval` lists them)"
             )
-            for x, y in bar:
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if use_cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if head_local is not None:
-                    head_local.set(scheme.weights)
-                losses = output_losses(model, x, y, use_amp, *distill)  # (K,)
-                mean = _mean_across_ranks(losses.detach())  # the same on every rank: all stop together
-                if not torch.isfinite(mean).all():
-                    raise _diverged(
-                        mean, nodes, epoch, steps + 1, ckpt_root, last is not None or epoch > start_epoch
-                    )
-                weighted_update(losses, scheme, optimizer, trunk_params, head_local)
-                loss_sum += mean.double()
-                steps, images = steps + 1, images + len(y) * world
-                bar.set_postfix_str("loss " + "|".join(f"{v:.2f}" for v in mean.tolist()))
-            seconds = time.perf_counter() - tic
-            if world > 1:  # DDP syncs buffers before each forward; the last forward's BN updates differ
-                for b in net.buffers():
-                    dist.broadcast(b, 0)
+        hp["head"] = cfg["head"] - 1
+    return weighting.get(cfg["weights"], num_outputs, **hp)
 
-            # -------------------------------------------------------- evaluate (val) and save
-            val = evaluate(net, eval_loaders["val"], dev, use_amp, use_cl)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": (loss_sum / max(steps, 1)).tolist(),
-                "val_error": val.errors,
-                "val_loss": val.losses,
-                "weights": scheme.weights.tolist(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": round(images / seconds, 1),
-                "time_s": round(seconds, 3),
-            }
-            score = sum(val.errors) / len(val.errors)  # anytime quality: mean error over the outputs
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                say(_epoch_line(row, cfg["epochs"]))
-                state = {
-                    "epoch": epoch + 1,
-                    "best": min(best, score),
-                    "settings": cfg,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scheme": scheme.state_dict(),
-                    "rng": _rng_state(),
-                }
-                weights_file = _weights_writer(net)
-                _write_folder(
-                    ckpt_root / "last", {"model.safetensors": weights_file, "state.pt": _saver(state)}
-                )
-                if score < best:
-                    info = {"epoch": epoch + 1, "val_error": val.errors}
-                    _write_folder(
-                        ckpt_root / "best", {"model.safetensors": weights_file, "best.json": _json(info)}
-                    )
-            best, done = min(best, score), epoch + 1
 
-        # ------------------------------------------------------------ evaluate (final weights)
-        if val is None:
-            val = evaluate(net, eval_loaders["val"], dev, use_amp, use_cl)
-        test = evaluate(net, eval_loaders["test"], dev, use_amp, use_cl)
-        table = anytime_table(nodes, costs.flops, val, test)
+def _start_run_folder(out: Path, spec: Spec, cfg: dict, start_epoch: int, machine: str) -> None:
+    """config.yaml, data.json and the metrics of the epochs kept; leftovers of an interrupted write go."""
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    for leftover in ckpt_root.glob(".tmp-*"):  # a write that a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
+    header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
+    atomic_write(out / "config.yaml", dump(spec, header))
+    info = data_info(cfg["data"])  # what `annify predict` must normalise images with
+    record = {"source": cfg["data"], "mean": list(info.mean), "std": list(info.std)}
+    atomic_write(out / "data.json", json.dumps(record, indent=1) + "\n")
+    _keep_metrics(out / "metrics.jsonl", start_epoch)
 
-        # ------------------------------------------------------------ save
-        if rank == 0:
-            save_table(table, out)
-            curves = {s: [(r["flops"], r[f"{s}_error"]) for r in table] for s in ("val", "test")}
-            plot_anytime(curves, out / "anytime.png", title=f"{spec.name}, {cfg['weights']}, {cfg['data']}")
-            history = [(r["epoch"], r["weights"]) for r in _read_metrics(out / "metrics.jsonl")]
-            if history:
-                plot_weights(history, out / "weights.png", title=f"{cfg['weights']} weights")
-        if world > 1:
-            dist.barrier()
-        return RunResult(out, spec, net, done, table, time.perf_counter() - started, rank)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """One epoch of weighted steps; the metrics row of the epoch (without validation)."""
+    from tqdm.auto import tqdm
+
+    cfg, net = run.cfg, run.net
+    _seed_all(_epoch_seed(cfg["seed"], epoch, run.rank))
+    run.train_batches.generator.manual_seed(_epoch_seed(cfg["seed"], epoch, 0))  # shuffle (one process)
+    set_epoch({"train": run.train_batches}, epoch)  # shuffle (DistributedSampler)
+    run.scheduler.step(epoch)
+    run.scheme.set_progress(epoch, cfg["epochs"])
+    _train_mode(net, cfg["freeze_trunk"])
+    distill = (cfg["distill"], cfg["distill_temperature"])
+    loss_sum = torch.zeros(net.num_outputs, dtype=torch.float64)  # (K,) summed over steps
+    steps, images, tic = 0, 0, time.perf_counter()
+    bar = tqdm(
+        run.train_batches,
+        desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+        leave=False,
+        disable=True if run.rank != 0 else None,
+    )  # fmt: skip  (None: off when not a TTY)
+    for x, y in bar:
+        x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)  # no-op on the fast path
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if run.head_local is not None:
+            run.head_local.set(run.scheme.weights)
+        losses = output_losses(run.model, x, y, run.amp, *distill)  # (K,)
+        mean = _mean_across_ranks(losses.detach())  # the same on every rank: all stop together
+        if not torch.isfinite(mean).all():
+            raise _diverged(
+                mean, run.nodes, epoch, steps + 1, run.ckpt_root, run.resumed or epoch > run.start_epoch
+            )
+        weighted_update(losses, run.scheme, run.optimizer, run.trunk_params, run.head_local)
+        loss_sum += mean.double()
+        steps, images = steps + 1, images + len(y) * run.world
+        bar.set_postfix_str("loss " + "|".join(f"{v:.2f}" for v in mean.tolist()))
+    seconds = time.perf_counter() - tic
+    if run.world > 1:  # DDP syncs buffers before each forward; the last forward's BN updates differ
+        for b in net.buffers():
+            dist.broadcast(b, 0)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": (loss_sum / max(steps, 1)).tolist(),
+        "weights": run.scheme.weights.tolist(),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": round(images / seconds, 1),
+        "time_s": round(seconds, 3),
+    }
+
+
+def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
+    """Metrics line and checkpoints (last; best by anytime quality, the mean val error over outputs)."""
+    row = {**row, "val_error": val.errors, "val_loss": val.losses}
+    score = sum(val.errors) / len(val.errors)
+    if run.rank == 0:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        run.say(_epoch_line(row, run.cfg["epochs"]))
+        state = {
+            "epoch": epoch + 1,
+            "best": min(run.best, score),
+            "settings": run.cfg,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scheme": run.scheme.state_dict(),
+            "rng": _rng_state(),
+        }
+        weights_file = _weights_writer(run.net)
+        _write_folder(run.ckpt_root / "last", {"model.safetensors": weights_file, "state.pt": _saver(state)})
+        if score < run.best:
+            info = {"epoch": epoch + 1, "val_error": val.errors}
+            _write_folder(
+                run.ckpt_root / "best", {"model.safetensors": weights_file, "best.json": _json(info)}
+            )
+    run.best = min(run.best, score)
+
+
+def _finish(run: _Run, val: Evaluation | None) -> list[dict]:
+    """The anytime table of the final weights on val and test; rank 0 writes it and the plots."""
+    if val is None:
+        val = evaluate(run.net, run.eval_batches["val"], run.dev, run.amp, run.channels_last)
+    test = evaluate(run.net, run.eval_batches["test"], run.dev, run.amp, run.channels_last)
+    table = anytime_table(run.nodes, run.costs.flops, val, test)
+    if run.rank == 0:
+        cfg, out = run.cfg, run.out
+        save_table(table, out)
+        curves = {s: [(r["flops"], r[f"{s}_error"]) for r in table] for s in ("val", "test")}
+        plot_anytime(curves, out / "anytime.png", title=f"{run.spec.name}, {cfg['weights']}, {cfg['data']}")
+        history = [(r["epoch"], r["weights"]) for r in _read_metrics(out / "metrics.jsonl")]
+        if history:
+            plot_weights(history, out / "weights.png", title=f"{cfg['weights']} weights")
+    if run.world > 1:
+        dist.barrier()
+    return table
 
 
 # -------------------------------------------------------------------- setup helpers

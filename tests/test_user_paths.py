@@ -311,3 +311,25 @@ def test_shape_failure_names_model_node_and_hint(tmp_path):
         "convert", "vit_tiny_patch16_224", "--input-size", "3,32,32", "--heads", "2", "--out", tmp_path
     )
     assert_one_line_error(result, "VisionTransformer does not run at 3×32×32 at node 'patch_embed", "Hint:")
+
+
+def test_train_section_is_checked_when_the_spec_loads(tmp_path, spec_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(tiny_spec("{opt: sgdd, epoch: 3, lr: -1}"))
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    text = str(err.value)
+    assert "train: opt: unknown optimizer 'sgdd'" in text and "train: unknown key 'epoch'" in text
+    assert "lr must be a non-negative number, got -1" in text  # every problem, each with its key
+    with pytest.raises(SpecError, match="unknown setting 'epoch'"):
+        train(spec_path, out=tmp_path / "r", epoch=3)
+
+
+def test_train_config_is_the_one_list_of_settings():
+    from dataclasses import fields
+
+    from annify.config import DEFAULTS, TrainConfig
+
+    assert list(DEFAULTS) == [f.name for f in fields(TrainConfig)]
+    config = TrainConfig.resolve({"epochs": 5}, {"lr": 0.01, "weights": None})
+    assert (config.epochs, config.lr, config.weights) == (5, 0.01, DEFAULTS["weights"])

@@ -1,0 +1,138 @@
+"""A training run's settings: one list, with their defaults, checked in one place.
+
+``TrainConfig`` is that list. A spec's ``train:`` section is checked against it when the spec loads
+(``annify.spec.load_spec``), so a typo is reported with its key before anything runs; ``annify
+train``'s options and ``annify.train.train``'s keyword arguments override it. ``DEFAULTS`` is the
+same list as a dict. The checks that need a registry (weight schemes, timm's optimizers) import it
+when they run, so this module stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from annify.errors import SpecError
+
+__all__ = ["DEFAULTS", "TrainConfig", "resolve_settings", "run_label", "train_section_problems"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (the paper's recipe by default: SGD, lr 0.1, /10 at 1/2 and 3/4)."""
+
+    data: str = "digits"  # data source, see annify.data
+    epochs: int = 300  # paper: 300 on CIFAR
+    batch_size: int = 64  # per process
+    opt: str = "sgd"  # timm optimizer name
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # timm's convention: not on biases and norm parameters
+    nesterov: bool = False
+    # lr × decay_rate after these fractions of the run (floats) or epoch counts (ints)
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])
+    decay_rate: float = 0.1
+    weights: str = "adaloss"  # weight scheme, see annify.weighting
+    weight_hparams: dict = field(default_factory=lambda: {})  # e.g. {gamma: 0.05}
+    head: int | None = None  # for weights=opt: the output trained (1-based); default the last
+    seed: int = 0
+    init: str | None = None  # "timm" (the model's pretrained weights) or a state dict file
+    freeze_trunk: bool = False  # train the added heads only
+    head_local: bool = False  # weights scale only what each head sends into the trunk (weighting.HeadLocal)
+    distill: float = 0.0  # gamma: earlier outputs also learn from the last output's softened prediction
+    distill_temperature: float = 1.0  # T of the distillation's softmax
+    train_subset: int | None = None  # train on a fixed, seeded subset of this many training images
+
+    @classmethod
+    def resolve(cls, section: dict, overrides: dict) -> TrainConfig:
+        """The defaults, then a spec's ``train:`` section, then the non-None ``overrides``, checked."""
+        return cls(**resolve_settings(section, overrides))
+
+
+DEFAULTS: dict[str, Any] = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+
+
+def run_label(settings: dict) -> str:
+    """A short name for a run's weighting: ``adaloss``, ``adaloss+hl`` (head-local), ``const+kd`` (distilled)."""
+    cfg = {**DEFAULTS, **settings}
+    return cfg["weights"] + ("+hl" if cfg["head_local"] else "") + ("+kd" if cfg["distill"] else "")
+
+
+def resolve_settings(spec_train: dict, overrides: dict) -> dict:
+    """DEFAULTS, then the spec's ``train:`` section, then the non-None ``overrides``; every problem reported."""
+    from annify import weighting
+
+    errors = [
+        f"train: unknown key '{k}' (known: {', '.join(DEFAULTS)})" for k in spec_train if k not in DEFAULTS
+    ]
+    errors += [
+        f"unknown setting '{k}' (known: {', '.join(DEFAULTS)})" for k in overrides if k not in DEFAULTS
+    ]
+    cfg = {**DEFAULTS, **{k: v for k, v in spec_train.items() if k in DEFAULTS}}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("epochs", "batch_size"):
+        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
+            errors.append(f"{key} must be a positive integer, got {cfg[key]!r}")
+    for key in ("lr", "momentum", "weight_decay", "decay_rate"):
+        if not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
+            errors.append(f"{key} must be a non-negative number, got {cfg[key]!r}")
+    if not (
+        isinstance(cfg["milestones"], list) and all(isinstance(m, (int, float)) for m in cfg["milestones"])
+    ):
+        errors.append(f"milestones must be a list of fractions or epoch counts, got {cfg['milestones']!r}")
+    if cfg["weights"] not in weighting.available():
+        errors.append(
+            f"unknown weight scheme '{cfg['weights']}' (available: {', '.join(weighting.available())})"
+        )
+    if cfg["head"] is not None and cfg["weights"] != "opt":
+        errors.append(f"head is for --weights opt, not {cfg['weights']}")
+    if cfg["head"] is not None and not (isinstance(cfg["head"], int) and cfg["head"] >= 1):
+        errors.append(f"head is an output number, 1 for the first, got {cfg['head']!r}")
+    if not isinstance(cfg["weight_hparams"], dict):
+        errors.append("weight_hparams must be a mapping such as {gamma: 0.05}")
+    elif cfg["weights"] in weighting.available() and cfg["weights"] != "opt":
+        try:  # the scheme's own checks, with a stand-in head count
+            weighting.get(cfg["weights"], 2, **cfg["weight_hparams"])
+        except ValueError as e:
+            errors.append(f"weight_hparams: {e}")
+    seed = cfg["seed"]
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        errors.append(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    from timm.optim import list_optimizers
+
+    if cfg["opt"] not in list_optimizers():
+        errors.append(f"opt: unknown optimizer '{cfg['opt']}' (timm's, e.g. sgd, adamw, lamb)")
+    for key in ("head_local", "freeze_trunk"):
+        if not isinstance(cfg[key], bool):
+            errors.append(f"{key} must be true or false, got {cfg[key]!r}")
+    if not (isinstance(cfg["distill"], (int, float)) and 0.0 <= cfg["distill"] <= 1.0):
+        errors.append(
+            f"distill must be a number in [0, 1] (the weight of the KL term), got {cfg['distill']!r}"
+        )
+    temp = cfg["distill_temperature"]
+    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp > 0):
+        errors.append(f"distill_temperature must be a positive number, got {temp!r}")
+    subset = cfg["train_subset"]
+    if subset is not None and not (isinstance(subset, int) and not isinstance(subset, bool) and subset >= 1):
+        errors.append(f"train_subset must be a positive integer (images), got {subset!r}")
+    if cfg["head_local"] and cfg["weights"] == "adaloss_grad":
+        errors.append("adaloss_grad measures each head's trunk gradient, which head_local rescales; pick one")
+    if cfg["freeze_trunk"] and cfg["weights"] == "adaloss_grad":
+        errors.append(
+            "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
+        )
+    if errors:
+        raise SpecError("; ".join(errors))
+    cfg["milestones"] = list(cfg["milestones"])
+    cfg["weight_hparams"] = dict(cfg["weight_hparams"])
+    return cfg
+
+
+def train_section_problems(section: dict) -> list[str]:
+    """The problems of a spec's ``train:`` section alone (``load_spec`` reports them with the spec's)."""
+    try:
+        resolve_settings(section, {})
+    except SpecError as e:
+        return str(e).split("; ")
+    return []
