@@ -333,3 +333,9 @@ def test_train_config_is_the_one_list_of_settings():
     assert list(DEFAULTS) == [f.name for f in fields(TrainConfig)]
     config = TrainConfig.resolve({"epochs": 5}, {"lr": 0.01, "weights": None})
     assert (config.epochs, config.lr, config.weights) == (5, 0.01, DEFAULTS["weights"])
+
+
+def test_demo_threads_zero_is_refused(tmp_path):
+    result = invoke("demo", "--threads", "0", "--out", tmp_path / "d")
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    assert "Traceback" not in result.output
