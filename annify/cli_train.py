@@ -49,7 +49,7 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
     "--head-local/--no-head-local",
     default=None,
     help="Weights scale only the gradient each head sends into the trunk; heads learn at full weight "
-    "(default: the spec's train.head_local, else off).",
+    "(default: the spec's train.head_local, else on for adaloss and off for the other schemes).",
 )
 @click.option(
     "--distill",

@@ -15,7 +15,7 @@ from typing import Any
 
 from annify.errors import SpecError
 
-__all__ = ["DEFAULTS", "TrainConfig", "resolve_settings", "run_label", "train_section_problems"]
+__all__ = ["DEFAULTS", "TrainConfig", "head_local_for", "resolve_settings", "run_label", "train_section_problems"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None  # "timm" (the model's pretrained weights) or a state dict file
     freeze_trunk: bool = False  # train the added heads only
-    head_local: bool = False  # weights scale only what each head sends into the trunk (weighting.HeadLocal)
+    # weights scale only what each head sends into the trunk (weighting.HeadLocal); None: on for adaloss,
+    # off otherwise (the Fashion-MNIST reproduction, BENCHMARKS.md §6b, is the evidence)
+    head_local: bool | None = None
     distill: float = 0.0  # gamma: earlier outputs also learn from the last output's softened prediction
     distill_temperature: float = 1.0  # T of the distillation's softmax
     train_subset: int | None = None  # train on a fixed, seeded subset of this many training images
@@ -53,10 +55,16 @@ class TrainConfig:
 DEFAULTS: dict[str, Any] = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
 
 
+def head_local_for(weights: str, head_local: bool | None) -> bool:
+    """Whether a run weighs head-locally: as asked, else (None) on for AdaLoss and off for the others."""
+    return weights == "adaloss" if head_local is None else head_local
+
+
 def run_label(settings: dict) -> str:
     """A short name for a run's weighting: ``adaloss``, ``adaloss+hl`` (head-local), ``const+kd`` (distilled)."""
-    cfg = {**DEFAULTS, **settings}
-    return cfg["weights"] + ("+hl" if cfg["head_local"] else "") + ("+kd" if cfg["distill"] else "")
+    cfg = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    hl = head_local_for(cfg["weights"], settings.get("head_local"))
+    return cfg["weights"] + ("+hl" if hl else "") + ("+kd" if cfg["distill"] else "")
 
 
 def resolve_settings(spec_train: dict, overrides: dict) -> dict:
@@ -103,6 +111,8 @@ def resolve_settings(spec_train: dict, overrides: dict) -> dict:
 
     if cfg["opt"] not in list_optimizers():
         errors.append(f"opt: unknown optimizer '{cfg['opt']}' (timm's, e.g. sgd, adamw, lamb)")
+    if cfg["head_local"] is None and isinstance(cfg["weights"], str):
+        cfg["head_local"] = head_local_for(cfg["weights"], None)
     for key in ("head_local", "freeze_trunk"):
         if not isinstance(cfg[key], bool):
             errors.append(f"{key} must be true or false, got {cfg[key]!r}")

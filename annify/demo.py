@@ -25,7 +25,7 @@ from annify.eann import format_eann, run_eann
 from annify.evaluate import plot_anytime
 from annify.report import format_flops
 from annify.spec import atomic_write, dump
-from annify.train import DEFAULTS, run_label, train
+from annify.train import resolve_settings, run_label, train
 
 __all__ = ["EANN_MEMBERS", "demo", "demo_variants", "eann_verdict", "side_by_side", "verdict"]
 
@@ -36,7 +36,8 @@ CONST = {"weights": "const", "head_local": False, "distill": 0.0}
 
 def demo_variants() -> dict[str, dict]:
     """label -> train settings: annify's default first, then CONST and the paper's AdaLoss."""
-    default = {k: DEFAULTS[k] for k in ("weights", "head_local", "distill")}
+    resolved = resolve_settings({}, {})
+    default = {k: resolved[k] for k in ("weights", "head_local", "distill")}
     variants = {run_label(default): default}
     for settings in (CONST, PAPER_ADALOSS):
         variants.setdefault(run_label(settings), dict(settings))

@@ -632,6 +632,9 @@ def _json(data: dict) -> Callable[[Path], None]:
     return lambda path: path.write_text(json.dumps(data) + "\n")
 
 
+_BEFORE_SETTINGS = {"head_local": False, "distill": 0.0, "distill_temperature": 1.0, "train_subset": None}
+
+
 def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int, float]:
     """Load optimizer, scheduler, weight scheme and RNG states; return (epochs done, best score)."""
     path = folder / "state.pt"
@@ -644,7 +647,8 @@ def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int
         raise CheckpointError(
             f"checkpoint state {path} is unreadable ({msg}); delete {folder} to start over"
         ) from None
-    saved = state.get("settings", {})
+    # a setting a run predates had, for that run, the value of the behaviour before it existed
+    saved = {**_BEFORE_SETTINGS, **state.get("settings", {})}
     changed = [k for k in cfg if saved.get(k, DEFAULTS[k]) != cfg[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k, DEFAULTS[k])!r} in the run, {cfg[k]!r} now" for k in changed)

@@ -140,7 +140,7 @@ def test_train_head_local_distill_resumes_exactly(spec_path, tmp_path):
 
 def test_head_local_changes_heads_not_trunk_direction(spec_path, tmp_path):
     """One step from the same start: head-local and plain AdaLoss differ (heads learn at full weight)."""
-    plain = train(spec_path, out=tmp_path / "plain", epochs=1, log=lambda _: None)
+    plain = train(spec_path, out=tmp_path / "plain", epochs=1, head_local=False, log=lambda _: None)
     local = train(spec_path, out=tmp_path / "local", epochs=1, head_local=True, log=lambda _: None)
     a, b = plain.net.state_dict(), local.net.state_dict()
     assert not torch.equal(a["heads.0.fc.weight"], b["heads.0.fc.weight"])
@@ -181,3 +181,13 @@ def test_head_local_under_ddp_ranks_agree(spec_path, tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(math.isfinite(v.float().sum()) for v in a.values())
+
+
+def test_head_local_is_the_default_for_adaloss_only():
+    """The default follows the Fashion-MNIST reproduction (BENCHMARKS.md 6b): head-local AdaLoss."""
+    assert resolve_settings({}, {})["head_local"] is True  # weights: adaloss
+    assert resolve_settings({}, {"weights": "const"})["head_local"] is False
+    assert resolve_settings({}, {"weights": "adaloss_grad"})["head_local"] is False  # no clash by default
+    assert resolve_settings({"head_local": False}, {})["head_local"] is False  # the paper's exact rule
+    with pytest.raises(SpecError, match="adaloss_grad measures each head's trunk gradient"):
+        resolve_settings({}, {"weights": "adaloss_grad", "head_local": True})
