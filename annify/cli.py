@@ -246,7 +246,7 @@ def demo(out, model, data, train_subset, epochs, seed, eann, threads):
 
     \b
     Example: annify demo --out runs/demo
-    Example: annify demo --data fashion-mnist --train-subset 5000 --epochs 6 --out runs/demo-fmnist
+    Example: annify demo --data fashion-mnist --train-subset 5000 --epochs 6 --no-eann --out runs/demo-fmnist
     """
     from annify.demo import demo as run_demo
 
