@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 
-from annify.report import format_flops  # noqa: F401 - the CLI modules import it from here
-
 
 def friendly(fn):
     """Turn annify's user-facing errors into one-line ``click`` errors (no traceback, exit 1).
@@ -43,6 +41,15 @@ def _one_line(e: BaseException) -> str:
     else:
         text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def finite_positive(ctx, param, value: float | None) -> float | None:
+    """Click callback: a finite positive number or nothing (nan and inf would silently disable a limit)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite positive number, got {value}", param=param)
+    return value
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import format_flops, friendly, parse_size, writable_dir
+from annify._cli_common import finite_positive, friendly, parse_size, writable_dir
+from annify.report import format_flops
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,14 +44,6 @@ def _kwargs(in_chans, size=None):
     if in_chans is None and size is not None and size[0] != 3:
         in_chans = size[0]
     return {"in_chans": in_chans} if in_chans else {}
-
-
-def _finite_positive(ctx, param, value):
-    import math
-
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"must be a finite positive number, got {value}", param=param)
-    return value
 
 
 @main.command()
@@ -121,7 +114,7 @@ def print_cost_table(spec) -> None:
 @click.option(
     "--flops-period",
     type=float,
-    callback=_finite_positive,
+    callback=finite_positive,
     help="A head at each multiple P of the total cost (P<=1: fraction; P>1: FLOPs).",
 )
 @click.option("--heads", type=int, help="N outputs spaced evenly by cost (the last is the classifier).")

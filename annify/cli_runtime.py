@@ -7,16 +7,8 @@ from pathlib import Path
 
 import click
 
-from annify._cli_common import checkpoint_option, format_flops, friendly, writable_dir
-
-
-def _positive(value: float | None, param) -> float | None:
-    """A finite positive number (nan and inf compare oddly and would silently disable the limit)."""
-    import math
-
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"must be a finite positive number, got {value}", param=param)
-    return value
+from annify._cli_common import checkpoint_option, finite_positive, friendly, writable_dir
+from annify.report import format_flops
 
 
 def _floats(ctx, param, value: str | None) -> list[float] | None:
@@ -77,13 +69,13 @@ def _read_labels(path: str | None) -> list[str] | None:
 @click.option(
     "--budget-flops",
     type=float,
-    callback=lambda ctx, param, v: _positive(v, param),
+    callback=finite_positive,
     help="Per-image FLOP budget: the latest output that fits (e.g. 2e9).",
 )
 @click.option(
     "--deadline-ms",
     type=float,
-    callback=lambda ctx, param, v: _positive(v, param),
+    callback=finite_positive,
     help="Wall-clock deadline per image: the latest output ready by then.",
 )
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
@@ -108,7 +100,7 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     """
     import torch
 
-    from annify.data import load_image
+    from annify.data import image_transform, load_image
     from annify.runtime import AnytimeRunner
 
     names = _read_labels(labels)
@@ -116,7 +108,8 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     runner = AnytimeRunner(net)
     if budget_flops is not None:
         runner.select(budget_flops)  # fail on a budget below the first output before reading images
-    inputs = [load_image(path, net.spec, res.mean, res.std) for path in images]
+    transform = image_transform(net.spec, res.mean, res.std)  # once, not per image
+    inputs = [load_image(path, net.spec, transform=transform) for path in images]
     if deadline_ms is not None:  # one untimed pass, so the first image does not pay for warm-up
         for _ in runner.steps(inputs[0].unsqueeze(0)):
             pass

@@ -92,7 +92,7 @@ def train(
     \b
     Example: annify train specs/cifar_resann_n7_c16.yaml --data digits --epochs 10 --out runs/digits
     Example: annify train specs/cifar_resann_n7_c16.yaml --data fashion-mnist --train-subset 10000 \\
-               --epochs 15 --head-local --out runs/fmnist
+               --epochs 15 --out runs/fmnist
     Example: torchrun --nproc_per_node 2 -m annify train specs/cifar_resann_n7_c16.yaml \\
                --data cifar10:data/cifar-10-batches-py --out runs/c10
     """

@@ -15,7 +15,14 @@ from typing import Any
 
 from annify.errors import SpecError
 
-__all__ = ["DEFAULTS", "TrainConfig", "head_local_for", "resolve_settings", "run_label", "train_section_problems"]
+__all__ = [
+    "DEFAULTS",
+    "TrainConfig",
+    "head_local_for",
+    "resolve_settings",
+    "run_label",
+    "train_section_problems",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,18 @@ def run_label(settings: dict) -> str:
 
 def resolve_settings(spec_train: dict, overrides: dict) -> dict:
     """DEFAULTS, then the spec's ``train:`` section, then the non-None ``overrides``; every problem reported."""
+    cfg, errors = _resolve(spec_train, overrides)
+    if errors:
+        raise SpecError("; ".join(errors))
+    return cfg
+
+
+def train_section_problems(section: dict) -> list[str]:
+    """The problems of a spec's ``train:`` section alone (``load_spec`` reports them with the spec's)."""
+    return _resolve(section, {})[1]
+
+
+def _resolve(spec_train: dict, overrides: dict) -> tuple[dict, list[str]]:
     from annify import weighting
 
     errors = [
@@ -132,17 +151,7 @@ def resolve_settings(spec_train: dict, overrides: dict) -> dict:
         errors.append(
             "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
         )
-    if errors:
-        raise SpecError("; ".join(errors))
-    cfg["milestones"] = list(cfg["milestones"])
-    cfg["weight_hparams"] = dict(cfg["weight_hparams"])
-    return cfg
-
-
-def train_section_problems(section: dict) -> list[str]:
-    """The problems of a spec's ``train:`` section alone (``load_spec`` reports them with the spec's)."""
-    try:
-        resolve_settings(section, {})
-    except SpecError as e:
-        return str(e).split("; ")
-    return []
+    if not errors:
+        cfg["milestones"] = list(cfg["milestones"])
+        cfg["weight_hparams"] = dict(cfg["weight_hparams"])
+    return cfg, errors

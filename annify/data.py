@@ -124,14 +124,14 @@ def _holdout(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def pad_crop_flip(
-    x: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor | None
+    x: torch.Tensor, pad: int, offsets: torch.Tensor | None, flips: torch.Tensor | None
 ) -> torch.Tensor:
     """Translate a batch by zero-padding and cropping back, then mirror the chosen images.
 
     Args:
         x: (B, C, H, W) images in [0, 1], before normalization (so the padding is black).
         pad: pixels of padding on each side.
-        offsets: (B, 2) integer crop origins (row, column) in ``0..2*pad``.
+        offsets: (B, 2) integer crop origins (row, column) in ``0..2*pad``; unused (None) when pad is 0.
         flips: (B,) bools, True mirrors that image left-right; None for no flips.
     """
     b, _, h, w = x.shape
@@ -279,11 +279,10 @@ class TensorBatches:
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             if self.augment is not None:
                 part = slice(start, start + self.batch_size)
-                no_shift = torch.zeros(len(idx), 2, dtype=torch.long, device=dev)
                 x = pad_crop_flip(
                     x,
                     self.augment.pad,
-                    no_shift if offsets is None else offsets[part],
+                    None if offsets is None else offsets[part],
                     None if flips is None else flips[part],
                 )
             yield _finish(x, self.input_size, self.mean, self.std), self.labels[idx]
@@ -725,8 +724,9 @@ def build_datasets(
         augment: random augmentation on train (digits, MNIST, KMNIST: translation; Fashion-MNIST and
             CIFAR: translation and flip; folders: timm's RandomResizedCrop, flip and color jitter).
             val/test are never augmented.
-        train_subset: keep this many training images, a fixed stratified subset (``SPLIT_SEED``, not
-            the run's seed, so runs that differ in seed train on the same images). val/test stay whole.
+        train_subset: keep this many training images, a fixed subset (``SPLIT_SEED``, not the run's
+            seed, so runs that differ in seed train on the same images): stratified by class for the
+            in-memory sources, uniform for folders and timm sets. val/test stay whole.
     """
     kind, arg = parse_source(source)
     if kind == "timm":
@@ -747,7 +747,8 @@ def build_datasets(
 
 
 def _subset(ds: Dataset, count: int, source: str) -> Dataset:
-    """A fixed, stratified subset of ``count`` training images (a tensor dataset stays one)."""
+    """A fixed subset of ``count`` training images: stratified (and still a tensor dataset) in memory,
+    uniform otherwise (a folder's labels are not known without reading every sample)."""
     n = len(ds)
     if not 1 <= count <= n:
         raise DataError(f"train_subset={count} is not between 1 and the {n} training images of {source}")
@@ -901,37 +902,42 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
     raise InferenceError(f"{len(values)} normalization values for a {channels}-channel input")
 
 
-def run_normalization(checkpoint) -> tuple[list[float], list[float]] | None:
-    """The (mean, std) a run normalised its data with, read from ``data.json`` of the checkpoint's run.
+def image_transform(spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """timm's eval transform for the spec's input: resize, center-crop, normalize (built once per call site).
 
-    ``checkpoint`` is a run's checkpoint folder (``runs/x/checkpoints/last``) or a file in it; the run
-    folder is searched up to three levels above. None where no run record is found.
+    Resizing and cropping follow the model's data config (``crop_pct``, interpolation); ``mean`` and
+    ``std`` default to the model's data config too (a 3-channel mean is averaged for a 1-channel input).
     """
-    from pathlib import Path
-
-    from annify.run_dir import DATA, normalization
-
-    p = Path(checkpoint).resolve()
-    folder = next((f for f in [p, *p.parents][:4] if (f / DATA).is_file()), None)
-    return None if folder is None else normalization(folder)
-
-
-def load_image(
-    path, spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-) -> torch.Tensor:
-    """Read an image file as the spec's input: C×H×W, resized, center-cropped and normalized.
-
-    Resizing and cropping follow timm's eval transform for the model (``crop_pct``, interpolation);
-    the image is converted to the spec's channel count (L or RGB) and normalized with ``mean``/``std``
-    if given, else with the model's data config (a 3-channel mean is averaged for a 1-channel input).
-    """
-    from PIL import Image, UnidentifiedImageError
-    from PIL.Image import DecompressionBombError
     from timm.data import create_transform
 
     channels = spec.input_size[0]
     if channels not in (1, 3):
         raise InferenceError(f"images can feed 1- or 3-channel inputs, this spec takes {channels}")
+    cfg = data_config(spec)
+    return create_transform(
+        input_size=tuple(spec.input_size),
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
+        mean=_per_channel(mean if mean is not None else cfg["mean"], channels),
+        std=_per_channel(std if std is not None else cfg["std"], channels),
+        is_training=False,
+    )
+
+
+def load_image(
+    path, spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, transform=None
+) -> torch.Tensor:
+    """Read an image file as the spec's input: C×H×W, resized, center-cropped and normalized.
+
+    The image is converted to the spec's channel count (L or RGB) and passed through ``transform``
+    (``image_transform(spec, mean, std)`` when not given; pass one to read many images).
+    """
+    from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
+
+    transform = transform if transform is not None else image_transform(spec, mean, std)
+    channels = spec.input_size[0]
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
@@ -945,14 +951,4 @@ def load_image(
         ) from None
     except (OSError, ValueError) as e:
         raise InferenceError(f"cannot read image '{path}': {e}") from None
-    cfg = data_config(spec)
-    transform = create_transform(
-        input_size=tuple(spec.input_size),
-        interpolation=cfg["interpolation"],
-        crop_pct=cfg["crop_pct"],
-        crop_mode=cfg["crop_mode"],
-        mean=_per_channel(mean if mean is not None else cfg["mean"], channels),
-        std=_per_channel(std if std is not None else cfg["std"], channels),
-        is_training=False,
-    )
     return transform(im)

@@ -14,7 +14,7 @@ from torch import nn
 from annify import heads as head_registry
 from annify.convert import convert
 from annify.cost import exit_flops, segment_costs
-from annify.data import load_image, run_normalization
+from annify.data import load_image
 from annify.eann import MemberTable, build_schedule
 from annify.early_exit import budget_curve, calibrate_temperatures, early_exit, fit_thresholds
 from annify.report import format_flops
@@ -516,9 +516,13 @@ def test_runtime_commands_have_help_with_an_example():
 
 
 def test_predict_normalises_with_the_runs_own_statistics(tmp_path):
+    from annify.run_dir import find_run, normalization
+
     run = tmp_path / "run"
     (run / "checkpoints" / "last").mkdir(parents=True)
+    (run / "config.yaml").write_text("")
     (run / "data.json").write_text('{"source": "digits", "mean": [0.3], "std": [0.4]}')
-    assert run_normalization(run / "checkpoints" / "last") == ([0.3], [0.4])
-    assert run_normalization(run / "checkpoints" / "last" / "model.safetensors") == ([0.3], [0.4])
-    assert run_normalization(tmp_path / "elsewhere") is None
+    for inside in (run, run / "checkpoints" / "last", run / "checkpoints" / "last" / "model.safetensors"):
+        assert find_run(inside) == run.resolve()
+    assert normalization(run) == ([0.3], [0.4])
+    assert find_run(tmp_path / "elsewhere") is None

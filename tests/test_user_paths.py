@@ -339,3 +339,10 @@ def test_demo_threads_zero_is_refused(tmp_path):
     result = invoke("demo", "--threads", "0", "--out", tmp_path / "d")
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_train_problem_with_a_semicolon_stays_one_problem():
+    from annify.config import train_section_problems
+
+    problems = train_section_problems({"weight_hparams": {"gama": 0.1}})
+    assert len(problems) == 1 and "no hyperparameter 'gama'; accepted: gamma" in problems[0]
