@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from annify._cli_common import finite_positive, friendly, parse_size, writable_dir
-from annify.report import format_flops
+from annify.report import format_flops, format_rows
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,20 +88,25 @@ def inspect(model, input_size, num_classes, in_chans):
             )
         )
     rows.append(("", "", "(whole model)", "", "", "", "", format_flops(total), "1.000"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    click.echo(format_rows(rows, left=(0, 2, 3, 4)))
 
 
 def print_cost_table(spec) -> None:
     """Per-output cost table of a spec."""
-    click.echo(f"{'output':>6}  {'node':<40} {'flops':>9} {'fraction':>8} {'single-exit':>11} {'params':>9}")
+    rows = [("output", "node", "flops", "fraction", "single-exit", "params")]
     for i, h in enumerate(spec.heads, 1):
         node = "model (own classifier)" if h.node == "model" else h.node
-        click.echo(
-            f"{i:>6}  {node:<40} {format_flops(h.flops):>9} {h.fraction:>8.3f} "
-            f"{format_flops(h.flops_single):>11} {format_flops(h.params):>9}"
+        rows.append(
+            (
+                i,
+                node,
+                format_flops(h.flops),
+                f"{h.fraction:.3f}",
+                format_flops(h.flops_single),
+                format_flops(h.params),
+            )
         )
+    click.echo(format_rows(rows))
 
 
 @main.command()

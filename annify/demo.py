@@ -23,7 +23,7 @@ from annify.convert import convert
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
 from annify.evaluate import plot_anytime
-from annify.report import format_flops
+from annify.report import format_flops, format_rows
 from annify.spec import atomic_write, dump
 from annify.train import resolve_settings, run_label, train
 
@@ -103,17 +103,12 @@ def demo(
 def side_by_side(tables: dict[str, list[dict]]) -> str:
     """Test error of each output under each variant, in one table (errors in percent)."""
     labels = list(tables)
-    first = tables[labels[0]]
-    head = f"{'output':>6}  {'flops':>8}  {'fraction':>8}  " + "  ".join(
-        f"{s + ' test err %':>18}" for s in labels
-    )
-    lines = [head]
-    for i, row in enumerate(first):
-        errs = "  ".join(f"{100 * tables[s][i]['test_error']:>18.2f}" for s in labels)
-        lines.append(f"{row['output']:>6}  {format_flops(row['flops']):>8}  {row['fraction']:>8.3f}  {errs}")
-    means = "  ".join(f"{100 * _mean(tables[s]):>18.2f}" for s in labels)
-    lines.append(f"{'mean':>6}  {'':>8}  {'':>8}  {means}")
-    return "\n".join(lines)
+    rows: list[tuple] = [("output", "flops", "fraction", *(f"{s} test err %" for s in labels))]
+    for i, row in enumerate(tables[labels[0]]):
+        errs = (f"{100 * tables[s][i]['test_error']:.2f}" for s in labels)
+        rows.append((row["output"], format_flops(row["flops"]), f"{row['fraction']:.3f}", *errs))
+    rows.append(("mean", "", "", *(f"{100 * _mean(tables[s]):.2f}" for s in labels)))
+    return format_rows(rows, left=())
 
 
 def _mean(rows: list[dict], part: slice = slice(None)) -> float:

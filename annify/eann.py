@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from annify.errors import EANNError
-from annify.report import figure, format_flops, save_figure
+from annify.report import figure, format_flops, format_rows, save_figure
 
 __all__ = [
     "EANNRun",
@@ -650,11 +650,7 @@ def format_eann(summary: dict[str, Any]) -> str:
             (str(i), s["member_name"], str(s["output"] + 1), format_flops(s["flops"]), pct(s["val_error"]),
              pct(s["test_error"]), "yes" if s["used"] else "-", pct(s["effective_test_error"]))
         )  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-        for r in rows
-    ]
+    lines = [format_rows(rows)]
     ratio = summary["depth_ratio"]
     per_pair = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
     lines.append(f"depth ratio b = {ratio['geometric_mean']:.2f} (member to member: {per_pair})")

@@ -23,7 +23,7 @@ from torch import nn
 
 from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
-from annify.report import figure, format_flops, save_figure
+from annify.report import figure, format_flops, format_rows, save_figure
 from annify.spec import Spec, atomic_write, model_source
 
 __all__ = [
@@ -257,13 +257,7 @@ def format_table(rows: list[dict]) -> str:
                 pct(r["test_error"]),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join(
-        "  ".join(
-            v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    )
+    return format_rows(lines)
 
 
 def relative_to_opt(errors: Sequence[float], opt_errors: Sequence[float]) -> list[float]:

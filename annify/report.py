@@ -1,6 +1,6 @@
-"""How annify shows numbers: FLOP counts as text, and figures drawn off-screen and written atomically.
+"""How annify shows numbers: FLOP counts and tables as text, figures drawn off-screen and written atomically.
 
-One owner for both, so the library, the CLI and the benchmarks print and plot the same way.
+One owner for all three, so the library, the CLI and the benchmarks print and plot the same way.
 Figures use matplotlib's ``Figure`` with the Agg canvas directly: pyplot's global backend is never
 switched, so importing annify in a notebook leaves its plotting alone.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Collection, Sequence
 
-__all__ = ["figure", "format_flops", "format_sci", "save_figure"]
+__all__ = ["figure", "format_flops", "format_rows", "format_sci", "save_figure"]
 
 
 def format_flops(f: float) -> str:
@@ -25,6 +26,24 @@ def format_sci(value: float) -> str:
     """Short scientific notation for messages: 2.0e9, 8.1e4."""
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
+
+
+def format_rows(rows: Sequence[Sequence[object]], left: Collection[int] = (1,)) -> str:
+    """Rows of cells (the first row is the header) as aligned text, one line per row.
+
+    Every column is as wide as its widest cell; columns in ``left`` (0-based) are left-aligned, the
+    others (numbers) right-aligned; trailing blanks are dropped. Every table annify prints goes here.
+    """
+    cells = [[str(v) for v in row] for row in rows]
+    if len({len(row) for row in cells}) > 1:
+        raise ValueError("every row of a table needs the same number of cells")
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
+    return "\n".join(
+        "  ".join(
+            v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in cells
+    )
 
 
 def figure(figsize: tuple[float, float] = (6, 4), title: str | None = None, grid: bool = True):

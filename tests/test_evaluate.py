@@ -113,3 +113,16 @@ def test_fit_to_data_digits():
     assert note.startswith("note: digits has 10 classes at 3×8×8") and "1000 classes at 3×224×224" in note
     one_channel = _spec((1, 8, 8), 10)
     assert fit_to_data(one_channel, "digits") == (one_channel, None)
+
+
+def test_format_rows_aligns_columns_and_keeps_text_left():
+    from annify.report import format_rows
+
+    text = format_rows([("output", "node", "flops"), (1, "layer1.0", "1.2M"), (10, "model", "4.11G")])
+    assert text.splitlines() == [
+        "output  node      flops",
+        "     1  layer1.0   1.2M",
+        "    10  model     4.11G",
+    ]
+    with pytest.raises(ValueError, match="same number of cells"):
+        format_rows([("a", "b"), ("c",)])
