@@ -431,7 +431,7 @@ def convert(
         placement=placement,
         cost_convention=CONVENTION,
     )
-    net.spec = spec
+    net.describe(spec)
     return net, spec, costs
 
 
@@ -452,7 +452,7 @@ def _build(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Trac
         raise ConvertError("the last entry of 'heads' must be the model's own classifier (node: model)")
     types = [h.type for h in spec.heads[:-1]]
     net = _build_net(traced, spec.taps, spec.num_classes, spec.head_type, types)
-    net.spec = spec
+    net.describe(spec)
     return net, traced
 
 
@@ -463,7 +463,7 @@ def convert_spec(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet
     types = [h.type for h in spec.heads[:-1]]
     heads = _head_entries(spec.taps, tap_points(traced), costs, types)
     spec = replace(spec, heads=heads, placement=spec.placement or {"spec": True}, cost_convention=CONVENTION)
-    net.spec = spec
+    net.describe(spec)
     return net, spec, costs
 
 

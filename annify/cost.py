@@ -220,7 +220,7 @@ def segment_costs(net: AnytimeNet) -> tuple[list[float], list[float]]:
     ``annify.cost.count`` otherwise (once per network). The last output is the model's own classifier, inside the last
     segment, so its head costs 0.
     """
-    spec = getattr(net, "spec", None)
+    spec = net.spec
     heads = list(spec.heads) if spec is not None else []
     if len(heads) == net.num_outputs and all(
         h.flops is not None and h.flops_single is not None for h in heads

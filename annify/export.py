@@ -228,7 +228,7 @@ def export(
             import onnxruntime  # noqa: F401
         except ImportError:
             raise ExportError("checking ONNX files needs onnxruntime; pip install annify[onnx]") from None
-    spec = getattr(net, "spec", None)
+    spec = net.spec
     name = spec.name if spec is not None else "anytime"
     input_size = tuple(spec.input_size if spec is not None else net.input_size)
     folder = Path(out_dir)
@@ -261,7 +261,7 @@ def export(
         "std": (preprocessing or {}).get("std"),
         "num_classes": spec.num_classes if spec is not None else None,
         "opset": OPSET if "onnx" in formats else None,
-        "cost_convention": getattr(spec, "cost_convention", None),
+        "cost_convention": spec.cost_convention if spec is not None else None,
         "flops": anytime,
         "segments_exported": segments_exported,
         "note": (

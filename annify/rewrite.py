@@ -13,11 +13,15 @@ from __future__ import annotations
 import linecache
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from annify.trace import Traced, overwritten
+
+if TYPE_CHECKING:
+    from annify.spec import Spec
 
 __all__ = ["AnytimeNet", "Segment", "cut"]
 
@@ -150,6 +154,8 @@ class AnytimeNet(nn.Module):
         self.add_module(self.exits_name, nn.ModuleList(heads))
         self.taps = list(taps)
         self.input_size = traced.input_size
+        # the spec describing this network with each output's costs, once they are known (describe())
+        self.spec: Spec | None = None
         # plain lists: the segments are code over this module, not submodules (no extra state-dict keys)
         self._eval_segments = cut(traced.eval_graph, traced.eval_names, taps, "eval segment")
         self._train_segments = (
@@ -162,6 +168,17 @@ class AnytimeNet(nn.Module):
         modes = [False, True] if traced.train_graph is not None else [False]
         self._copy_tap = [any(overwritten(traced.node(q, m), traced.model) for m in modes) for q in taps]
         self.train(traced.model.training)
+
+    def describe(self, spec: Spec) -> AnytimeNet:
+        """Record ``spec`` as this network's description (name, source, input size, per-output costs).
+
+        ``annify.build``/``convert``/``load`` call it; ``annify.cost.exit_flops`` and the exporters
+        read the costs from it. A spec whose outputs are not this network's is refused.
+        """
+        if spec.taps != self.taps:
+            raise ValueError(f"the spec's heads read {spec.taps}, but this network's read {self.taps}")
+        self.spec = spec
+        return self
 
     @property
     def exits(self) -> nn.ModuleList:

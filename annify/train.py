@@ -221,7 +221,7 @@ def _setup(
     net = build(spec)
     costs = count(net, spec.input_size)  # at the size actually trained
     spec = replace(with_costs(spec, costs), train=dict(cfg))
-    net.spec = spec  # its costs at the trained size: cost.exit_flops(result.net) reads them
+    net.describe(spec)  # its costs at the trained size: cost.exit_flops(result.net) reads them
     if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
         _load_init(net, spec, cfg["init"], say)
     if cfg["freeze_trunk"]:

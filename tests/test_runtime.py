@@ -73,11 +73,18 @@ def test_costs_come_from_the_spec_and_match_fvcore(tiny):
     assert head == [float(f) for f in costs.head_flops]
     assert exit_flops(net) == [float(h.flops) for h in spec.heads]
     # a spec without numbers falls back to counting
-    net.spec = dataclasses.replace(spec, heads=[dataclasses.replace(h, flops=None) for h in spec.heads])
+    net.describe(dataclasses.replace(spec, heads=[dataclasses.replace(h, flops=None) for h in spec.heads]))
     try:
         assert segment_costs(net) == (trunk, head)
     finally:
-        net.spec = spec
+        net.describe(spec)
+    # a spec of other outputs is not this network's description
+    moved = dataclasses.replace(
+        spec, heads=[dataclasses.replace(spec.heads[0], node="stem"), *spec.heads[1:]]
+    )
+    with pytest.raises(ValueError, match="this network's read"):
+        net.describe(moved)
+    assert net.spec is spec
 
 
 def test_budget_returns_latest_fitting_output_and_computes_nothing_beyond(tiny, monkeypatch):
