@@ -26,9 +26,22 @@ from pathlib import Path
 from annify.errors import InferenceError, SpecError
 from annify.spec import Spec, load_spec
 
-__all__ = ["CONFIG", "DATA", "WEIGHTS", "Resolved", "find_run", "normalization", "resolve", "weights_file"]
+__all__ = [
+    "CONFIG",
+    "DATA",
+    "RESULTS",
+    "WEIGHTS",
+    "Resolved",
+    "find_run",
+    "foreign_results",
+    "normalization",
+    "resolve",
+    "weights_file",
+]
 
 CONFIG, DATA, WEIGHTS = "config.yaml", "data.json", "model.safetensors"
+# what `annify train` writes at the top of a run folder, beside checkpoints/
+RESULTS = (CONFIG, DATA, "metrics.jsonl", "anytime.json", "anytime.csv", "anytime.png", "weights.png")
 _LAST = Path("checkpoints") / "last"
 
 
@@ -47,6 +60,23 @@ def find_run(checkpoint: str | os.PathLike) -> Path | None:
         if (folder / CONFIG).is_file() and (folder / "checkpoints").is_dir():
             return folder
     return None
+
+
+def foreign_results(out: Path, spec: Spec, settings: dict) -> list[str]:
+    """The result files in ``out`` that a new run of ``spec`` with ``settings`` would replace.
+
+    Empty when there are none, or when they are this very run's (its ``config.yaml`` names the same
+    model, heads and settings: a run stopped before its first checkpoint starts again in place).
+    """
+    found = [name for name in RESULTS if (out / name).exists()]
+    if not found:
+        return []
+    try:
+        previous = load_spec(out / CONFIG)
+    except (SpecError, OSError):
+        return found
+    same = (previous.model, previous.taps, previous.train) == (spec.model, spec.taps, dict(settings))
+    return [] if same else found
 
 
 def normalization(run: Path) -> tuple[list[float], list[float]] | None:

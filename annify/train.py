@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from annify import weighting
+from annify import run_dir, weighting
 from annify.config import DEFAULTS, resolve_settings, run_label
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
@@ -206,6 +206,12 @@ def _setup(
         )
     if resume and last is None:
         say(f"note: no checkpoint in {out} to resume from; starting from scratch")
+    foreign = [] if resume else run_dir.foreign_results(out, spec, cfg)
+    if foreign:
+        raise TrainError(
+            f"{out} holds another run's results ({', '.join(foreign)}), which this run would replace; "
+            "choose another --out, or delete those files to reuse the folder"
+        )
 
     # data and network
     spec, note = fit_to_data(spec, cfg["data"])

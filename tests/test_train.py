@@ -113,6 +113,21 @@ def test_resume_refuses_other_settings(spec_path, reference, tmp_path):
         train(spec_path, out=out, epochs=2, log=lambda _: None)
 
 
+def test_train_never_replaces_another_runs_results(spec_path, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "results"
+    shutil.copytree(reference.out, out)
+    shutil.rmtree(out / "checkpoints")  # another run's plots and tables, no checkpoint
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"holds another run's results \(config.yaml, .*anytime.png"):
+        train(spec_path, out=out, epochs=2, lr=0.1, log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    # the same run (same model, heads and settings) stopped before its first checkpoint starts again there
+    again = train(spec_path, out=out, epochs=2, log=lambda _: None)
+    assert again.table == reference.table
+
+
 def test_resume_finds_checkpoint_left_mid_swap(spec_path, reference, tmp_path):
     import shutil
 
