@@ -13,15 +13,22 @@ one. Some models carry non-tensor values across a cut (sizes read off a tensor);
 them into a segment file as constants, valid for one input shape only, so for such models only the
 truncated networks are exported (they compute those values inside) and the manifest says so.
 
-Files are written to a temporary name, checked, then moved into place; ``manifest.json`` lists
-them with their inputs, outputs and FLOPs.
+Every weight is stored once. The truncated networks and segments share most of their weights, so
+the ONNX files hold only their graphs and point (ONNX external data: location, offset, length) into
+one ``<name>.onnx.data`` file beside them, where each distinct tensor is written once (an ONNX file
+therefore needs that file in its folder). TorchScript files embed their own weights.
+
+Files are written into a staging folder, checked there, then moved into place; ``manifest.json``
+lists them with their inputs, outputs and FLOPs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +48,36 @@ FORMATS = ("onnx", "torchscript")
 OPSET = 17
 ATOL = 1e-4
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+_INLINE = 1024  # initializers smaller than this many bytes stay inside their ONNX file
+_ALIGN = 64  # byte alignment of each tensor in the shared weights file
+
+
+class _SharedWeights:
+    """One external-data file for every ONNX file of an export: each distinct tensor written once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offsets: dict[tuple, tuple[int, int]] = {}  # (type, dims, digest) -> (offset, length)
+        self.size = 0
+
+    def externalize(self, model) -> None:
+        """Point ``model``'s large initializers into the shared file, appending the tensors it lacks."""
+        from onnx.external_data_helper import set_external_data
+
+        with open(self.path, "ab") as f:
+            for tensor in model.graph.initializer:
+                raw = tensor.raw_data
+                if len(raw) < _INLINE:
+                    continue
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest())
+                if key not in self.offsets:
+                    pad = -self.size % _ALIGN
+                    f.write(b"\0" * pad + raw)
+                    self.offsets[key] = (self.size + pad, len(raw))
+                    self.size += pad + len(raw)
+                offset, length = self.offsets[key]
+                set_external_data(tensor, self.path.name, offset, length)
+                tensor.ClearField("raw_data")
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
@@ -120,18 +157,19 @@ def _jobs(net: AnytimeNet, x_trace, x_check, trunk: list[float], head: list[floa
     return jobs
 
 
-def _write(job: _Job, fmt: str, folder: Path, name: str, check: bool) -> dict:
-    """Export one job in one format (temp file, check, rename); its manifest entry."""
-    target = folder / f"{name}_{'out' if job.kind == 'truncated' else 'seg'}{job.index}{_SUFFIX[fmt]}"
+def _write(job: _Job, fmt: str, stage: Path, name: str, check: bool, shared: _SharedWeights | None) -> dict:
+    """Export one job in one format into the staging folder and check it there; its manifest entry."""
+    target = stage / f"{name}_{'out' if job.kind == 'truncated' else 'seg'}{job.index}{_SUFFIX[fmt]}"
     names = job.inputs + job.outputs
     dynamic = {n: {0: "batch"} for n, b in zip(names, job.batched_in + job.batched_out, strict=True) if b}
-    tmp = _tmp(target)
-    try:
-        _export_file(job.module, tuple(job.trace_args), tmp, fmt, job.inputs, job.outputs, dynamic)
-        diff = _check(tmp, fmt, job.check_args, job.inputs, job.reference, target.name) if check else None
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _export_file(job.module, tuple(job.trace_args), target, fmt, job.inputs, job.outputs, dynamic)
+    if fmt == "onnx" and shared is not None:
+        import onnx
+
+        model = onnx.load(str(target))
+        shared.externalize(model)
+        onnx.save(model, str(target))
+    diff = _check(target, fmt, job.check_args, job.inputs, job.reference, target.name) if check else None
     return {
         "path": target.name, "format": fmt, "kind": job.kind, "output": job.index,
         "inputs": _describe(job.inputs, job.trace_args, job.batched_in),
@@ -146,11 +184,6 @@ def _describe(names: list[str], tensors, batched: list[bool]) -> list[dict]:
         {"name": n, "shape": ["batch", *t.shape[1:]] if b else list(t.shape)}
         for n, t, b in zip(names, tensors, batched, strict=True)
     ]
-
-
-def _tmp(target: Path) -> Path:
-    """A temporary name beside ``target``; the exporter creates the file (so the umask applies)."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _export_file(module, args, path, fmt, in_names, out_names, dynamic) -> None:
@@ -189,13 +222,17 @@ def _check(path, fmt, args, in_names, reference, label) -> float:
         raise ExportError(f"{label}: {fmt} file does not run at batch {len(args[0])}: {first}") from None
     if len(got) != len(reference):
         raise ExportError(f"{label}: {fmt} file returns {len(got)} outputs, PyTorch {len(reference)}")
-    diff = 0.0
+    diff = worst = 0.0  # largest absolute difference; largest relative to its output's scale
     for g, r in zip(got, reference, strict=True):
         if tuple(g.shape) != tuple(r.shape):
             raise ExportError(f"{label}: {fmt} output shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
-        diff = max(diff, float((g.float() - r.float()).abs().max()) if r.numel() else 0.0)
-    if diff > ATOL:
-        raise ExportError(f"{label}: {fmt} output differs from PyTorch by {diff:.2e} (> {ATOL:g})")
+        if r.numel():
+            d = float((g.float() - r.float()).abs().max())
+            diff, worst = max(diff, d), max(worst, d / max(1.0, float(r.float().abs().max())))
+    if worst > ATOL:
+        raise ExportError(
+            f"{label}: {fmt} output differs from PyTorch by {diff:.2e} (> {ATOL:g} of the output's scale)"
+        )
     return diff
 
 
@@ -213,7 +250,8 @@ def export(
         out_dir: created if needed; files are named after ``net.spec.name``.
         formats: any of ``"onnx"``, ``"torchscript"``.
         check: run each file (onnxruntime / ``torch.jit.load``) on a fresh input and require its
-            outputs to match PyTorch's within ``atol=1e-4``; a mismatch raises ``ExportError``.
+            outputs to match PyTorch's within 1e-4 (of the output's largest magnitude where that
+            exceeds 1: float32 rounding grows with it); a mismatch raises ``ExportError``.
         preprocessing: what the inputs must be normalised with (``mean``, ``std`` per channel),
             recorded in the manifest beside ``input_size`` so a deployment feeds the files right.
     """
@@ -242,16 +280,23 @@ def export(
 
     was_training = net.training
     net.eval()
+    stage = folder / f".export-{os.getpid()}-{secrets.token_hex(4)}"  # nothing in place until all pass
+    stage.mkdir()
     try:
+        shared = _SharedWeights(stage / f"{name}.onnx.data") if "onnx" in formats else None
         with torch.no_grad():
             jobs = _jobs(net, x_trace, x_check, trunk, head)
             segments_exported = any(job.kind == "segment" for job in jobs)
             files = []
             for job in jobs:
                 for fmt in formats:
-                    files.append(_write(job, fmt, folder, name, check))
+                    files.append(_write(job, fmt, stage, name, check, shared))
+        weights = shared.path.name if shared is not None and shared.path.exists() else None
+        for entry in [*files, *([{"path": weights}] if weights else [])]:
+            os.replace(stage / entry["path"], folder / entry["path"])
     finally:
         net.train(was_training)
+        shutil.rmtree(stage, ignore_errors=True)
 
     manifest = {
         "name": name,
@@ -264,6 +309,7 @@ def export(
         "cost_convention": spec.cost_convention if spec is not None else None,
         "flops": anytime,
         "segments_exported": segments_exported,
+        "onnx_weights": weights,
         "note": (
             "outputs and segments are 0-based; 'flops' per file is its own per-sample cost "
             "(truncated: trunk to output k plus head k; segment: its trunk plus its head); "
@@ -273,11 +319,17 @@ def export(
                 if segments_exported
                 else "; segments carry non-tensor values, so only truncated networks are exported"
             )
+            + (
+                f"; every ONNX file reads its weights from {weights} (each tensor stored once), "
+                "which must stay in the same folder"
+                if weights
+                else ""
+            )
         ),
         "files": files,
     }
     atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    written = {f["path"] for f in files}
+    written = {f["path"] for f in files} | ({weights} if weights else set())
     for stale in previous - written:  # files of the earlier export of this network that no longer exist
         (folder / stale).unlink(missing_ok=True)
     return manifest
@@ -290,7 +342,9 @@ def _previous_export(folder: Path, name: str, model: str | None) -> set[str]:
         return set()
     try:
         old = json.loads(path.read_text())
-        files = {str(f["path"]) for f in old["files"]}
+        files = {str(f["path"]) for f in old["files"]} | (
+            {str(old["onnx_weights"])} if old.get("onnx_weights") else set()
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise ExportError(f"{path} is not an annify manifest; export into another --out folder") from None
     if (old.get("name"), old.get("model")) != (name, model):

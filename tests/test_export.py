@@ -50,7 +50,9 @@ def test_manifest_lists_every_file_with_its_cost(tiny, exported):
     names = sorted(f["path"] for f in manifest["files"])
     stems = [f"{spec.name}_{kind}{i}" for kind in ("out", "seg") for i in range(3)]
     assert names == sorted(f"{s}{ext}" for s in stems for ext in (".onnx", ".pt"))
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "manifest.json"])  # no temp files left
+    weights = f"{spec.name}.onnx.data"
+    assert manifest["onnx_weights"] == weights
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, weights, "manifest.json"])  # no temp files
     assert manifest["segments_exported"] and manifest["flops"] == [h.flops for h in spec.heads]
     truncated = {f["output"]: f["flops"] for f in manifest["files"] if f["kind"] == "truncated"}
     assert truncated == {k: h.flops_single for k, h in enumerate(spec.heads)}  # single-exit networks
@@ -60,6 +62,33 @@ def test_manifest_lists_every_file_with_its_cost(tiny, exported):
     assert first["inputs"] == [{"name": "in0", "shape": ["batch", 8, 8, 8]}]
     assert first["outputs"][-1] == {"name": "logits", "shape": ["batch", 10]}
     assert all(f["max_abs_diff"] <= 1e-4 for f in manifest["files"])
+
+
+def test_onnx_files_store_each_weight_once(tiny, exported):
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    net, spec = tiny
+    folder, manifest = exported
+    data = (folder / manifest["onnx_weights"]).read_bytes()
+    big = [t for t in net.state_dict().values() if t.numel() * t.element_size() >= export_module._INLINE]
+    # every large tensor of the network is in the shared file, and the file holds nothing twice
+    stored = sum(t.numel() * t.element_size() for t in big)
+    assert stored <= len(data) <= stored + export_module._ALIGN * len(big)
+    ranges = set()
+    for f in manifest["files"]:
+        if f["format"] != "onnx":
+            continue
+        model = onnx.load(str(folder / f["path"]), load_external_data=False)
+        for t in model.graph.initializer:
+            if uses_external_data(t):
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == manifest["onnx_weights"]
+                ranges.add((int(info["offset"]), int(info["length"])))
+        assert (folder / f["path"]).stat().st_size < len(data) / 3  # graphs only, no copies of the weights
+    ends = sorted(ranges)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # distinct tensors never overlap
+    assert sum(n for _, n in ranges) == stored
 
 
 def test_truncated_networks_match_pytorch(tiny, exported):
