@@ -37,6 +37,7 @@ __all__ = [
     "create_model",
     "inspect_model",
     "load",
+    "plain_model",
     "spec_name",
 ]
 
@@ -454,6 +455,20 @@ def _build(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Trac
     net = _build_net(traced, spec.taps, spec.num_classes, spec.head_type, types)
     net.describe(spec)
     return net, traced
+
+
+def plain_model(net: AnytimeNet, model: nn.Module | None = None) -> nn.Module:
+    """The model ``net`` was converted from, without the heads, holding ``net``'s trunk weights (eval mode).
+
+    The baseline to compare an anytime network with: its last output equals this model's output
+    exactly. A fresh model is built from ``net.spec`` (a module of your own: pass ``model``, whose
+    weights are replaced); it shares no modules with ``net``.
+    """
+    if net.spec is None:
+        raise ConvertError("this network has no spec (net.describe(spec)), so its model is unknown")
+    plain = _spec_model(net.spec, model)
+    plain.load_state_dict(net.trunk_state_dict(), strict=True)
+    return plain.eval()
 
 
 def convert_spec(spec: Spec, model: nn.Module | None = None) -> tuple[AnytimeNet, Spec, Costs]:

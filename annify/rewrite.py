@@ -190,6 +190,10 @@ class AnytimeNet(nn.Module):
         """State-dict prefix of the added heads: ``heads.`` (``exit_heads.`` if the model owns ``heads``)."""
         return f"{self.exits_name}."
 
+    def trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without the added heads: exactly the original model's keys and tensors."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.exits_prefix)}
+
     @property
     def num_outputs(self) -> int:
         """Number of outputs: one per head plus the model's own classifier."""

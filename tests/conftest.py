@@ -42,7 +42,7 @@ def convert_tiny(**placement) -> tuple[annify.AnytimeNet, annify.Spec, annify.Co
 
 def trunk_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The converted network's state dict without the added heads: the timm model's own keys."""
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    return net.trunk_state_dict()
 
 
 @pytest.fixture
@@ -76,9 +76,7 @@ def tiny_net(tiny) -> annify.AnytimeNet:
 @pytest.fixture
 def tiny_twin(tiny_net) -> nn.Module:
     """A separate timm model (its own modules) holding the same weights as ``tiny_net``."""
-    model = annify.create_model(TINY_MODEL, TINY_CLASSES, **TINY_KWARGS).eval()
-    model.load_state_dict(trunk_state(tiny_net), strict=True)
-    return model
+    return annify.plain_model(tiny_net)
 
 
 @pytest.fixture

@@ -410,3 +410,15 @@ def test_a_model_without_a_classifier_needs_a_class_count():
         convert(
             "cifar_resnet_n3_c8", every=2, num_classes=0, input_size=(1, 8, 8), model_kwargs={"in_chans": 1}
         )
+
+
+def test_plain_model_is_the_original_with_the_trunk_weights(tiny_net, tiny_input):
+    plain = annify.plain_model(tiny_net)
+    assert not plain.training and type(plain).__name__ == "CifarResNet"
+    assert set(plain.state_dict()) == set(tiny_net.trunk_state_dict())
+    assert not {id(p) for p in plain.parameters()} & {id(p) for p in tiny_net.parameters()}  # nothing shared
+    with torch.no_grad():
+        assert torch.equal(plain(tiny_input), tiny_net(tiny_input)[-1])
+    tiny_net.spec = None
+    with pytest.raises(annify.ConvertError, match="has no spec"):
+        annify.plain_model(tiny_net)
