@@ -339,7 +339,9 @@ def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: s
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # a short range has no major ticks
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.FormatStrFormatter("%g")
+        )  # a short range has no major ticks
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)

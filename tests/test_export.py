@@ -52,7 +52,9 @@ def test_manifest_lists_every_file_with_its_cost(tiny, exported):
     assert names == sorted(f"{s}{ext}" for s in stems for ext in (".onnx", ".pt"))
     weights = f"{spec.name}.onnx.data"
     assert manifest["onnx_weights"] == weights
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, weights, "manifest.json"])  # no temp files
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*names, weights, "manifest.json"]
+    )  # no temp files
     assert manifest["segments_exported"] and manifest["flops"] == [h.flops for h in spec.heads]
     truncated = {f["output"]: f["flops"] for f in manifest["files"] if f["kind"] == "truncated"}
     assert truncated == {k: h.flops_single for k, h in enumerate(spec.heads)}  # single-exit networks
