@@ -96,7 +96,7 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     output was not ready in time still gets it, marked LATE. Prints the top-k classes, the output
     used (1-based) and the FLOPs spent per image; --json gives the 0-based output_index.
 
-    Example: annify predict zoo/resann50.yaml --checkpoint runs/resann50 --budget-flops 2e9 cat.jpg
+    Example: annify predict specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --budget-flops 2e6 digit.png
     """
     import torch
 
@@ -169,7 +169,7 @@ def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     NAME_out{k} maps the image to output k (0-based); NAME_seg{j} runs segment j from the carried
     tensors. Each file is checked against PyTorch unless --no-check.
 
-    Example: annify export zoo/resann50.yaml --checkpoint runs/resann50 --format onnx --out export/
+    Example: annify export specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --format onnx --out export/
     """
     from annify.export import FORMATS, export
 

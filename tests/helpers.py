@@ -1,5 +1,8 @@
-"""Helpers shared by the test modules (pytest puts this folder on sys.path)."""
+"""Helpers shared by the test modules (pytest puts this folder on sys.path); fixtures live in conftest.py."""
 
+import pickle
+
+import numpy as np
 from torch import nn
 
 
@@ -45,3 +48,25 @@ def assert_one_line_error(result, *fragments: str, alone: bool = True) -> None:
     assert lines[-1].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
+
+
+def write_cifar(root, kind, n_train=60, n_test=20, num_classes=10):
+    """A tiny copy of the CIFAR python release in its real pickle format; returns the labels."""
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    key = "labels" if kind == "cifar10" else "fine_labels"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if kind == "cifar10" else ["train"]
+    train_labels = rng.integers(0, num_classes, n_train).tolist()
+    per_file = n_train // len(names)
+    batches = [(name, train_labels[i * per_file : (i + 1) * per_file]) for i, name in enumerate(names)]
+    test_labels = rng.integers(0, num_classes, n_test).tolist()
+    batches.append(("test_batch" if kind == "cifar10" else "test", test_labels))
+    for name, labels in batches:
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        batch = {b"data": data, key.encode(): labels, b"filenames": [b"x.png"] * len(labels)}
+        if kind == "cifar100":
+            batch[b"coarse_labels"] = [0] * len(labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder, train_labels, test_labels

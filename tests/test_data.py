@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import write_cifar
 from PIL import Image
 
 from annify.data import (
@@ -30,28 +31,6 @@ def _indices(ds):
     where = {row.numpy().tobytes(): i for i, row in enumerate(rows)}
     assert len(where) == len(rows)  # no duplicate images, so a match names one row
     return [where[row.numpy().tobytes()] for row in ds.images.view(len(ds), -1)]
-
-
-def _write_cifar(root, kind, n_train=60, n_test=20, num_classes=10):
-    """A tiny copy of the CIFAR python release in its real pickle format; returns the labels."""
-    rng = np.random.default_rng(0)
-    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
-    folder.mkdir(parents=True)
-    key = "labels" if kind == "cifar10" else "fine_labels"
-    names = [f"data_batch_{i}" for i in range(1, 6)] if kind == "cifar10" else ["train"]
-    train_labels = rng.integers(0, num_classes, n_train).tolist()
-    per_file = n_train // len(names)
-    batches = [(name, train_labels[i * per_file : (i + 1) * per_file]) for i, name in enumerate(names)]
-    test_labels = rng.integers(0, num_classes, n_test).tolist()
-    batches.append(("test_batch" if kind == "cifar10" else "test", test_labels))
-    for name, labels in batches:
-        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-        batch = {b"data": data, key.encode(): labels, b"filenames": [b"x.png"] * len(labels)}
-        if kind == "cifar100":
-            batch[b"coarse_labels"] = [0] * len(labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    return folder, train_labels, test_labels
 
 
 def _write_folder(root, splits=("train", "val"), classes=("cat", "dog", "fish"), per_class=4):
@@ -108,7 +87,7 @@ def test_missing_and_empty_paths_say_what_to_do(tmp_path):
     ids=["garbage", "no-data", "code", "not-a-dict"],
 )
 def test_corrupt_cifar_file_is_a_data_error(tmp_path, content):
-    folder, _, _ = _write_cifar(tmp_path, "cifar10")
+    folder, _, _ = write_cifar(tmp_path, "cifar10")
     (folder / "data_batch_3").write_bytes(content)
     with pytest.raises(DataError, match="data_batch_3 is not a CIFAR batch .* re-extract") as err:
         build_datasets(f"cifar10:{folder}")
@@ -116,7 +95,7 @@ def test_corrupt_cifar_file_is_a_data_error(tmp_path, content):
 
 
 def test_out_of_range_cifar_labels_are_rejected(tmp_path):
-    folder, _, _ = _write_cifar(tmp_path, "cifar10")
+    folder, _, _ = write_cifar(tmp_path, "cifar10")
     batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}
     (folder / "test_batch").write_bytes(pickle.dumps(batch))
     with pytest.raises(DataError, match="malformed"):
@@ -124,7 +103,7 @@ def test_out_of_range_cifar_labels_are_rejected(tmp_path):
 
 
 def test_wrong_channel_count_is_rejected(tmp_path):
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
     with pytest.raises(DataError, match="channels"):
         build_datasets(f"cifar10:{tmp_path}", input_size=(1, 32, 32))
     with pytest.raises(DataError, match="channels"):
@@ -196,7 +175,7 @@ def test_digits_augmentation_is_translation_only():
 
 @pytest.mark.parametrize("kind,num_classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_reads_the_pickle_format(tmp_path, kind, num_classes):
-    folder, train_labels, test_labels = _write_cifar(tmp_path, kind, num_classes=num_classes)
+    folder, train_labels, test_labels = write_cifar(tmp_path, kind, num_classes=num_classes)
     info = data_info(f"{kind}:{tmp_path}")  # the parent folder works too
     assert (info.num_classes, info.input_size, len(info.mean)) == (num_classes, (3, 32, 32), 3)
     ds = build_datasets(f"{kind}:{folder}")
@@ -210,7 +189,7 @@ def test_cifar_reads_the_pickle_format(tmp_path, kind, num_classes):
 
 
 def test_cifar_pixels_match_the_file_and_resize(tmp_path):
-    folder, _, _ = _write_cifar(tmp_path, "cifar10")
+    folder, _, _ = write_cifar(tmp_path, "cifar10")
     with open(folder / "test_batch", "rb") as f:
         first = torch.tensor(pickle.load(f)[b"data"][0]).view(3, 32, 32).float() / 255
     ds = build_datasets(f"cifar10:{folder}", input_size=(3, 40, 40), val_size=10)
