@@ -52,13 +52,15 @@ def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     The check runs at every call, so broadcasting or type promotion (a bf16 ``a`` under autocast
     plus a float32 ``b``) still gets exactly what ``a + b`` gives.
     """
+    if not isinstance(a, torch.Tensor) or torch.result_type(a, b) != a.dtype:
+        return a + b
     if (
-        isinstance(a, torch.Tensor)
-        and torch.result_type(a, b) == a.dtype
-        and (not isinstance(b, torch.Tensor) or torch.broadcast_shapes(a.shape, b.shape) == a.shape)
+        isinstance(b, torch.Tensor)
+        and b.shape != a.shape
+        and torch.broadcast_shapes(a.shape, b.shape) != a.shape
     ):
-        return a.add_(b)
-    return a + b
+        return a + b
+    return a.add_(b)
 
 
 def residual_adds(graph: fx.Graph, model: nn.Module, keep: set[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
