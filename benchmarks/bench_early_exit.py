@@ -167,9 +167,22 @@ def main() -> None:
         "samples exiting at each output",
     ]
     print(table(header, rows))
-    result["machine_after"] = machine()
+    after = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "early_exit.json").write_text(json.dumps(result, indent=1))
+    path = RESULTS / "early_exit.json"  # one entry per network: a run of one network keeps the others
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept.update(
+        {
+            label: {
+                **result[label],
+                "command": result["command"],
+                "machine": result["machine"],
+                "machine_after": after,
+            }
+            for label in args.nets.split(",")
+        }
+    )
+    path.write_text(json.dumps(kept, indent=1))
 
 
 if __name__ == "__main__":
