@@ -181,19 +181,28 @@ class _AddThenReLU(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_head_at_a_value_overwritten_in_place_reads_a_copy():
-    """A head at the add that ReLU(inplace=True) then overwrites: it sees the add (negatives included),
-    the trunk is unchanged, and backward does not find its saved input modified."""
+def _small_net(cls, taps):
+    """(model, its anytime net with paper heads at ``taps``, x, the model's eval output, what head 0 sees).
+
+    ``cls`` builds a 4-channel model; the list fills with a copy of head 0's input at every call.
+    """
     torch.manual_seed(0)
-    model = _AddThenReLU()
+    model = cls()
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         expected = model.eval()(x)
     traced = annify.trace(model, (4, 6, 6))
-    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in range(2)]
-    net = annify.AnytimeNet(traced, ["add", "add_1"], heads)
-    seen = []
+    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in taps]
+    net = annify.AnytimeNet(traced, taps, heads)
+    seen: list[torch.Tensor] = []
     net.exits[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return model, net, x, expected, seen
+
+
+def test_a_head_at_a_value_overwritten_in_place_reads_a_copy():
+    """A head at the add that ReLU(inplace=True) then overwrites: it sees the add (negatives included),
+    the trunk is unchanged, and backward does not find its saved input modified."""
+    model, net, x, expected, seen = _small_net(_AddThenReLU, ["add", "add_1"])
     with torch.no_grad():
         outs = net.eval()(x)
     assert torch.equal(outs[-1], expected)
@@ -382,17 +391,8 @@ class _Residuals(nn.Module):
 
 
 def test_adds_that_must_not_write_into_their_left_operand_stay_out_of_place():
-    torch.manual_seed(0)
-    model = _Residuals()
-    x = torch.randn(2, 4, 6, 6)
-    with torch.no_grad():
-        expected = model.eval()(x)
-    traced = annify.trace(model, (4, 6, 6))
-    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in range(2)]
-    net = annify.AnytimeNet(traced, ["c.1", "c.3"], heads)
+    model, net, x, expected, seen = _small_net(_Residuals, ["c.1", "c.3"])
     assert _into(net.eval()) == [0, 0, 0]
-    seen = []
-    net.exits[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     with torch.no_grad():
         outs = net(x)
         assert torch.equal(outs[-1], expected)
