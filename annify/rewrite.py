@@ -6,11 +6,17 @@ submodules and parameters: nothing is copied, and a timm state dict loads withou
 tensor still needed after a cut is carried across it (inside a DenseNet block that is every feature
 map produced so far, not one tensor), so running the segments one after another executes exactly
 the original sequence of operations and the final output is bit-identical to the plain model's.
+
+One rewrite is applied on the way: torch.fx records timm's ``x += shortcut`` as an out-of-place
+``add`` (a Proxy has no ``__iadd__``), so every residual sum would allocate a fresh full-size tensor
+that eager timm does not; ``residual_adds`` finds the adds that may write into their left operand
+again, and those become ``add_into`` calls (the same values, bit for bit).
 """
 
 from __future__ import annotations
 
 import linecache
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +29,94 @@ from annify.trace import Traced, overwritten
 if TYPE_CHECKING:
     from annify.spec import Spec
 
-__all__ = ["AnytimeNet", "Segment", "cut"]
+__all__ = ["AnytimeNet", "Segment", "add_into", "cut", "residual_adds"]
+
+# Producers whose output is a fresh tensor (never a view of an input) that their own backward does not
+# save: writing into it later changes nothing autograd needs. Exact types only: a subclass may do more
+# (timm's BatchNormAct2d ends in an activation, and ReLU's backward reads its output).
+_FRESH_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+_FRESH_FUNCTIONS = (operator.add, operator.mul, torch.add, torch.mul)  # backward reads the inputs only
+_FRESH_METHODS = ("add", "mul")
+_ADDS = (operator.add, torch.add)
+
+
+def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, written into ``a`` where the sum has ``a``'s shape and dtype (else a new tensor).
+
+    The check runs at every call, so broadcasting or type promotion (a bf16 ``a`` under autocast
+    plus a float32 ``b``) still gets exactly what ``a + b`` gives.
+    """
+    if not isinstance(a, torch.Tensor) or torch.result_type(a, b) != a.dtype:
+        return a + b
+    if (
+        isinstance(b, torch.Tensor)
+        and b.shape != a.shape
+        and torch.broadcast_shapes(a.shape, b.shape) != a.shape
+    ):
+        return a + b
+    return a.add_(b)
+
+
+def residual_adds(graph: fx.Graph, model: nn.Module, keep: set[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
+    """The ``a + b`` nodes of ``graph`` that may write their sum into ``a`` (see ``add_into``).
+
+    Maps each to the nodes whose value it overwrites (``a``, and what ``a`` passes through).
+
+    ``a`` must be read by this add alone (so no later op, segment, head or graph output sees it
+    changed), not be in ``keep`` (the tap values, which heads and runtimes read), and come from a
+    producer whose output is fresh and not saved for its own backward (``_FRESH_MODULES``, ...), so
+    the in-place write is safe under autograd in training too. An ``nn.Identity`` (timm's drop_path
+    in eval, or at rate 0) passes its input through, so it is looked through, under the same rules.
+    """
+
+    def fresh(n: fx.Node) -> set[fx.Node] | None:
+        """The nodes sharing ``n``'s value if it is fresh and read once, else None."""
+        if n in keep or len(n.users) != 1:
+            return None
+        if n.op == "call_function":
+            return {n} if n.target in _FRESH_FUNCTIONS else None
+        if n.op == "call_method":
+            return {n} if n.target in _FRESH_METHODS else None
+        if n.op != "call_module":
+            return None
+        try:
+            m = model.get_submodule(n.target)
+        except AttributeError:
+            return None
+        if type(m) is nn.Identity:
+            inner = fresh(n.args[0]) if len(n.args) == 1 and isinstance(n.args[0], fx.Node) else None
+            return None if inner is None else {n, *inner}
+        return {n} if type(m) in _FRESH_MODULES or _plain_norm_act(m) else None
+
+    found = {}
+    for n in graph.nodes:
+        is_add = (n.op == "call_function" and n.target in _ADDS) or (
+            n.op == "call_method" and n.target == "add"
+        )
+        if is_add and len(n.args) == 2 and not n.kwargs and isinstance(n.args[0], fx.Node):
+            chain = fresh(n.args[0])
+            if chain is not None:
+                found[n] = chain
+    return found
+
+
+def _plain_norm_act(m: nn.Module) -> bool:
+    """timm's BatchNormAct2d (and kin) with no activation and no dropout: a plain norm layer."""
+    return (
+        type(m).__module__ == "timm.layers.norm_act"
+        and type(getattr(m, "act", None)) is nn.Identity
+        and type(getattr(m, "drop", None)) is nn.Identity
+    )
 
 
 @dataclass
@@ -45,12 +138,19 @@ def _compile(graph: fx.Graph, tag: str) -> Callable:
     return namespace["forward"]
 
 
-def cut(graph: fx.Graph, names: dict[str, str], taps: list[str], tag: str = "segment") -> list[Segment]:
+def cut(
+    graph: fx.Graph,
+    names: dict[str, str],
+    taps: list[str],
+    tag: str = "segment",
+    model: nn.Module | None = None,
+) -> list[Segment]:
     """Cut ``graph`` after each of the ``taps`` (qualified names, in execution order).
 
     Returns ``len(taps) + 1`` segments. Segment 0 takes the graph's inputs; segment j > 0 takes the
     values carried out of segment j-1. ``get_attr`` nodes are free, so each segment reads the ones it
-    needs itself instead of carrying them.
+    needs itself instead of carrying them. With ``model`` (the module whose submodules the graph
+    calls), the ``residual_adds`` become ``add_into`` calls.
     """
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -64,6 +164,7 @@ def cut(graph: fx.Graph, names: dict[str, str], taps: list[str], tag: str = "seg
     placeholders = [n for n in nodes if n.op == "placeholder"]
     output = next(n for n in nodes if n.op == "output")
     bounds = [-1, *cuts, index[output] - 1]
+    into = residual_adds(graph, model, {by_name[t] for t in taps}) if model is not None else {}
 
     # segment id of each computing node
     seg_of: dict[fx.Node, int] = {}
@@ -88,8 +189,11 @@ def cut(graph: fx.Graph, names: dict[str, str], taps: list[str], tag: str = "seg
             return env[n]
 
         own = [n for n in nodes[bounds[s] + 1 : bounds[s + 1] + 1] if n in seg_of]
+        own_set = set(own)
         for n in own:
             env[n] = g.node_copy(n, arg)
+            if n in into and into[n] <= own_set:  # never write into a value carried in
+                env[n].op, env[n].target = "call_function", add_into
         last = s == len(bounds) - 2
         if last:
             g.output(fx.map_arg(output.args[0], arg))
@@ -157,9 +261,9 @@ class AnytimeNet(nn.Module):
         # the spec describing this network with each output's costs, once they are known (describe())
         self.spec: Spec | None = None
         # plain lists: the segments are code over this module, not submodules (no extra state-dict keys)
-        self._eval_segments = cut(traced.eval_graph, traced.eval_names, taps, "eval segment")
+        self._eval_segments = cut(traced.eval_graph, traced.eval_names, taps, "eval segment", self)
         self._train_segments = (
-            cut(traced.train_graph, traced.train_names, taps, "train segment")
+            cut(traced.train_graph, traced.train_names, taps, "train segment", self)
             if traced.train_graph is not None
             else None
         )

@@ -66,7 +66,10 @@ def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
     from annify.convert import convert, create_model
 
     _, custom_ee = _earlyon()
-    net, spec, _ = convert("resnet50", every=2)
+    net, spec, costs = convert("resnet50", every=2)
+    trunk = sum(costs.trunk_flops)  # the segments together are exactly the plain model
+    share = (costs.flops[-1] - trunk) / trunk  # the heads' FLOPs over the plain model's
+    target = 1 + share + 0.03
     plain = create_model("resnet50").eval()
     net.load_state_dict(plain.state_dict(), strict=False)
     net.eval()
@@ -82,7 +85,11 @@ def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
             "annify": torch.equal(net(x)[-1], ref),
             "earlyon": torch.equal(wrapper(x, mode="training")[-1], ref),
         }
-    rows, out = [], {"exit_layers": layers, "final_output_equal": same}
+    rows, out = (
+        [],
+        {"exit_layers": layers, "final_output_equal": same, "heads_share": share, "target": target},
+    )
+    verdicts = []
     for th in threads:
         set_threads(th)
         with torch.no_grad():
@@ -126,9 +133,17 @@ def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
                 ]
             )
         rows.append([th, "plain timm resnet50", f"{res['median_s']['plain'] * 1e3:.0f}", "1", "", repeats])
+        a_p, a_e = res["annify/plain"]["median"], res["annify/earlyon"]["median"]
+        res["meets_target"], res["not_slower_than_earlyon"] = a_p <= target, a_e <= 1
+        verdicts.append(
+            f"- {th} thread(s): annify / plain {a_p:.3f} against the target {target:.3f} "
+            f"(1 + heads' FLOP share {share * 100:.2f}% + 3%): {'met' if a_p <= target else '**not met**'}; "
+            f"annify / earlyon {a_e:.3f} (goal <= 1): {'met' if a_e <= 1 else '**not met**'}"
+        )
     print(f"\n### Every exit vs plain timm resnet50, 7 exits + final (batch {batch}, eval, `no_grad`)\n")
     print(table(["threads", "what", "median time (ms)", "median ratio", "spread", "repeats"], rows))
     print(f"\nExit layers: {', '.join(layers)}; final output torch.equal to plain: {same}")
+    print("\n" + "\n".join(verdicts))
     return out
 
 

@@ -145,3 +145,27 @@ def test_pooled_vector_tap_gets_the_norm_linear_head(make_tiny):
     # fvcore: LayerNorm 5 FLOPs per element with affine, linear 32·5
     assert costs.head_flops == [5 * 32 + 32 * 5, 0]
     assert spec.heads[0].block is None
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_paper_head_computes_what_bn_relu_pool_linear_computes_and_leaves_its_input(training):
+    """Its ReLU works in place on BatchNorm's output: the same logits and gradients, the tap untouched."""
+    torch.manual_seed(0)
+    head = heads.build("bn_relu_pool_linear", 6, 4, "NCHW").train(training)
+    head.norm.running_mean.uniform_(-1, 1)
+    head.norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
+    kept = x.detach().clone()
+    norm = head.norm
+    stats = norm.running_mean.clone(), norm.running_var.clone()
+    out = head(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, head.norm.weight, head.fc.weight])
+    assert torch.equal(x.detach(), kept)
+    norm.running_mean.copy_(stats[0])
+    norm.running_var.copy_(stats[1])
+    normed = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, training, 0.1, 1e-5)
+    ref = head.fc(F.relu(normed).mean((2, 3)))
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, head.norm.weight, head.fc.weight])
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.equal(g, r)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import annify
+from annify.rewrite import add_into
 
 # (model, input size): a small input where the architecture allows one.
 FAMILIES = [
@@ -180,19 +181,28 @@ class _AddThenReLU(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_head_at_a_value_overwritten_in_place_reads_a_copy():
-    """A head at the add that ReLU(inplace=True) then overwrites: it sees the add (negatives included),
-    the trunk is unchanged, and backward does not find its saved input modified."""
+def _small_net(cls, taps):
+    """(model, its anytime net with paper heads at ``taps``, x, the model's eval output, what head 0 sees).
+
+    ``cls`` builds a 4-channel model; the list fills with a copy of head 0's input at every call.
+    """
     torch.manual_seed(0)
-    model = _AddThenReLU()
+    model = cls()
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         expected = model.eval()(x)
     traced = annify.trace(model, (4, 6, 6))
-    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in range(2)]
-    net = annify.AnytimeNet(traced, ["add", "add_1"], heads)
-    seen = []
+    heads = [annify.heads.build("bn_relu_pool_linear", 4, 3, "NCHW") for _ in taps]
+    net = annify.AnytimeNet(traced, taps, heads)
+    seen: list[torch.Tensor] = []
     net.exits[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return model, net, x, expected, seen
+
+
+def test_a_head_at_a_value_overwritten_in_place_reads_a_copy():
+    """A head at the add that ReLU(inplace=True) then overwrites: it sees the add (negatives included),
+    the trunk is unchanged, and backward does not find its saved input modified."""
+    model, net, x, expected, seen = _small_net(_AddThenReLU, ["add", "add_1"])
     with torch.no_grad():
         outs = net.eval()(x)
     assert torch.equal(outs[-1], expected)
@@ -298,3 +308,94 @@ def test_a_model_with_its_own_heads_child_keeps_it():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(net.eval()(x)[-1], model(x))
+
+
+# --------------------------------------------------------------------------- residual adds made in place
+
+
+def _into(net) -> list[int]:
+    """How many ``add_into`` calls each segment of ``net`` (current mode) makes."""
+    return [sum(n.target is add_into for n in s.graph.nodes) for s in net.segments]
+
+
+def test_residual_adds_write_into_their_left_operand(tiny_net):
+    """Every unit of the tiny CIFAR ResNet ends in ``conv2(...) + shortcut``: 9 adds, all in place."""
+    assert sum(_into(tiny_net)) == 9
+    assert sum(_into(tiny_net.train())) == 9
+
+
+def test_add_into_writes_only_where_the_sum_has_the_left_operands_shape_and_dtype():
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    expected = a + b
+    out = add_into(a, b)
+    assert out.data_ptr() == a.data_ptr() and torch.equal(out, expected)
+    narrow = torch.randn(2, 1)  # broadcasting: the sum is wider than a
+    before = narrow.clone()
+    assert torch.equal(add_into(narrow, b), before + b) and torch.equal(narrow, before)
+    low = torch.randn(2, 3).to(torch.bfloat16)  # type promotion: bf16 + float32 is float32
+    before = low.clone()
+    out = add_into(low, b)
+    assert out.dtype == torch.float32 and torch.equal(out, before + b) and torch.equal(low, before)
+
+
+# (model, input size): residual families, small inputs; trunk gradients against the plain model
+INPLACE_FAMILIES = [
+    ("resnet18", (3, 32, 32), 8),  # BasicBlock: bn2(...) += shortcut
+    ("resnet26", (3, 32, 32), 8),  # Bottleneck: bn3(...) += shortcut
+    ("regnetx_002", (3, 32, 32), 13),  # drop_path(conv3(...)) + shortcut: Identity looked through
+    ("efficientnet_b0", (3, 32, 32), 9),  # drop_path(bn3(...)) + shortcut, bn3 a BatchNormAct2d without act
+]
+
+
+@pytest.mark.parametrize(("name", "size", "n_into"), INPLACE_FAMILIES)
+def test_inplace_adds_change_no_output_and_no_gradient(name, size, n_into):
+    """Eval outputs ``torch.equal`` to timm's; in training, the outputs and every trunk gradient too."""
+    from annify.convert import convert, create_model
+
+    torch.manual_seed(0)
+    net, _, _ = convert(name, every=2, input_size=size, num_classes=7)
+    twin = create_model(name, num_classes=7)
+    twin.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("heads.")})
+    assert sum(_into(net.eval())) == n_into
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(net(x)[-1], twin.eval()(x))
+    net.train()
+    twin.train()
+    target = torch.tensor([1, 5])
+    F.cross_entropy(net(x)[-1], target).backward()
+    F.cross_entropy(twin(x), target).backward()
+    trunk = dict(twin.named_parameters())
+    for key, p in net.named_parameters():
+        if not key.startswith("heads."):
+            assert torch.equal(p.grad, trunk[key].grad), key
+
+
+class _Residuals(nn.Module):
+    """Adds whose left operand must not be written into: a ReLU output, a tap, a value carried over a cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.act(self.c[0](x)) + x  # ReLU's backward reads its output
+        y = self.c[1](x)  # tapped, then added
+        x = y + x
+        z = self.c[2](x)  # produced before the cut at c.3, added after it
+        w = self.c[3](x)
+        x = z + w
+        return self.fc(x.mean((2, 3)))
+
+
+def test_adds_that_must_not_write_into_their_left_operand_stay_out_of_place():
+    model, net, x, expected, seen = _small_net(_Residuals, ["c.1", "c.3"])
+    assert _into(net.eval()) == [0, 0, 0]
+    with torch.no_grad():
+        outs = net(x)
+        assert torch.equal(outs[-1], expected)
+        assert torch.equal(seen[0], model.c[1](model.act(model.c[0](x)) + x))  # the tap as computed
+    net.train()
+    sum(F.cross_entropy(o, torch.tensor([0, 2])) for o in net(x)).backward()  # no in-place error

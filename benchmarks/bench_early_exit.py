@@ -1,0 +1,189 @@
+"""Budgeted batch early exit at batch 64: does the wall clock shrink as much as the FLOPs do?
+
+For each network, ``early_exit(net, x, thresholds)`` on one batch of 64 images and the full anytime
+network computing every output run interleaved (20+ rounds, order alternating); the speed-up is
+the per-round time ratio full / early exit, set beside the FLOP reduction that batch realised
+(full anytime FLOPs / mean per-sample FLOPs of the exits taken, ``annify.cost.exit_flops``). The
+goal (issue 10, item 6) is a speed-up of at least 0.75 × the FLOP reduction.
+
+The networks carry timm's random initialisation and the images are Gaussian noise: what is timed is
+the work done for a given pattern of exits, not accuracy. The thresholds are fit with
+``fit_thresholds`` (MSDNet's geometric schedule) on the network's own softmax outputs for a separate
+noise batch, so that the average FLOPs hit ``full / --reductions``; the timed batch then realises
+its own reduction, which is the one reported.
+
+Diagnostic, from the same rounds: the full forward is run segment by segment with a clock around
+each segment (the same calls as ``net(x)``), and *segment-time bound* is the speed-up early exit
+would get if each sample cost what its segments cost per sample at batch 64 (no exit bookkeeping,
+no change of efficiency as the batch shrinks). Where that bound is below 0.75 × the FLOP reduction,
+time per FLOP differs between segments and no bookkeeping fix can meet the goal.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_early_exit.py                       # both networks, as in BENCHMARKS.md
+    PYTHONPATH=. python benchmarks/bench_early_exit.py --nets cifar --repeats 20 --reductions 4.6,2.5
+
+Results are printed as Markdown and written to ``benchmarks/results/early_exit.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+# label: (timm model, placement, input size, classes, noise images for fitting the thresholds)
+NETS = {
+    "resann50": ("resnet50", {"every": 2}, (3, 224, 224), 1000, 64),
+    "cifar": ("cifar_resnet_n7_c16", {"every": 1}, (3, 32, 32), 10, 512),
+}
+GOAL = 0.75
+
+
+def _timed_segments(net, x, seg_times: list[list[float]]) -> list:
+    """``net(x)``, segment by segment (what ``stream`` does), appending each segment's time."""
+    state, outs = (x,), []
+    for j in range(net.num_outputs):
+        t0 = time.perf_counter()
+        state, out = net.run_segment(j, state)
+        seg_times[j].append(time.perf_counter() - t0)
+        outs.append(out)
+    return outs
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "iqr": [_quantile(xs, 0.25), _quantile(xs, 0.75)]}
+
+
+def run_net(label: str, batch: int, repeats: int, reductions: list[float]) -> tuple[list[list], dict]:
+    from annify.convert import convert
+    from annify.cost import exit_flops
+    from annify.early_exit import early_exit, fit_thresholds
+
+    model, placement, size, classes, n_val = NETS[label]
+    torch.manual_seed(0)
+    net, _, _ = convert(model, input_size=size, num_classes=classes, **placement)
+    net.eval()
+    flops = exit_flops(net)
+    gen = torch.Generator().manual_seed(1)
+    val = torch.randn(n_val, *size, generator=gen)
+    x = torch.randn(batch, *size, generator=gen)
+    with torch.no_grad():
+        outs = [torch.cat(o) for o in zip(*(net(c) for c in val.split(batch)), strict=True)]
+    probs = [torch.softmax(o, dim=-1) for o in outs]
+    policies = {}
+    for red in reductions:
+        th = fit_thresholds(probs, flops[-1] / red, flops)
+        with torch.no_grad():
+            _, exits, per_sample = early_exit(net, x, th)
+        counts = torch.bincount(exits, minlength=net.num_outputs).tolist()
+        policies[red] = (th, counts, flops[-1] / float(per_sample.mean()))
+    seg_times: list[list[float]] = [[] for _ in range(net.num_outputs)]
+    fns = {"full": lambda: _timed_segments(net, x, seg_times)}
+    for red, (th, _, _) in policies.items():
+        fns[f"exit {red}"] = lambda th=th: early_exit(net, x, th)
+    with torch.no_grad():
+        t = interleaved(fns, repeats, warmup=2)
+    warm = len(seg_times[0]) - repeats  # the warm-up rounds also ran the timed full forward
+    per_round = [[s[warm + i] for s in seg_times] for i in range(repeats)]
+    rows, out = [], {"flops": flops, "batch": batch, "times_s": t}
+    for red, (th, counts, realised) in policies.items():
+        speed = [f / e for f, e in zip(t["full"], t[f"exit {red}"], strict=True)]
+        bound = []
+        for segs in per_round:  # expected time if each sample paid its segments' per-sample time
+            cum = list(torch.tensor(segs).cumsum(0))
+            spent = sum(n * float(c) for n, c in zip(counts, cum, strict=True)) / batch
+            bound.append(float(cum[-1]) / spent)
+        s, b = _stats(speed), _stats(bound)
+        eff = s["median"] / realised
+        out[f"reduction {red}"] = {
+            "thresholds": th,
+            "exit_counts": counts,
+            "flop_reduction": realised,
+            "speed_up": s,
+            "efficiency": eff,
+            "segment_time_bound": b,
+            "meets_goal": eff >= GOAL,
+        }
+        rows.append(
+            [
+                label,
+                f"{red}",
+                f"{realised:.2f}×",
+                f"{statistics.median(t['full']) * 1e3:.0f}",
+                f"{statistics.median(t[f'exit {red}']) * 1e3:.0f}",
+                f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
+                f"**{eff:.2f}**",
+                "yes" if eff >= GOAL else "no",
+                f"{b['median']:.2f}× ({b['median'] / realised:.2f})",
+                repeats,
+                " ".join(map(str, counts)),
+            ]
+        )
+    return rows, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nets", default="cifar,resann50")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reductions", default="4.6,2.5", help="target FLOP reductions (full / average)")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    set_threads(args.threads)
+    print(machine_line())
+    reductions = [float(r) for r in args.reductions.split(",")]
+    rows, result = [], {"command": " ".join(["python", *sys.argv]), "machine": machine()}
+    for label in args.nets.split(","):
+        r, res = run_net(label, args.batch, args.repeats, reductions)
+        rows += r
+        result[label] = res
+        print(f"{label} done", flush=True)
+    print(f"\n### Early exit at batch {args.batch} against every output ({args.threads} thread(s))\n")
+    header = [
+        "network",
+        "target reduction",
+        "FLOP reduction (realised)",
+        "full ms",
+        "early exit ms",
+        "speed-up",
+        "speed-up / FLOP reduction",
+        f">= {GOAL}",
+        "segment-time bound (/ FLOP reduction)",
+        "rounds",
+        "samples exiting at each output",
+    ]
+    print(table(header, rows))
+    after = machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "early_exit.json"  # one entry per network: a run of one network keeps the others
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept.update(
+        {
+            label: {
+                **result[label],
+                "command": result["command"],
+                "machine": result["machine"],
+                "machine_after": after,
+            }
+            for label in args.nets.split(",")
+        }
+    )
+    path.write_text(json.dumps(kept, indent=1))
+
+
+if __name__ == "__main__":
+    main()
