@@ -60,16 +60,20 @@ def _optimizer(model):
 
 def annify_step(net, scheme, x, y, amp: bool = False):
     """One step exactly as ``annify.train.train`` takes it (single process), returning nothing."""
-    from annify.train import _mean_across_ranks, output_losses, weighted_update
+    from annify.train import _EpochLosses, output_losses, weighted_update
 
     optimizer = _optimizer(net)
     trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
+    scheme.to(x.device)
+    watch, steps = _EpochLosses(net.num_outputs, x.device), [0]
 
     def step() -> None:
         losses = output_losses(net, x, y, amp)  # (K,)
-        if not torch.isfinite(_mean_across_ranks(losses.detach())).all():  # the trainer's check
-            raise FloatingPointError("loss is not finite")
         weighted_update(losses, scheme, optimizer, trunk)
+        steps[0] += 1
+        watch.add(losses, steps[0])
+        if watch.due(steps[0]):  # the trainer's rate-limited look at the losses (finiteness, progress)
+            watch.read(steps[0])
 
     return step
 
