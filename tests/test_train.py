@@ -340,6 +340,9 @@ def test_paper_schedule():
     assert lrs == pytest.approx({0: 0.1, 149: 0.1, 150: 0.01, 224: 0.01, 225: 0.001, 299: 0.001})
     assert not any(g["nesterov"] for g in optimizer.param_groups)
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]  # none on biases
+    assert all(g["fused"] for g in optimizer.param_groups)  # torch's one-kernel update
+    lamb, _ = train_module._optimizer(net, resolve_settings({}, {"opt": "lamb"}))
+    assert "fused" not in lamb.param_groups[0]  # timm's own optimizers have no fused kernel
     optimizer, scheduler = train_module._optimizer(net, resolve_settings({}, {"epochs": 1}))
     scheduler.step(0)
     assert optimizer.param_groups[0]["lr"] == 0.1  # a one-epoch run never decays
