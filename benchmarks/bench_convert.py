@@ -65,8 +65,9 @@ def converted(name: str, **placement):
 def _convert_counting_the_trunk_twice(name: str):
     """``convert`` as it was before commit "placement by FLOPs counts the trunk once": the final
     network's trunk counted again with fvcore after placement had counted it at every candidate."""
-    import annify.convert as conv
+    import importlib
 
+    conv = importlib.import_module("annify.convert")  # the module: ``annify.convert`` is the function
     keep = conv._trunk_segments
     conv._trunk_segments = lambda counted, nodes: None
     try:
