@@ -510,9 +510,9 @@ def _load_init(net: nn.Module, spec: Spec, init: str, say: Callable) -> None:
 def _optimizer(net: nn.Module, cfg: dict):
     """timm's optimizer (torch's fused kernel where the class has one) and the multistep schedule.
 
-    Fused: one kernel over all parameters instead of a few per tensor; measured on the CPU for SGD
-    (BENCHMARKS.md §7) at 0.30x the per-tensor loop's time for the converted CIFAR ResNet, 0.43x for
-    resnet50. The update is the same arithmetic, rounded differently.
+    Fused: one kernel over all parameters instead of a few per tensor; ``optimizer.step()`` of SGD on
+    the CPU (BENCHMARKS.md §7) takes 0.38x the per-tensor loop's time for the converted CIFAR ResNet
+    (21 outputs), 0.41x for resnet50. The update is the same arithmetic, rounded differently.
     """
     import inspect
 
