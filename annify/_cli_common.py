@@ -98,9 +98,10 @@ def device_options(fn):
 
 DEFAULT_THREADS = 1
 THREADS_HELP = (
-    "torch CPU threads (intra-op). Default 1: on a machine other processes also use, more OpenMP threads "
-    "than free cores make small networks many times slower (BENCHMARKS.md §12); raise it on a machine of "
-    "your own for large networks."
+    "torch CPU threads (intra-op). Default 1: on a machine other processes also use, OpenMP threads beyond "
+    "the free cores make small networks many times slower (measured: a small network's epoch 14.5x slower "
+    "with 2 threads on a busy 2-core machine, BENCHMARKS.md §12); raise it on a machine of your own for "
+    "large networks."
 )
 
 
