@@ -318,18 +318,18 @@ def optimizer_part(name: str, repeats: int) -> tuple[str, dict]:
     for o in opts.values():  # lr 0 would skip nothing; a tiny lr keeps the weights near where they were
         for g in o.param_groups:
             g["lr"] = 1e-9
-    t = interleaved({n: o.step for n, o in opts.items()}, repeats, warmup=3)
+    t = interleaved({n: o.step for n, o in opts.items()}, repeats, warmup=3, clock=CLOCK)
     r = _stats([a / b for a, b in zip(t["fused"], t["loop"], strict=True)])
     tensors = sum(1 for _ in net.parameters())
     md = (
         f"{spec.model}, {net.num_outputs} outputs ({tensors} parameter tensors), `optimizer.step()` of SGD "
-        f"(momentum 0.9, wd 1e-4), {repeats} rounds: loop {statistics.median(t['loop']) * 1e3:.1f} ms, fused "
+        f"(momentum 0.9, wd 1e-4), {repeats} rounds, {CLOCK.__name__}: loop {statistics.median(t['loop']) * 1e3:.1f} ms, fused "
         f"{statistics.median(t['fused']) * 1e3:.1f} ms; fused / loop **{r['median']:.3f}** ({_spread(r)})."
     )
     return md, {"model": spec.model, "tensors": tensors, "ratio_fused_over_loop": r, "times_s": t}
 
 
-def profile_part(name: str, steps: int = 3, top: int = 14) -> tuple[str, dict]:
+def profile_part(name: str, steps: int = 6, top: int = 14) -> tuple[str, dict]:
     """Self CPU time per operator over ``steps`` steps of plain and of annify, by the converted step's surplus."""
     from torch.profiler import ProfilerActivity, profile
 
