@@ -94,3 +94,27 @@ def device_options(fn):
         "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
     )(fn)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(fn)
+
+
+DEFAULT_THREADS = 1
+THREADS_HELP = (
+    "torch CPU threads (intra-op). Default 1: on a machine other processes also use, OpenMP threads beyond "
+    "the free cores make small networks many times slower (measured: a small network's epoch 14.5x slower "
+    "with 2 threads on a busy 2-core machine, BENCHMARKS.md §14); raise it on a machine of your own for "
+    "large networks."
+)
+
+
+def threads_option(fn):
+    """``--threads N``: set torch's CPU threads before the command runs (torch is imported only then)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int, **kwargs):
+        import torch
+
+        torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    return click.option(
+        "--threads", type=click.IntRange(1), default=DEFAULT_THREADS, show_default=True, help=THREADS_HELP
+    )(wrapper)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import finite_positive, friendly, parse_size, writable_dir
+from annify._cli_common import finite_positive, friendly, parse_size, threads_option, writable_dir
 from annify.report import format_flops, format_rows
 
 
@@ -49,6 +49,7 @@ def _kwargs(in_chans, size=None):
 @main.command()
 @click.argument("model")
 @with_model_options
+@threads_option
 @friendly
 def inspect(model, input_size, num_classes, in_chans):
     """List MODEL's candidate tap points in execution order, with their cost.
@@ -130,6 +131,7 @@ def print_cost_table(spec) -> None:
 @click.option("--out", default="zoo", show_default=True, help="Output folder, or a .yaml path.")
 @click.option("--force", is_flag=True, help="Replace an existing spec file that differs from the new one.")
 @with_model_options
+@threads_option
 @friendly
 def convert(
     model, every, start, at, flops_period, heads, head_type, name, out, force, input_size, num_classes,
@@ -226,16 +228,9 @@ def convert(
     show_default=True,
     help="Also build an EANN of ResANNs of doubling depth.",
 )
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1),
-    help="torch CPU threads. The demo's small models gain little from more, and on a busy machine "
-    "OpenMP threads spin against other processes (measured: 45 s on 1 thread, 4.6 min on 2).",
-)
+@threads_option
 @friendly
-def demo(out, model, data, train_subset, epochs, seed, eann, threads):
+def demo(out, model, data, train_subset, epochs, seed, eann):
     """The main job: convert a CIFAR-style ResANN for the data, train it with annify's default
     weighting, with CONST and with the paper's AdaLoss, print the anytime tables side by side with
     a sentence on what they show, and plot them; then train an EANN of three ResANNs of doubling
@@ -249,11 +244,8 @@ def demo(out, model, data, train_subset, epochs, seed, eann, threads):
     from annify.demo import demo as run_demo
 
     writable_dir(out)
-    import torch
-
     from annify.demo import EANN_MEMBERS
 
-    torch.set_num_threads(threads)
     run_demo(
         out, model=model, epochs=epochs, data=data, train_subset=train_subset, seed=seed,
         eann=EANN_MEMBERS if eann else (), log=click.echo,

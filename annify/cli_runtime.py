@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from annify._cli_common import checkpoint_option, finite_positive, friendly, writable_dir
+from annify._cli_common import checkpoint_option, finite_positive, friendly, threads_option, writable_dir
 from annify.report import format_flops
 
 
@@ -86,6 +86,7 @@ def _read_labels(path: str | None) -> list[str] | None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
 @with_normalization
+@threads_option
 @friendly
 def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json, mean, std):
     """Classify IMAGE files with the anytime network SPEC, within a FLOP budget or a deadline.
@@ -162,6 +163,7 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
 @click.option("--out", default="export", show_default=True, help="Output folder.")
 @click.option("--no-check", is_flag=True, help="Skip running each file against PyTorch (atol 1e-4).")
 @with_normalization
+@threads_option
 @friendly
 def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     """Export SPEC's truncated networks and segments to ONNX and/or TorchScript, with manifest.json.

@@ -168,10 +168,30 @@ def inspect_model(
     return taps, cum, total
 
 
-def _trunk_costs(traced: Traced, taps: list[TapPoint]) -> tuple[list[int], int]:
+def _trunk_costs(traced: Traced, taps: list[TapPoint], counted: dict | None = None) -> tuple[list[int], int]:
+    """The trunk's cumulative FLOPs at each tap and in all; ``counted`` (if given) keeps them by node."""
     net = AnytimeNet(traced, [t.node for t in taps], [nn.Identity() for _ in taps])
     costs = count(net)
+    if counted is not None:
+        counted.update(
+            cum=dict(zip([t.node for t in taps], costs.flops[:-1], strict=True)),
+            total=costs.flops[-1],
+            unsupported=costs.unsupported,
+        )
     return costs.flops[:-1], costs.flops[-1]
+
+
+def _trunk_segments(counted: dict, nodes: list[str]) -> tuple[list[int], dict[str, int]] | None:
+    """Each segment's trunk FLOPs of a network cut at ``nodes``, from a finer cut counted before.
+
+    Every operation of the trunk lies in exactly one segment of either cut, so a coarse segment
+    costs the sum of the fine ones it spans (and fvcore's unsupported operators are the same).
+    None where nothing was counted (placement by blocks or names) or a node was not a candidate.
+    """
+    if not counted or any(n not in counted["cum"] for n in nodes):
+        return None
+    cum = [counted["cum"][n] for n in nodes] + [counted["total"]]
+    return [b - a for a, b in zip([0, *cum[:-1]], cum, strict=True)], dict(counted["unsupported"])
 
 
 def _arch(traced: Traced) -> str:
@@ -192,13 +212,16 @@ def choose(
     flops_period: float | None = None,
     heads: int | None = None,
     head_flops: Callable[[TapPoint], int] | None = None,
+    counted: dict | None = None,
 ) -> tuple[list[str], dict]:
     """Pick the nodes that get heads; returns (nodes in execution order, the placement as data).
 
     ``taps`` are the candidates (``tap_points(traced, trunk=True)``): ``every``/``start`` count the
     block outputs among them; ``heads`` and ``flops_period`` take the candidate nearest each target
     cost among those on the trunk (never one inside a branch, never the last block's output),
-    counting each head's own cost (``head_flops`` of a candidate) where it is given.
+    counting each head's own cost (``head_flops`` of a candidate) where it is given. Placement by
+    cost counts the trunk at every candidate; pass a dict as ``counted`` to keep those counts
+    (``convert`` reuses them for the final network instead of counting the trunk again).
     """
     given = [
         k for k, v in dict(every=every or start, at=at, flops_period=flops_period, heads=heads).items() if v
@@ -251,7 +274,7 @@ def choose(
         raise ConvertError(f"--flops-period must be positive, got {flops_period}")
     last = blocks[-1].node if blocks else None
     inner = [t for t in taps if t.on_trunk and t.node != last]
-    cum, total = _trunk_costs(traced, inner)
+    cum, total = _trunk_costs(traced, inner, counted)
     # nor where the trunk is all but done: a head there would repeat the model's own output
     keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
     inner, cum = [inner[i] for i in keep], [cum[i] for i in keep]
@@ -414,11 +437,20 @@ def convert(
     traced = trace(m, size)
     num_classes = _classes(traced, num_classes, source)
     taps = tap_points(traced, trunk=True)
+    counted: dict = {}
     nodes, placement = choose(
-        traced, taps, every, start, at, flops_period, heads, _head_costs(traced, num_classes, head_type)
+        traced,
+        taps,
+        every,
+        start,
+        at,
+        flops_period,
+        heads,
+        _head_costs(traced, num_classes, head_type),
+        counted,
     )
     net = _build_net(traced, nodes, num_classes, head_type)
-    costs = count(net)
+    costs = count(net, trunk=_trunk_segments(counted, nodes))  # the trunk is counted once
     if num_classes != 1000 or "num_classes" in kwargs:
         kwargs.pop("num_classes", None)
     spec = Spec(

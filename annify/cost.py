@@ -154,17 +154,31 @@ def _param_owners(net: AnytimeNet) -> list[set[int]]:
     return per_seg
 
 
-def count(net: AnytimeNet, input_size: tuple[int, int, int] | None = None) -> Costs:
-    """Count each output's FLOPs and parameters (see the module docstring for the convention)."""
+def count(
+    net: AnytimeNet,
+    input_size: tuple[int, int, int] | None = None,
+    trunk: tuple[list[int], dict[str, int]] | None = None,
+) -> Costs:
+    """Count each output's FLOPs and parameters (see the module docstring for the convention).
+
+    ``trunk``: each segment's trunk FLOPs and fvcore's unsupported operators in them, where they
+    are known already (``annify.convert`` counts the trunk once to place heads by cost); then only
+    the heads go through fvcore here.
+    """
     input_size = tuple(input_size or net.input_size)
+    if trunk is not None and len(trunk[0]) != len(net.segments):
+        raise ValueError(f"{len(trunk[0])} trunk costs for {len(net.segments)} segments")
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
-    unsupported: Counter = Counter()
+    known, unsupported = trunk, Counter(trunk[1] if trunk is not None else {})
     trunk, heads, state = [], [], (torch.zeros(1, *input_size, device=device),)
     with torch.no_grad():
         for j, seg in enumerate(net.segments):
-            trunk.append(_fvcore(lambda *s, seg=seg: seg.fn(net, *s), state, net, unsupported))
+            if known is None:
+                trunk.append(_fvcore(lambda *s, seg=seg: seg.fn(net, *s), state, net, unsupported))
+            else:
+                trunk.append(known[0][j])
             if seg.tap is None:
                 break
             state, feature = net.run_segment(j, state, head=False)

@@ -5,6 +5,10 @@ A scheme holds the K per-head weights and may adapt them from the losses it sees
 per-head losses of that step, reads ``weights`` for the next step, calls ``set_progress`` at the start
 of each epoch, and checkpoints ``state_dict()``.
 
+A scheme lives where the losses are: the trainer moves it to the training device (``to``), and its
+updates are tensor operations there, so a step never waits for the device to copy a value to the
+host (no ``.item()``, ``.cpu()`` or ``bool(tensor)`` per step). ``state_dict`` holds CPU copies.
+
 Under ``torch.distributed`` the adaptive schemes all-reduce (mean) the per-head values before their
 EMA update, so every rank holds identical weights and optimizes the same function: one collective of
 K float32 values per step. The EMA is linear, so this equals averaging the per-rank EMAs.
@@ -87,14 +91,17 @@ def get(name: str, num_heads: int, **hparams: float | int) -> WeightScheme:
 
 
 def _mean_across_ranks(values: Tensor) -> Tensor:
-    """All-reduce (mean) a small float vector over the default process group; identity when not distributed."""
+    """All-reduce (mean) a small float vector over the default process group; identity when not distributed.
+
+    The result stays on the device of ``values`` (nccl reduces it there, without a host copy).
+    """
     values = values.detach().to(torch.float32)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return values.cpu()
+        return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    buf = values.to(device).clone()
+    buf = values.to(device, copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG; divide ourselves
-    return (buf / dist.get_world_size()).cpu()
+    return (buf / dist.get_world_size()).to(values.device)
 
 
 def per_head_grad_norms(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -123,12 +130,24 @@ class WeightScheme:
 
     def __init__(self, num_heads: int) -> None:
         self.num_heads = num_heads
+        self.device = torch.device("cpu")
         self._weights = torch.ones(num_heads, dtype=torch.float32)
 
     @property
     def weights(self) -> Tensor:
-        """Current weights: 1-D float32 CPU tensor of K entries (a copy)."""
+        """Current weights: 1-D float32 tensor of K entries (a copy), on the scheme's device."""
         return self._weights.clone()
+
+    def to(self, device: torch.device | str) -> WeightScheme:
+        """Keep the weights and every other tensor of the scheme's state on ``device``; returns self.
+
+        A scheme's state is its tensor attributes, so a registered scheme of one's own moves too.
+        """
+        self.device = torch.device(device)
+        for key, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, key, value.to(self.device))
+        return self
 
     def _check(self, values: Tensor, what: str = "losses") -> Tensor:
         if values.dim() != 1 or values.numel() != self.num_heads:
@@ -145,12 +164,12 @@ class WeightScheme:
         """Tell the scheme which epoch starts (0-based) out of ``epochs``; most schemes ignore it."""
 
     def state_dict(self) -> dict:
-        return {"num_heads": self.num_heads, "weights": self._weights.clone()}
+        return {"num_heads": self.num_heads, "weights": self._weights.to("cpu", copy=True)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_heads"] != self.num_heads:
             raise ValueError(f"state is for {state['num_heads']} heads, this scheme has {self.num_heads}")
-        self._weights = state["weights"].detach().to(torch.float32).cpu().clone()
+        self._weights = _on(state["weights"], self.device)
 
 
 @register("const")
@@ -253,12 +272,12 @@ class AdaLoss(WeightScheme):
             self._weights = weights.to(torch.float32)
 
     def state_dict(self) -> dict:
-        ema = None if self.ema is None else self.ema.clone()
+        ema = None if self.ema is None else self.ema.to("cpu", copy=True)
         return {**super().state_dict(), "ema": ema, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.ema = None if state["ema"] is None else state["ema"].detach().to(torch.float32).cpu().clone()
+        self.ema = None if state["ema"] is None else _on(state["ema"], self.device)
         self.step = int(state["step"])
 
 
@@ -307,7 +326,7 @@ class SDN(WeightScheme):
 
     def _refresh(self) -> None:
         tau = torch.clamp(0.01 + (self.epoch + 1) * self.max_coeffs / self.epochs, max=self.max_coeffs)
-        self._weights = torch.cat([tau, torch.ones(1, dtype=torch.float64)]).to(torch.float32)
+        self._weights = torch.cat([tau, tau.new_ones(1)]).to(self.device, torch.float32)
 
     def set_progress(self, epoch: int, epochs: int) -> None:
         if epochs < 1 or not 0 <= epoch < epochs:
@@ -322,6 +341,11 @@ class SDN(WeightScheme):
         super().load_state_dict(state)
         self.epoch, self.epochs = int(state["epoch"]), int(state["epochs"])
         self._refresh()
+
+
+def _on(value: Tensor, device: torch.device) -> Tensor:
+    """A float32 copy of a checkpointed tensor on ``device``."""
+    return value.detach().to(device, torch.float32, copy=True)
 
 
 # -------------------------------------------------------------------- head-local weighting

@@ -90,20 +90,27 @@ class Paired:
         }
 
 
-def _once(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+def _once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time several functions round-robin: each repeat runs every function once, order rotated.
 
     Rotating the order (ABC, BCA, CAB, ...) keeps any one function from always running right after
     another has warmed the caches. ``warmup`` untimed rounds go first. Returns the times per function,
     index i of every list being the same round, so ratios can be taken within a round.
+
+    ``clock``: wall time by default. ``time.thread_time`` counts only the CPU time of the calling
+    thread, which is all of torch's work with one intra-op thread: on an oversubscribed machine it
+    leaves out the time other processes held the core (wall-time ratios then swing by 2x per round).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -113,7 +120,7 @@ def interleaved(
     for i in range(repeats):
         shift = i % len(names)
         for n in names[shift:] + names[:shift]:
-            times[n].append(_once(fns[n]))
+            times[n].append(_once(fns[n], clock))
     return times
 
 

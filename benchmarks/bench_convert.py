@@ -3,7 +3,8 @@ time to stop early with ``forward_until``.
 
 Parts (``--parts a,b,c,d``):
 
-a. time of ``convert(name, heads=4)`` against ``timm.create_model(name)`` alone, interleaved;
+a. time of ``convert(name, heads=4)`` against ``timm.create_model(name)`` alone and against the same
+   conversion counting the trunk twice (as before placement's counts were reused), interleaved;
 b. the converted network computing every output against the plain timm model, same batch,
    interleaved; compared with the target ``1 + heads' FLOP share + 0.03``;
 c. ``forward_until(x, k)`` for each k against the full forward, next to output k's FLOP fraction;
@@ -61,23 +62,49 @@ def converted(name: str, **placement):
     return net.eval(), plain, spec, costs
 
 
-def part_a(repeats: int) -> dict:
+def _convert_counting_the_trunk_twice(name: str):
+    """``convert`` as it was before commit "placement by FLOPs counts the trunk once": the final
+    network's trunk counted again with fvcore after placement had counted it at every candidate."""
+    import importlib
+
+    conv = importlib.import_module("annify.convert")  # the module: ``annify.convert`` is the function
+    keep = conv._trunk_segments
+    conv._trunk_segments = lambda counted, nodes: None
+    try:
+        return convert(name, heads=4)
+    finally:
+        conv._trunk_segments = keep
+
+
+def part_a(repeats: int, models: list[str]) -> dict:
     import timm
 
     rows, out = [], {}
-    for name in CONVERT_MODELS:
-        p = paired_ratio(
-            lambda name=name: convert(name, heads=4),
-            lambda name=name: timm.create_model(name, pretrained=False),
-            repeats=repeats,
+    for name in models:
+        t = interleaved(
+            {
+                "convert": lambda name=name: convert(name, heads=4),
+                "before": lambda name=name: _convert_counting_the_trunk_twice(name),
+                "create_model": lambda name=name: timm.create_model(name, pretrained=False),
+            },
+            repeats,
             warmup=1,
         )
-        out[name] = p.as_dict()
+        p, q = Paired(t["convert"], t["create_model"]), Paired(t["convert"], t["before"])
+        out[name] = {**p.as_dict(), "convert_over_before": q.as_dict()}
         rows.append(
-            [name, f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.1f}", p.spread(), p.repeats]
-        )
-    print("\n### a. Conversion time, `convert(name, heads=4)` vs `timm.create_model(name)`\n")
-    print(table(["model", "convert (s)", "create_model (s)", "ratio", "spread of ratio", "repeats"], rows))
+            [
+                name, f"{p.median_a:.2f}", f"{q.median_b:.2f}", f"{p.median_b:.2f}", f"{p.median:.1f}",
+                p.spread(), f"**{q.median:.3f}**", q.spread(), p.repeats,
+            ]
+        )  # fmt: skip
+    print(
+        "\n### a. Conversion time, `convert(name, heads=4)` vs `timm.create_model(name)`, and vs the same "
+        "conversion counting the trunk twice (before)\n"
+    )
+    header = ["model", "convert (s)", "before (s)", "create_model (s)", "convert / create_model", "spread"]
+    header += ["convert / before", "spread", "rounds"]
+    print(table(header, rows))
     return out
 
 
@@ -302,7 +329,8 @@ def main() -> None:
     ap.add_argument("--parts", default="a,b,c,d")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved pairs for parts b and c")
-    ap.add_argument("--convert-repeats", type=int, default=5, help="interleaved pairs for part a")
+    ap.add_argument("--convert-repeats", type=int, default=20, help="interleaved rounds for part a")
+    ap.add_argument("--convert-models", default=",".join(CONVERT_MODELS), help="models for part a")
     ap.add_argument("--threads", default="1,2", help="torch threads for part b (comma-separated)")
     ap.add_argument("--c-threads", type=int, default=1, help="torch threads for parts c and d")
     args = ap.parse_args()
@@ -317,7 +345,7 @@ def main() -> None:
     set_threads(max(threads))
     print(machine_line())
     runs = {  # part -> (settings recorded with it, the measurement)
-        "a": lambda: ({}, part_a(args.convert_repeats)),
+        "a": lambda: ({}, part_a(args.convert_repeats, args.convert_models.split(","))),
         "b": lambda: ({"batch": args.batch}, part_b(args.batch, args.repeats, threads)),
         "c": lambda: (
             {"batch": args.batch, "threads": args.c_threads},

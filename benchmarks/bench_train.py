@@ -1,35 +1,45 @@
-"""Training-step cost: an anytime network trained with AdaLoss against the plain timm model.
+"""Training-step cost: an anytime network trained as ``annify.train.train`` trains it, against the plain timm model.
 
-One training step is what ``annify.train.train`` does per batch: forward (every output), the K
-per-output cross-entropies, the finiteness check on their detached values (a copy to the CPU), the
-weighted sum, ``zero_grad``, backward, SGD step (timm's optimizer, momentum 0.9, wd 1e-4) and the
-weight scheme's update. The plain step is the usual one: forward, cross-entropy of the single
-output, ``zero_grad``, backward, SGD step. Both start from the same trunk weights and see the same
-batch every repeat (lr 0.01, so repeating one batch neither diverges nor changes the arithmetic).
+One training step is what ``annify.train.train`` does per batch with its defaults: head-local AdaLoss
+(the gradient-scaling op at each tap), forward (every output), the K per-output cross-entropies, the
+weighted objective, ``zero_grad``, backward, the optimizer step (the trainer's own ``_optimizer``:
+timm's SGD, momentum 0.9, wd 1e-4, torch's fused kernel), the weight scheme's update and the
+device-side loss record, read by the host at the trainer's rate-limited checks. The plain step is
+the usual one: forward, cross-entropy of the single output, ``zero_grad``, backward, the same
+optimizer. Both start from the same trunk weights and see the same batch every repeat (lr 0.01, so
+repeating one batch neither diverges nor changes the arithmetic).
 
-Parts:
+Parts (``--parts step,optimizer,profile``):
 
-cpu: (a) converted network with AdaLoss vs the plain timm model, (b) AdaLoss vs CONST on the
-    converted network, on a CIFAR ResNet at 3×32×32 (heads after every unit, as in the paper) and
-    on resnet50 at 224 (``--every 2``: the paper's 8 outputs). The three steps run round-robin in
-    the same rounds (``benchmarks/_timing.interleaved``); ratios are taken within each round, and
-    the table gives their median and spread.
-gpu: (c) ``--device cuda``: images/s of resnet50 at 224, bf16 autocast and channels-last (what
-    ``train()`` uses on CUDA), converted + AdaLoss vs plain, alternating blocks of steps. Where
-    torch sees no CUDA device the script says so and exits 0.
+step: per model, the steps below run round-robin in the same rounds (``benchmarks/_timing.interleaved``);
+    ratios are taken within each round, the table gives their median and spread:
+    ``plain`` (timm model), ``annify`` (converted, the trainer's step), ``const`` (converted, CONST
+    weights, no head-local scaling), and with ``--before`` also ``before``: the step of commit 818ca72
+    (per-tensor SGD loop, AdaLoss on the CPU, the losses copied to the host, checked and formatted
+    every step), rebuilt here for the before/after comparison. The goal: annify / plain at most
+    ``1 + heads' FLOP share + 0.05``. ``--diagnose`` adds ``trunk`` (the converted segments without
+    heads) and ``pool_linear`` (the trainer's step with every head's BN-ReLU left out), to split the
+    overhead between the cut-up trunk and the heads.
+optimizer: ``optimizer.step()`` alone on the converted network, per-tensor loop against fused.
+profile: ``torch.profiler`` over 3 steps of plain and of annify: the operators whose self time grew
+    most, to say where the converted step's extra time goes.
+gpu: ``--device cuda``: images/s of resnet50 at 224, bf16 autocast and channels-last (what
+    ``train()`` uses on CUDA), converted + AdaLoss vs plain, alternating blocks of steps. Where torch
+    sees no CUDA device the script says so and exits 0.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_train.py                      # CPU parts, 1 thread
-    PYTHONPATH=. python benchmarks/bench_train.py --device cuda        # GPU part
-    PYTHONPATH=. python benchmarks/bench_train.py --models cifar --repeats 40 --threads 2
+    PYTHONPATH=. python benchmarks/bench_train.py                                  # CPU parts, 1 thread
+    PYTHONPATH=. python benchmarks/bench_train.py --models cifar --before --repeats 20
+    PYTHONPATH=. python benchmarks/bench_train.py --device cuda                    # GPU part
 
-Results go to ``benchmarks/results/train.md``; each part rewrites only its own section.
+Results go to ``benchmarks/results/train.md`` (one section per part and model) and ``train.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -43,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+# the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_timing.interleaved``)
+CLOCK = time.thread_time
 MODELS = {  # name: (timm model, placement, input size, classes, batch)
     "cifar": ("cifar_resnet_n7_c16", 1, (3, 32, 32), 10, 64),
     "resnet50": ("resnet50", 2, (3, 224, 224), 1000, 8),
@@ -52,30 +64,105 @@ MODELS = {  # name: (timm model, placement, input size, classes, batch)
 # -------------------------------------------------------------------- the steps
 
 
-def _optimizer(model):
+def _optimizer(model, fused: bool = True):
+    """The trainer's optimizer (``annify.train._optimizer``) at lr 0.01; ``fused=False``: the per-tensor loop."""
+    from annify.config import resolve_settings
+    from annify.train import _optimizer as trainer_optimizer
+
+    if fused:
+        return trainer_optimizer(model, resolve_settings({}, {"lr": 0.01}))[0]
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9, nesterov=False)
 
 
-def annify_step(net, scheme, x, y, amp: bool = False):
+def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True):
     """One step exactly as ``annify.train.train`` takes it (single process), returning nothing."""
-    from annify.train import _mean_across_ranks, output_losses, weighted_update
+    from annify import weighting
+    from annify.train import _EpochLosses, output_losses, weighted_update
 
     optimizer = _optimizer(net)
     trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
+    scheme.to(x.device)
+    local = weighting.HeadLocal(net) if head_local else None
+    watch, steps = _EpochLosses(net.num_outputs, x.device), [0]
 
     def step() -> None:
+        if local is not None:
+            local.set(scheme.weights)
         losses = output_losses(net, x, y, amp)  # (K,)
-        if not torch.isfinite(_mean_across_ranks(losses.detach())).all():  # the trainer's check
-            raise FloatingPointError("loss is not finite")
-        weighted_update(losses, scheme, optimizer, trunk)
+        weighted_update(losses, scheme, optimizer, trunk, local)
+        steps[0] += 1
+        watch.add(losses, steps[0])
+        if watch.due(steps[0]):  # the trainer's rate-limited look at the losses (finiteness, progress)
+            watch.read(steps[0])
 
     return step
 
 
+def before_step(net, x, y):
+    """The trainer's step at commit 818ca72: per-tensor SGD, head-local AdaLoss on the CPU, and every
+    step the losses copied to the host, checked for finiteness, summed and formatted for the bar."""
+    from annify import weighting
+    from annify.train import output_losses
+
+    optimizer = _optimizer(net, fused=False)
+    scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
+    loss_sum = torch.zeros(net.num_outputs, dtype=torch.float64)
+
+    def step() -> None:
+        nonlocal loss_sum
+        local.set(scheme.weights)
+        losses = output_losses(net, x, y)  # (K,)
+        mean = losses.detach().float().cpu()
+        if not torch.isfinite(mean).all():
+            raise FloatingPointError("loss is not finite")
+        total = local.objective(losses, scheme.weights.to(losses.device))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheme.update(losses.detach().cpu())
+        loss_sum += mean.double()
+        "loss " + "|".join(f"{v:.2f}" for v in mean.tolist())
+
+    return step
+
+
+def trunk_step(net, x, y):
+    """Diagnostic: the converted network's segments without any head, cross-entropy on the last output."""
+    optimizer = _optimizer(net)
+
+    def step() -> None:
+        state = (x,)
+        for j in range(net.num_outputs):
+            state, out = net.run_segment(j, state, head=False)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+class _PoolLinear(torch.nn.Module):
+    """Diagnostic head: the paper's head without its BN-ReLU (pool, then its own linear layer)."""
+
+    def __init__(self, head) -> None:
+        super().__init__()
+        self.fc = head.fc
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def _pool_linear_heads(net):
+    for j, head in enumerate(net.exits):
+        net.exits[j] = _PoolLinear(head)
+    return net
+
+
 def plain_step(model, x, y, amp: bool = False):
-    """The plain timm model's step: cross-entropy on its one output."""
+    """The plain timm model's step: cross-entropy on its one output, the trainer's optimizer."""
     optimizer = _optimizer(model)
     dev = x.device
 
@@ -91,7 +178,7 @@ def plain_step(model, x, y, amp: bool = False):
 
 
 def _pair(name: str, device: str):
-    """(plain timm model, converted network with the same trunk weights, spec, batch, input size)."""
+    """(plain timm model, converted network with the same trunk weights, spec, batch, input size, classes)."""
     from annify.convert import convert, create_model
 
     model, every, size, classes, batch = MODELS[name]
@@ -101,6 +188,21 @@ def _pair(name: str, device: str):
     missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(net.exits_prefix) for k in missing), (missing, unexpected)
     return plain.to(device).train(), net.to(device).train(), spec, batch, size, classes
+
+
+def _twin(net):
+    """Another converted network with the same weights (each step variant owns its hooks and optimizer)."""
+    from annify.convert import build
+
+    twin = build(net.spec)
+    twin.load_state_dict(net.state_dict())
+    return twin.to(next(net.parameters()).device).train()
+
+
+def _heads_share(spec) -> float:
+    """Heads' FLOP share: (anytime FLOPs of the last output - the plain model's) / the plain model's."""
+    last = spec.heads[-1]  # as a single exit, the model's own output costs the trunk alone: the plain model
+    return (last.flops - last.flops_single) / last.flops_single
 
 
 def _stats(r: list[float]) -> dict:
@@ -115,78 +217,177 @@ def _spread(s: dict) -> str:
     return f"IQR {s['iqr'][0]:.3f}–{s['iqr'][1]:.3f}, min–max {s['min_max'][0]:.3f}–{s['min_max'][1]:.3f}"
 
 
-# -------------------------------------------------------------------- (a) and (b) on the CPU
+# -------------------------------------------------------------------- the CPU parts
 
 
-def cpu_part(names: list[str], repeats: int, extra_schemes: list[str]) -> tuple[str, dict]:
+def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[str, dict]:
     from annify import weighting
 
-    rows, raw = [], {}
-    for name in names:
-        plain, net, spec, batch, size, classes = _pair(name, "cpu")
-        k = net.num_outputs
-        x = torch.randn(batch, *size)
-        y = torch.randint(0, classes, (batch,))
-        fns = {
-            "plain": plain_step(plain, x, y),
-            "adaloss": annify_step(net, weighting.get("adaloss", k), x, y),
-            "const": annify_step(net, weighting.get("const", k), x, y),
-        }
-        for s in extra_schemes:
-            fns[s] = annify_step(net, weighting.get(s, k), x, y)
-        print(
-            f"{name}: {spec.model}, {k} outputs, batch {batch}, {repeats} rounds of {list(fns)}", flush=True
-        )
-        t = interleaved(fns, repeats, warmup=3)
-        ratio = {
-            f"{a}/{b}": _stats([p / q for p, q in zip(t[a], t[b], strict=True)])
-            for a, b in [("adaloss", "plain"), ("adaloss", "const"), ("const", "plain")]
-            + [(s, "adaloss") for s in extra_schemes]
-        }
-        med = {n: statistics.median(v) for n, v in t.items()}
-        raw[name] = {
-            "model": spec.model,
-            "outputs": k,
-            "batch": batch,
-            "input_size": list(size),
-            "repeats": repeats,
-            "median_s": med,
-            "ratios": ratio,
-            "times_s": t,
-        }
-        what = f"{spec.model} {'×'.join(map(str, size))}, batch {batch}, {k} outputs"
-        for key, label in [
-            ("adaloss/plain", "(a) converted + AdaLoss / plain timm"),
-            ("adaloss/const", "(b) AdaLoss / CONST (converted)"),
-            ("const/plain", "converted + CONST / plain timm"),
-            *[(f"{s}/adaloss", f"{s} / AdaLoss (converted)") for s in extra_schemes],
-        ]:
-            num = key.split("/")[0]
-            rows.append(
-                [
-                    what,
-                    label,
-                    f"{med[num] * 1e3:.1f}",
-                    f"{batch / med[num]:.1f}",
-                    f"**{ratio[key]['median']:.3f}**",
-                    _spread(ratio[key]),
-                ]
-            )
-        rows.append(
-            [what, "plain timm step", f"{med['plain'] * 1e3:.1f}", f"{batch / med['plain']:.1f}", "1", ""]
-        )
-        del plain, net, fns
-    md = table(
-        ["model", "comparison", "median step (ms)", "images/s", "median ratio", "spread of per-round ratios"],
+    plain, net, spec, batch, size, classes = _pair(name, "cpu")
+    k = net.num_outputs
+    x = torch.randn(batch, *size)
+    y = torch.randint(0, classes, (batch,))
+    fns = {
+        "plain": plain_step(plain, x, y),
+        "annify": annify_step(_twin(net), weighting.get("adaloss", k), x, y),  # every variant built alike
+        "const": annify_step(_twin(net), weighting.get("const", k), x, y, head_local=False),
+    }
+    if before:
+        fns["before"] = before_step(_twin(net), x, y)
+    if diagnose:
+        fns["trunk"] = trunk_step(_twin(net), x, y)
+        fns["pool_linear"] = annify_step(_pool_linear_heads(_twin(net)), weighting.get("adaloss", k), x, y)
+    print(f"{name}: {spec.model}, {k} outputs, batch {batch}, {repeats} rounds of {list(fns)}", flush=True)
+    wall: dict[str, list[float]] = {n: [] for n in fns}
+
+    def timed(n, fn):  # the wall time of each call as well, for the record
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            wall[n].append(time.perf_counter() - t0)
+
+        return run
+
+    t = interleaved({n: timed(n, fn) for n, fn in fns.items()}, repeats, warmup=2, clock=CLOCK)
+    wall = {n: v[-repeats:] for n, v in wall.items()}
+    pairs = [("annify", "plain"), ("const", "plain"), ("annify", "const")]
+    pairs += [("before", "plain"), ("annify", "before")] if before else []
+    pairs += [("trunk", "plain"), ("pool_linear", "plain")] if diagnose else []
+    ratio = {f"{a}/{b}": _stats([p / q for p, q in zip(t[a], t[b], strict=True)]) for a, b in pairs}
+    med = {n: statistics.median(v) for n, v in t.items()}
+    share = _heads_share(spec)
+    goal = 1 + share + 0.05
+    met = ratio["annify/plain"]["median"] <= goal
+    what = f"{spec.model} {'×'.join(map(str, size))}, batch {batch}, {k} outputs"
+    labels = {
+        "annify/plain": "converted, the trainer's step (head-local AdaLoss) / plain timm",
+        "const/plain": "converted, CONST without head-local scaling / plain timm",
+        "annify/const": "head-local AdaLoss / CONST (both converted)",
+        "before/plain": "the step before (818ca72) / plain timm",
+        "annify/before": "the step now / the step before (818ca72)",
+        "trunk/plain": "diagnostic: the converted trunk alone (segments, no heads) / plain timm",
+        "pool_linear/plain": "diagnostic: the trainer's step with each head's BN-ReLU left out / plain timm",
+    }
+    wall_ratio = {
+        f"{a}/{b}": _stats([p / q for p, q in zip(wall[a], wall[b], strict=True)]) for a, b in pairs
+    }
+    rows = [
+        [
+            labels[key], f"{med[key.split('/')[0]] * 1e3:.0f}", f"**{r['median']:.3f}**", _spread(r),
+            f"{wall_ratio[key]['median']:.3f} (IQR {wall_ratio[key]['iqr'][0]:.3f}–{wall_ratio[key]['iqr'][1]:.3f})",
+        ]
+        for key, r in ratio.items()
+    ]  # fmt: skip
+    rows.append(["plain timm step", f"{med['plain'] * 1e3:.0f}", "1", "", ""])
+    md = (
+        f"{what}; {repeats} rounds, timed by {'CPU time of the one torch thread' if CLOCK is time.thread_time else 'wall time'} "
+        f"(wall-time ratios in the last column). Heads' FLOP share {share * 100:.2f} %, so the goal is annify / plain "
+        f"≤ {goal:.3f}: **{'met' if met else 'not met'}** (median {ratio['annify/plain']['median']:.3f}).\n\n"
+    )
+    md += table(
+        [
+            "comparison",
+            "median step, CPU ms",
+            "median ratio",
+            "spread of per-round ratios",
+            "wall-time ratio",
+        ],
         rows,
     )
+    if before:
+        sps = {n: 1 / med[n] for n in ("before", "annify")}
+        md += (
+            f"\n\nSteps/s: before {sps['before']:.3f}, now {sps['annify']:.3f} (medians; the ratio above is "
+            "the per-round one)."
+        )
+    raw = {
+        "model": spec.model, "outputs": k, "batch": batch, "input_size": list(size), "repeats": repeats,
+        "heads_flop_share": share, "goal": goal, "met": met, "median_s": med, "ratios": ratio, "times_s": t,
+        "clock": CLOCK.__name__, "wall_ratios": wall_ratio, "wall_s": wall,
+    }  # fmt: skip
     return md, raw
+
+
+def optimizer_part(name: str, repeats: int) -> tuple[str, dict]:
+    """``optimizer.step()`` alone on the converted network: per-tensor loop against torch's fused kernel."""
+    _, net, spec, *_ = _pair(name, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opts = {"loop": _optimizer(net, fused=False), "fused": _optimizer(net)}
+    for o in opts.values():  # lr 0 would skip nothing; a tiny lr keeps the weights near where they were
+        for g in o.param_groups:
+            g["lr"] = 1e-9
+    t = interleaved({n: o.step for n, o in opts.items()}, repeats, warmup=3, clock=CLOCK)
+    r = _stats([a / b for a, b in zip(t["fused"], t["loop"], strict=True)])
+    tensors = sum(1 for _ in net.parameters())
+    md = (
+        f"{spec.model}, {net.num_outputs} outputs ({tensors} parameter tensors), `optimizer.step()` of SGD "
+        f"(momentum 0.9, wd 1e-4), {repeats} rounds, {CLOCK.__name__}: loop {statistics.median(t['loop']) * 1e3:.1f} ms, fused "
+        f"{statistics.median(t['fused']) * 1e3:.1f} ms; fused / loop **{r['median']:.3f}** ({_spread(r)})."
+    )
+    return md, {"model": spec.model, "tensors": tensors, "ratio_fused_over_loop": r, "times_s": t}
+
+
+def profile_part(name: str, steps: int = 6, top: int = 14) -> tuple[str, dict]:
+    """Self CPU time per operator over ``steps`` steps of plain and of annify, by the converted step's surplus."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from annify import weighting
+
+    plain, net, spec, batch, size, classes = _pair(name, "cpu")
+    x = torch.randn(batch, *size)
+    y = torch.randint(0, classes, (batch,))
+    fns = {
+        "plain": plain_step(plain, x, y),
+        "annify": annify_step(net, weighting.get("adaloss", net.num_outputs), x, y),
+    }
+    per_op: dict[str, dict] = {n: {} for n in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for r in range(steps):  # interleaved, one profiled step at a time, the order alternating
+        for n in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fns[n]()
+            for e in prof.key_averages():
+                calls, ms = per_op[n].get(e.key, (0.0, 0.0))
+                per_op[n][e.key] = (calls + e.count / steps, ms + e.self_cpu_time_total / steps / 1e3)
+    total = {n: sum(ms for _, ms in ops.values()) for n, ops in per_op.items()}
+    names = set(per_op["plain"]) | set(per_op["annify"])
+    zero = (0.0, 0.0)
+    surplus = {o: per_op["annify"].get(o, zero)[1] - per_op["plain"].get(o, zero)[1] for o in names}
+    rows = []
+    for o in sorted(names, key=lambda o: -surplus[o])[:top]:
+        a, b = per_op["plain"].get(o, zero), per_op["annify"].get(o, zero)
+        share = surplus[o] / total["plain"] * 100
+        rows.append(
+            [
+                f"`{o}`",
+                f"{a[0]:.0f}",
+                f"{b[0]:.0f}",
+                f"{a[1]:.1f}",
+                f"{b[1]:.1f}",
+                f"{surplus[o]:+.1f}",
+                f"{share:+.1f} %",
+            ]
+        )
+    md = (
+        f"{spec.model}, batch {batch}, {net.num_outputs} outputs; `torch.profiler`, self CPU time per step "
+        f"(mean of {steps}): plain {total['plain']:.0f} ms, annify {total['annify']:.0f} ms "
+        f"(+{(total['annify'] / total['plain'] - 1) * 100:.1f} %, profiler on; steps interleaved). "
+        "Operators by the converted step's surplus:\n\n"
+    )
+    md += table(
+        ["operator", "calls plain", "calls annify", "ms plain", "ms annify", "surplus ms", "of plain"], rows
+    )
+    return md, {"model": spec.model, "totals_ms": total, "per_op": per_op}
 
 
 # -------------------------------------------------------------------- (c) on a GPU
 
 
 def gpu_part(batch: int, steps: int, repeats: int) -> tuple[str, dict]:
+    """Images/s on CUDA (not run in the session that wrote this: no GPU was lent, so untested)."""
     from annify import weighting
 
     dev = torch.device("cuda")
@@ -266,8 +467,10 @@ def main() -> None:
     ap.add_argument("--models", default="cifar,resnet50", help="CPU part: comma list of cifar, resnet50")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU part)")
+    ap.add_argument("--parts", default="step,optimizer,profile", help="CPU parts: step, optimizer, profile")
+    ap.add_argument("--before", action="store_true", help="step part: also time the step of commit 818ca72")
     ap.add_argument(
-        "--extra-schemes", default="", help="also time these schemes, e.g. adaloss_grad (CPU part)"
+        "--diagnose", action="store_true", help="step part: also the trunk alone and heads without BN-ReLU"
     )
     ap.add_argument("--gpu-batch", type=int, default=128)
     ap.add_argument("--gpu-steps", type=int, default=10, help="steps per timed block on the GPU")
@@ -298,36 +501,36 @@ def main() -> None:
         return
 
     threads = set_threads(args.threads)
-    info = machine()
-    print(machine_line(info), flush=True)
-    started = time.perf_counter()
-    extra = [s for s in args.extra_schemes.split(",") if s]
-    md, _ = cpu_part([m for m in args.models.split(",") if m], args.repeats, extra)
-    after = machine()["load_average_1_5_15"]
-    body = "\n".join(
-        [
-            "## (a) and (b) CPU: one training step",
-            "",
-            f"Command: `{command}`",
-            "",
-            machine_line(info) + f"; load average after the run {after}.",
-            "",
-            "The 2 cores are shared with other engineers' jobs (see the load averages), so absolute "
-            f"times drift; the ratios are taken within each round and are the numbers to read. torch threads: "
-            f"{threads}. fp32. Took {time.perf_counter() - started:.0f} s.",
-            "",
-            "Ratios are time ratios (above 1: slower than the denominator). Step = forward of every output, "
-            "K cross-entropies, their finiteness check, weighted sum, backward, SGD step, scheme update "
-            "(see the script's docstring); the plain step is the timm model with one cross-entropy.",
-            "",
-            md,
-            "",
-        ]
-    )
-    _write_section(path, "cpu", body, title)
+    if threads > 1:  # other threads' work is not this thread's CPU time
+        global CLOCK
+        CLOCK = time.perf_counter
+    parts = [p for p in args.parts.split(",") if p]
+    raw_path = path.with_suffix(".json")
+    raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
+    for part in parts:
+        for name in [m for m in args.models.split(",") if m]:
+            info = machine()
+            print(machine_line(info), flush=True)
+            started = time.perf_counter()
+            if part == "step":
+                md, data = step_part(name, args.repeats, args.before, args.diagnose)
+            elif part == "optimizer":
+                md, data = optimizer_part(name, max(args.repeats, 20))
+            elif part == "profile":
+                md, data = profile_part(name)
+            else:
+                raise SystemExit(f"unknown part {part!r}: step, optimizer, profile")
+            body = (
+                f"### {part}: {name}\n\nCommand: `{command}`\n\n{machine_line(info)}; load average after "
+                f"{machine()['load_average_1_5_15']}; torch threads {threads}, fp32, took "
+                f"{time.perf_counter() - started:.0f} s.\n\n{md}\n"
+            )
+            _write_section(path, f"{part}-{name}", body, title)
+            raw[f"{part}-{name}"] = {**data, "command": command, "machine": info}
+            raw_path.write_text(json.dumps(raw, indent=1) + "\n")
+            print(body, flush=True)
     if "<!-- begin gpu -->" not in path.read_text():
         _write_section(path, "gpu", GPU_NOT_MEASURED, title)
-    print(body)
 
 
 if __name__ == "__main__":

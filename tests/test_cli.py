@@ -92,6 +92,26 @@ def test_every_command_has_help_with_an_example(run, name):
     assert examples and examples[0].startswith("Example: annify ")
 
 
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_takes_threads(name):
+    threads = next((p for p in main.commands[name].params if p.name == "threads"), None)
+    assert threads is not None and threads.default == 1
+
+
+def test_threads_sets_torch_threads_for_the_command(run, monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert run("inspect", *TINY, "--threads", "3").exit_code == 0
+    assert run("inspect", *TINY).exit_code == 0
+    assert seen == [3, 1]
+    bad = run("inspect", *TINY, "--threads", "0")
+    assert (
+        bad.exit_code == 2 and "Invalid value for '--threads'" in bad.output and "Traceback" not in bad.output
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

@@ -422,3 +422,28 @@ def test_plain_model_is_the_original_with_the_trunk_weights(tiny_net, tiny_input
     tiny_net.spec = None
     with pytest.raises(annify.ConvertError, match="has no spec"):
         annify.plain_model(tiny_net)
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "placement"),
+    [
+        ("cifar_resnet_n3_c8", (3, 32, 32), {"heads": 4}),
+        ("resnet18", SMALL, {"flops_period": 0.2}),
+        ("vit_tiny_patch16_224", None, {"heads": 3}),
+    ],
+)
+def test_placement_by_cost_counts_the_trunk_once(model, size, placement, monkeypatch):
+    """Placing heads by FLOPs counts the trunk at every candidate; convert reuses those counts for the
+    final network instead of tracing its trunk again, and gets exactly what a fresh count gets."""
+    import annify.cost
+
+    owners = []  # what each fvcore count was of: a network (its trunk segments) or a head
+    fvcore = annify.cost._fvcore
+    monkeypatch.setattr(
+        annify.cost, "_fvcore", lambda fn, args, owner, u: owners.append(owner) or fvcore(fn, args, owner, u)
+    )
+    net, spec, costs = convert(model, input_size=size, **placement)
+    monkeypatch.undo()
+    trunks = [o for o in owners if isinstance(o, annify.AnytimeNet)]
+    assert trunks and not any(o is net for o in trunks)  # the candidates' network only
+    assert costs == annify.cost.count(net)

@@ -192,6 +192,55 @@ def test_nan_stops_and_keeps_last_checkpoint(spec_path, tmp_path, monkeypatch):
     assert torch.load(last / "state.pt", weights_only=True)["epoch"] == 1
 
 
+# --- no host sync per step -------------------------------------------------------------------------
+
+SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _syncs_in_epochs(monkeypatch, spec_path, out, check_every_s, **settings) -> tuple[int, int]:
+    """(calls that copy a tensor to the host during the training epochs, optimizer steps taken)."""
+    calls, steps = {"n": 0, "inside": False}, {"n": 0}
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls["n"] += calls["inside"]
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    epoch, update = train_module._train_epoch, train_module.weighted_update
+
+    def counted_epoch(*args):
+        calls["inside"] = True
+        try:
+            return epoch(*args)
+        finally:
+            calls["inside"] = False
+
+    def counted_update(*args):
+        steps["n"] += 1
+        return update(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", counted_epoch)
+    monkeypatch.setattr(train_module, "weighted_update", counted_update)
+    monkeypatch.setattr(train_module, "CHECK_EVERY_S", check_every_s)
+    train(spec_path, out=out, epochs=1, train_subset=256, log=lambda _: None, **settings)
+    return calls["n"], steps["n"]
+
+
+@pytest.mark.parametrize("weights", ["adaloss", "sdn"])
+def test_no_host_sync_per_step(spec_path, tmp_path, monkeypatch, weights):
+    """Steps copy nothing to the host: the losses are read at the (rate-limited) checks only."""
+    rare = {b: _syncs_in_epochs(monkeypatch, spec_path, tmp_path / f"b{b}", 1e9, batch_size=b, weights=weights)
+            for b in (64, 32)}  # fmt: skip
+    assert rare[32][1] == 2 * rare[64][1] == 8  # twice the steps...
+    assert rare[32][0] == rare[64][0] <= 6  # ...and the same few copies (first step, epoch end)
+    every, steps = _syncs_in_epochs(
+        monkeypatch, spec_path, tmp_path / "every", 0.0, batch_size=32, weights=weights
+    )
+    assert every >= rare[32][0] + steps - 1  # a check after every step: the counter does see them
+
+
 # --- frozen trunk and timm-format init ------------------------------------------------------------
 
 
@@ -306,6 +355,9 @@ def test_paper_schedule():
     assert lrs == pytest.approx({0: 0.1, 149: 0.1, 150: 0.01, 224: 0.01, 225: 0.001, 299: 0.001})
     assert not any(g["nesterov"] for g in optimizer.param_groups)
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]  # none on biases
+    assert all(g["fused"] for g in optimizer.param_groups)  # torch's one-kernel update
+    lamb, _ = train_module._optimizer(net, resolve_settings({}, {"opt": "lamb"}))
+    assert "fused" not in lamb.param_groups[0]  # timm's own optimizers have no fused kernel
     optimizer, scheduler = train_module._optimizer(net, resolve_settings({}, {"epochs": 1}))
     scheduler.step(0)
     assert optimizer.param_groups[0]["lr"] == 0.1  # a one-epoch run never decays

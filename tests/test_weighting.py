@@ -302,3 +302,20 @@ def test_adaloss_ddp_identical_weights(tmp_path):
         ref.update((a + b) / 2)
     assert_close(w0, ref.weights, **TOL)
     assert not torch.equal(w0, get("adaloss", 3).weights)  # the test is not vacuous
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["const", "adaloss", "adaloss_grad", "sdn"])
+def test_scheme_state_stays_on_the_device(name):
+    """The trainer keeps a scheme on the GPU: its updates never copy to the host; checkpoints hold CPU tensors."""
+    s = get(name, 3).to("cuda")
+    s.set_progress(0, 2)
+    losses = torch.tensor([2.0, 1.0, 4.0], device="cuda")
+    s.update(losses, grad_norms=losses) if s.needs_grad_norms else s.update(losses)
+    assert s.weights.is_cuda
+    state = s.state_dict()
+    assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
+    back = get(name, 3).to("cuda")
+    back.load_state_dict(state)
+    assert back.weights.is_cuda and torch.equal(back.weights, s.weights)

@@ -1,0 +1,204 @@
+"""torch threads on a shared machine: 1 against 2 intra-op threads, with and without a busy neighbour.
+
+Why: torch's default is one OpenMP thread per core. When another process keeps a core busy, the
+OpenMP threads of a small model's many short operators wait on each other at every barrier (spinning,
+then sleeping) while the neighbour holds the core they wait for. This script measures how much that
+costs, to choose the default of ``--threads``.
+
+Workloads, each timed with 1 and 2 threads, quiet and with a busy neighbour (a subprocess spinning
+``while True: pass``, started before and stopped after each busy measurement), in interleaved rounds
+(the order of the four settings rotates; ratios are taken within a round):
+
+tiny: one training epoch of the trainer's steps (head-local AdaLoss, fused SGD) over 256 of the
+    embedded digits (8×8, ``train_subset``; 4 steps of 64) with the demo's network
+    (cifar_resnet_n3_c8, 3 outputs): what ``annify demo`` and the tests train, in small.
+step: one training step of the converted cifar_resnet_n7_c16 (21 outputs) at 3×32×32, batch 64 (the
+    trainer's step, ``benchmarks/bench_train.py``): a network with real convolutions.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_threads.py --repeats 20
+    PYTHONPATH=. python benchmarks/bench_threads.py --workloads tiny --repeats 20
+
+Results: ``benchmarks/results/threads.md`` and ``threads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._timing import _quantile, machine, machine_line, table  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SPEC = """\
+name: tiny
+model: cifar_resnet_n3_c8
+input_size: [3, 32, 32]
+num_classes: 10
+heads:
+  - {node: stages.0.2.add}
+  - {node: stages.1.2.add}
+  - {node: model}
+"""
+SETTINGS = [(1, False), (2, False), (1, True), (2, True)]  # (threads, busy neighbour)
+
+
+def tiny_epoch(tmp: Path):
+    """One training epoch of the demo's network on 256 digits: the trainer's steps, no evaluation."""
+    from annify import weighting
+    from annify.config import resolve_settings
+    from annify.convert import build
+    from annify.data import build_datasets, make_batches
+    from annify.evaluate import fit_to_data
+    from annify.spec import load_spec
+    from annify.train import _EpochLosses, _optimizer, output_losses, weighted_update
+
+    (tmp / "tiny.yaml").write_text(SPEC)
+    spec, _ = fit_to_data(load_spec(tmp / "tiny.yaml"), "digits")
+    torch.manual_seed(0)
+    net = build(spec).train()
+    batches = make_batches(build_datasets("digits", input_size=spec.input_size, train_subset=256), 64)[
+        "train"
+    ]
+    optimizer, _ = _optimizer(net, resolve_settings({}, {}))
+    scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
+    trunk = [p for n, p in net.named_parameters() if not n.startswith(net.exits_prefix)]
+
+    def run() -> None:
+        watch = _EpochLosses(net.num_outputs, torch.device("cpu"))
+        for step, (x, y) in enumerate(batches, 1):
+            local.set(scheme.weights)
+            losses = output_losses(net, x, y)
+            weighted_update(losses, scheme, optimizer, trunk, local)
+            watch.add(losses, step)
+        watch.read(step)
+
+    return run
+
+
+def cifar_step():
+    from annify import weighting
+    from benchmarks.bench_train import _pair, annify_step
+
+    _, net, _, batch, size, classes = _pair("cifar", "cpu")
+    x, y = torch.randn(batch, *size), torch.randint(0, classes, (batch,))
+    return annify_step(net, weighting.get("adaloss", net.num_outputs), x, y)
+
+
+class Neighbour:
+    """A process that keeps one core busy while it lives."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)  # let it reach the scheduler
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure(fn, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of ``fn`` per setting, round-robin over the four settings, the order rotating each round."""
+    times: dict[str, list[float]] = {_key(s): [] for s in SETTINGS}
+    for r in range(-warmup, repeats):
+        order = SETTINGS[r % 4 :] + SETTINGS[: r % 4]
+        for threads, busy in order:
+            torch.set_num_threads(threads)
+            if busy:
+                with Neighbour():
+                    t0 = time.perf_counter()
+                    fn()
+                    seconds = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - t0
+            if r >= 0:
+                times[_key((threads, busy))].append(seconds)
+        print(
+            f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v),
+            flush=True,
+        )
+    return times
+
+
+def _key(setting: tuple[int, bool]) -> str:
+    return f"{setting[0]}t {'busy' if setting[1] else 'quiet'}"
+
+
+def _ratio(a: list[float], b: list[float]) -> dict:
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return {
+        "median": statistics.median(r),
+        "iqr": [_quantile(r, 0.25), _quantile(r, 0.75)],
+        "min_max": [min(r), max(r)],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default="tiny,step")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    info = machine()
+    print(machine_line(info), flush=True)
+    sections, raw = [], {"command": command, "machine": info}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [w for w in args.workloads.split(",") if w]:
+            started = time.perf_counter()
+            fn = tiny_epoch(Path(tmp)) if name == "tiny" else cifar_step()
+            t = measure(fn, args.repeats)
+            med = {k: statistics.median(v) for k, v in t.items()}
+            ratios = {
+                "2t/1t quiet": _ratio(t["2t quiet"], t["1t quiet"]),
+                "2t/1t busy": _ratio(t["2t busy"], t["1t busy"]),
+                "1t busy/quiet": _ratio(t["1t busy"], t["1t quiet"]),
+                "2t busy/quiet": _ratio(t["2t busy"], t["2t quiet"]),
+            }
+            rows = [[k, f"{med[k]:.2f}"] for k in med]
+            rows2 = [
+                [
+                    k,
+                    f"**{r['median']:.2f}**",
+                    f"IQR {r['iqr'][0]:.2f}–{r['iqr'][1]:.2f}, min–max {r['min_max'][0]:.2f}–{r['min_max'][1]:.2f}",
+                ]
+                for k, r in ratios.items()
+            ]
+            what = (
+                "one epoch (256 images, 4 steps) of the demo's network on digits"
+                if name == "tiny"
+                else "one training step, converted cifar_resnet_n7_c16, batch 64"
+            )
+            sections.append(
+                f"### {name}: {what}\n\n{args.repeats} rounds, took {time.perf_counter() - started:.0f} s; load average "
+                f"after {machine()['load_average_1_5_15']}.\n\n"
+                + table(["setting", "median s"], rows)
+                + "\n\n"
+                + table(["ratio (time)", "median", "spread of per-round ratios"], rows2)
+            )
+            raw[name] = {"times_s": t, "median_s": med, "ratios": ratios, "repeats": args.repeats}
+    md = f"## torch threads with and without a busy neighbour\n\nCommand: `{command}`\n\n{machine_line(info)}\n\n"
+    md += "\n\n".join(sections) + "\n"
+    (out / "threads.md").write_text(md)
+    (out / "threads.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
