@@ -182,28 +182,31 @@ def _first_tensor(out):
     return out
 
 
-SWEEP_SIZES = (64, 96, 128, 160, 192, 224)  # --all: the smallest at which a model runs, else its default
+SWEEP_SIZE = 64  # --all: each model at the size fit_input_size picks for 64×64 images
 
 
-def small_input_size(model: torch.nn.Module) -> tuple[int, int, int]:
-    """The smallest of ``SWEEP_SIZES`` (square) at which ``model``, as built, runs; else its default size.
+def small_fit(name: str, classes: int | None) -> tuple[tuple[int, int, int] | None, dict, str]:
+    """(input size, model kwargs, how) for a fast check: what ``fit_input_size`` picks for
+    ``SWEEP_SIZE``² images (the model as built where it runs there, timm's ``img_size`` where it
+    takes it, else the smallest larger size it runs at); the default size where none works.
 
     A smaller image makes a conversion faster (tracing, counting and the checks each run the model)
-    and changes nothing in what is checked: the converted and the plain model see the same image.
+    and changes nothing in what is checked: the converted and the plain model, built alike, see the
+    same image.
     """
-    from annify.convert import _runs_at, default_input_size
+    from annify.convert import ConvertError, fit_input_size
 
-    c, h, w = default_input_size(model)
-    for s in SWEEP_SIZES:
-        if s < max(h, w) and _runs_at(model, (c, s, s)):
-            return (c, s, s)
-    return (c, h, w)
+    channels = (timm.models.get_pretrained_cfg_value(name, "input_size") or (3,))[0]
+    try:
+        return fit_input_size(name, (channels, SWEEP_SIZE, SWEEP_SIZE), classes)
+    except ConvertError as e:
+        return None, {}, f"default size ({e})"
 
 
 def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
     """Convert ``name`` with ``heads`` outputs; compare the last output with timm's, ``torch.equal``, eval mode.
 
-    Batch 1 at the model's default input size (``small``: at ``small_input_size``). The timm model gets the same weights (its state dict
+    Batch 1 at the model's default input size (``small``: as ``small_fit`` builds it). The timm model gets the same weights (its state dict
     is loaded into the converted network; the only missing keys may be the heads'). A model with too
     few points on its trunk for ``heads`` (every block inside a branch: crossvit's two towers) is
     converted with ``every`` instead, about ``heads`` outputs, so that its exactness is still checked.
@@ -215,24 +218,26 @@ def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
     # heads with zero outputs; give them a 1000-class classifier, as a user converting them would.
     classes = 1000 if timm.models.get_pretrained_cfg_value(name, "num_classes") == 0 else None
     t0 = time.perf_counter()
-    size = None
-    if small:
-        size = small_input_size(create_model(name, num_classes=classes).eval())
+    size, kwargs, how = small_fit(name, classes) if small else (None, {}, "default size")
     torch.manual_seed(0)
     placement = {"heads": heads}
     try:
-        net, spec, costs = convert(name, **placement, num_classes=classes, input_size=size)
+        net, spec, costs = convert(
+            name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
+        )
     except ConvertError as e:
         if "--heads must be between" not in str(e) and "found no tap point" not in str(e):
             raise
-        m = create_model(name, num_classes=classes).eval()
+        m = create_model(name, num_classes=classes, **kwargs).eval()
         blocks = tap_points(trace(m, size or default_input_size(m), train_graph=False))
         placement = {"every": max(1, len(blocks) // heads)}
         torch.manual_seed(0)
-        net, spec, costs = convert(name, **placement, num_classes=classes, input_size=size)
+        net, spec, costs = convert(
+            name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
+        )
     t_convert = time.perf_counter() - t0
     torch.manual_seed(0)
-    model = create_model(name, num_classes=classes).eval()
+    model = create_model(name, num_classes=classes, **kwargs).eval()
     res = net.load_state_dict(model.state_dict(), strict=False)
     bad_missing = [k for k in res.missing_keys if not k.startswith(net.exits_prefix)]
     if bad_missing or res.unexpected_keys:
@@ -273,6 +278,8 @@ def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
         "flops": costs.flops[-1],
         "unsupported_ops": sorted(costs.unsupported),
         "input_size": list(size),
+        "model_kwargs": kwargs,
+        "fit": how,
         "convert_s": round(t_convert, 2),
     }
 
