@@ -10,7 +10,8 @@ c. ``forward_until(x, k)`` for each k against the full forward, next to output k
 d. the traced FX graph alone (no cuts, no heads) against eager timm, and the same graph with its
    residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add);
 e. ``annify.cost.count`` of a network cut at every trunk point, each segment traced with just the
-   modules it reads against with the whole network attached (how counting worked before).
+   modules it reads against with the whole network attached (how counting worked before);
+f. tracing with annify's tracer against torchvision's NodePathTracer (the same node names).
 
 Usage::
 
@@ -343,9 +344,39 @@ def part_e(repeats: int, name: str = "mobilenetv3_small_050", size=(3, 64, 64)) 
     return {"model": name, "input_size": list(size), "taps": len(taps), "same_counts": same, **p.as_dict()}
 
 
+def part_f(repeats: int, name: str = "efficientformerv2_s2") -> dict:
+    """Tracing one model (eval graph) with annify's tracer (A) against torchvision's NodePathTracer (B),
+    whose node naming annify's compiles once per node; the names are checked equal (constants aside)."""
+    import importlib
+    import re
+
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    trace_module = importlib.import_module("annify.trace")
+    ours = trace_module._Tracer
+    model = create_model(name).eval()
+
+    def run(tracer):
+        trace_module._Tracer = tracer
+        try:
+            return trace_module._trace_mode(model, False)[1]
+        finally:
+            trace_module._Tracer = ours
+
+    def plain(names):
+        return [re.sub(r"_tensor_constant\d+", "C", f"{k}={v}") for k, v in names.items()]
+
+    same = plain(run(ours)) == plain(run(NodePathTracer))
+    p = paired_ratio(lambda: run(ours), lambda: run(NodePathTracer), repeats=repeats, warmup=1)
+    print(f"\n### f. Tracing {name} (eval graph), annify's tracer vs torchvision's NodePathTracer\n")
+    rows = [[f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.2f}", p.spread(), p.repeats, same]]
+    print(table(["annify (s)", "torchvision (s)", "ratio", "spread of ratio", "repeats", "same names"], rows))
+    return {"model": name, "same_names": same, **p.as_dict()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="a,b,c,d,e")
+    ap.add_argument("--parts", default="a,b,c,d,e,f")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved pairs for parts b and c")
     ap.add_argument("--convert-repeats", type=int, default=5, help="interleaved pairs for part a")
@@ -374,8 +405,9 @@ def main() -> None:
             part_d(args.batch, args.repeats, args.c_threads),
         ),
         "e": lambda: ({"threads": max(threads)}, part_e(args.repeats)),
+        "f": lambda: ({"threads": max(threads)}, part_f(args.repeats)),
     }
-    for part in "abcde":
+    for part in "abcdef":
         if part in parts:
             settings, res = runs[part]()
             result[part] = {"command": command, "machine": machine(), **settings, "results": res}
