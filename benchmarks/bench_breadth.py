@@ -329,6 +329,7 @@ def main() -> None:
     kind = "all" if args.all else "models" if args.models else "breadth"
     if args.all:
         fams = every_model(args.seed)
+        registered = len(fams)
         fams = fams[: args.sample] if args.sample else fams
     else:
         fams = _named(args.models.split(",")) if args.models else families()
@@ -368,7 +369,7 @@ def main() -> None:
     if args.all:
         order = {f["module"]: i for i, f in enumerate(fams)}
         rows = sorted((r for r in rows if r["module"] in order), key=lambda r: order[r["module"]])
-        report_all(rows, len(fams), args, info, time.perf_counter() - t0, command)
+        report_all(rows, registered, args, info, time.perf_counter() - t0, command)
         return
     if args.only or args.models:
         wanted = {f["module"] for f in fams}
