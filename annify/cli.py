@@ -205,7 +205,8 @@ def convert(
     "--model",
     default="cifar_resnet_n3_c8",
     show_default=True,
-    help="A CIFAR-style ResNet from timm's registry.",
+    help="Any timm model (the default: the paper's CIFAR-style ResNet), fitted to the data's image size; "
+    "the log says how.",
 )
 @click.option(
     "--data",
@@ -231,7 +232,7 @@ def convert(
 @threads_option
 @friendly
 def demo(out, model, data, train_subset, epochs, seed, eann):
-    """The main job: convert a CIFAR-style ResANN for the data, train it with annify's default
+    """The main job: convert a CIFAR-style ResANN (or --model) for the data, train it with annify's default
     weighting, with CONST and with the paper's AdaLoss, print the anytime tables side by side with
     a sentence on what they show, and plot them; then train an EANN of three ResANNs of doubling
     depth and print its schedule and cost inflation beside Proposition 4.1. Running it again
@@ -240,6 +241,7 @@ def demo(out, model, data, train_subset, epochs, seed, eann):
     \b
     Example: annify demo --out runs/demo
     Example: annify demo --data fashion-mnist --train-subset 5000 --epochs 6 --no-eann --out runs/demo-fmnist
+    Example: annify demo --model vit_tiny_patch16_224 --epochs 3 --no-eann --out runs/demo-vit
     """
     from annify.demo import demo as run_demo
 

@@ -35,6 +35,7 @@ __all__ = [
     "convert",
     "convert_spec",
     "create_model",
+    "fit_input_size",
     "inspect_model",
     "load",
     "plain_model",
@@ -145,6 +146,89 @@ def _spec_model(spec: Spec, model: nn.Module | None) -> nn.Module:
             "pass the module it was converted from"
         )
     return model
+
+
+# Square sizes tried, smallest first, for data smaller than a model accepts (see ``fit_input_size``).
+SIZE_LADDER = (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
+
+
+def _runs_at(model: nn.Module, size: tuple[int, int, int]) -> bool:
+    """Whether ``model`` takes one ``size`` image (eval mode) and returns one tensor of logits, every
+    pixel read: a patch embedding must tile the image (timm's strict ViTs floor a remainder away)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, int):
+        patch = (patch, patch)
+    if isinstance(patch, (tuple, list)) and (size[1] % patch[0] or size[2] % patch[1]):
+        return False
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *size))
+    except Exception:  # a third-party forward refusing the size: any exception type, by design
+        return False
+    return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def _takes_img_size(model: nn.Module) -> bool:
+    import inspect
+
+    return "img_size" in inspect.signature(type(model).__init__).parameters
+
+
+def fit_input_size(
+    model: str,
+    wanted: tuple[int, int, int],
+    num_classes: int | None = None,
+    model_kwargs: dict | None = None,
+    fallback: tuple[int, int, int] | None = None,
+) -> tuple[tuple[int, int, int], dict, str]:
+    """The input size and model kwargs to run the model ``model`` (a name) on images of size ``wanted``.
+
+    The rule, first that applies: (1) the model as built runs at ``wanted``: keep it; (2) its
+    constructor takes ``img_size`` (timm's ViTs, Swins, ...): build it at the smallest size, ``wanted``
+    or the first of ``SIZE_LADDER`` above it, at which it runs and its patches tile the image; (3) the
+    smallest such size at which the model as built runs, else ``fallback`` (the size it was converted
+    at, known to run): the inputs are resized to it. Returns (size, model kwargs, a phrase for the run
+    log saying which rule applied and the size).
+    """
+    kwargs = dict(model_kwargs or {})
+    c, h, w = wanted
+    shape = f"{h}×{w}"
+    m = create_model(model, num_classes, **kwargs)
+    if _runs_at(m, wanted):
+        return tuple(wanted), kwargs, f"runs at the data's size, {shape}"
+    sizes = [(h, w)] + [(s, s) for s in SIZE_LADDER if s > max(h, w)]
+    if _takes_img_size(m):
+        for hw in sizes:
+            sized = {**kwargs, "img_size": hw[0] if hw[0] == hw[1] else list(hw)}
+            try:
+                built = create_model(model, num_classes, **sized)
+            except Exception:  # timm refuses the size in the constructor (window or grid checks)
+                continue
+            if _runs_at(built, (c, *hw)):
+                how = (
+                    "the data's size"
+                    if hw == (h, w)
+                    else f"the smallest it accepts; inputs resized from {shape}"
+                )
+                return (c, *hw), sized, f"built at {hw[0]}×{hw[1]} (img_size), {how}"
+    for hw in sizes[1:]:
+        if _runs_at(m, (c, *hw)):
+            return (
+                (c, *hw),
+                kwargs,
+                f"inputs resized from {shape} to {hw[0]}×{hw[1]}, the smallest size it accepts",
+            )
+    if fallback is not None and _runs_at(m, (c, *fallback[1:])):
+        size = (c, *fallback[1:])
+        return (
+            size,
+            kwargs,
+            f"inputs resized from {shape} to {size[1]}×{size[2]}, the size it was converted at",
+        )
+    raise ConvertError(
+        f"{model} runs at none of {shape} and the sizes up to {SIZE_LADDER[-1]}; give --input-size C,H,W "
+        "at which it runs (see `annify inspect`)"
+    )
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -124,6 +124,31 @@ def _fvcore(fn, args: tuple, owner: nn.Module, unsupported: Counter) -> int:
     return total
 
 
+def _reads(net: nn.Module, graph) -> nn.Module:
+    """A module holding just the submodules and parameters of ``net`` that a segment's graph reads.
+
+    The segment's jit trace needs them registered (a parameter that requires grad may not become a
+    constant), and fvcore hooks every module of what it traces: handing it the whole network made
+    counting a network of K segments cost K times the hooks of every module (the bulk of converting
+    a model with many tap points). FLOP counts are the same: the traced operations are.
+    """
+    box, seen = nn.Module(), set()
+    for i, n in enumerate(graph.nodes):
+        if n.op not in ("call_module", "get_attr"):
+            continue
+        obj = net
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            box.add_module(f"m{i}", obj)
+        elif isinstance(obj, nn.Parameter):
+            box.register_parameter(f"p{i}", obj)
+    return box
+
+
 def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
     """FLOPs of ``head`` reading one feature of ``shape`` (no batch dimension), by the convention above."""
     was_training = head.training
@@ -176,7 +201,8 @@ def count(
     with torch.no_grad():
         for j, seg in enumerate(net.segments):
             if known is None:
-                trunk.append(_fvcore(lambda *s, seg=seg: seg.fn(net, *s), state, net, unsupported))
+                reads = _reads(net, seg.graph)
+                trunk.append(_fvcore(lambda *s, seg=seg: seg.fn(net, *s), state, reads, unsupported))
             else:
                 trunk.append(known[0][j])
             if seg.tap is None:

@@ -8,6 +8,11 @@ side, summed up in one sentence and plotted. Then an EANN of three ResANNs of do
 (n = 2, 4, 8 units per stage, depth ratio b ≈ 2) is trained with the default weighting and its
 schedule and cost inflation are printed beside Proposition 4.1, with a sentence on why they differ.
 
+Any timm model can stand in for the ResANN (``model``): it is fitted to the data's image size by
+``annify.convert.fit_input_size`` (kept, rebuilt at it with ``img_size``, or the images resized to
+the smallest size it accepts; the log says which) and gets a head after every block, or 12 outputs
+spaced by cost where it has more blocks. The EANN's members stay the CIFAR ResNets.
+
 Every run resumes where a previous demo into the same folder stopped, so running the command
 again finishes an interrupted demo and reprints a finished one.
 """
@@ -19,7 +24,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from annify.convert import convert
+from annify.convert import ConvertError, convert, fit_input_size
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
 from annify.evaluate import plot_anytime
@@ -30,6 +35,7 @@ from annify.train import resolve_settings, run_label, train
 __all__ = ["EANN_MEMBERS", "demo", "demo_variants", "eann_verdict", "side_by_side", "verdict"]
 
 EANN_MEMBERS = ("cifar_resnet_n2_c16", "cifar_resnet_n4_c16", "cifar_resnet_n8_c16")
+MAX_OUTPUTS = 12  # a model with more blocks gets this many outputs, spaced by cost
 PAPER_ADALOSS = {"weights": "adaloss", "head_local": False, "distill": 0.0}
 CONST = {"weights": "const", "head_local": False, "distill": 0.0}
 
@@ -63,13 +69,13 @@ def demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     info = data_info(data)
-    size = info.input_size
-    _, spec, _ = convert(
-        model, every=1, input_size=size, num_classes=info.num_classes, model_kwargs={"in_chans": size[0]}
+    size, kwargs, how = fit_input_size(
+        model, info.input_size, info.num_classes, {"in_chans": info.input_size[0]}
     )
+    spec = _demo_spec(model, size, info.num_classes, kwargs)
     spec_path = out / f"{spec.name}.yaml"
     atomic_write(spec_path, dump(spec, f"annify train {spec_path}\n{spec.name} for {data} (annify demo)"))
-    log(f"converted {model}: {len(spec.heads)} outputs -> {spec_path}")
+    log(f"converted {model} for {data} ({how}): {len(spec.heads)} outputs -> {spec_path}")
 
     tables: dict[str, list[dict]] = {}
     common = dict(data=data, epochs=epochs, seed=seed, train_subset=train_subset, resume=True, log=log)
@@ -98,6 +104,19 @@ def demo(
         log(eann_verdict(run.summary))
         log(f"wrote {run.out / 'eann.json'} and {run.out / 'eann.png'}")
     return tables
+
+
+def _demo_spec(model: str, size: tuple[int, int, int], num_classes: int, kwargs: dict):
+    """A head after every block (the paper's ResANN placement) where that gives at most
+    ``MAX_OUTPUTS`` outputs, else ``MAX_OUTPUTS`` outputs spaced evenly by cost."""
+    common = dict(input_size=size, num_classes=num_classes, model_kwargs=kwargs)
+    try:
+        spec = convert(model, every=1, **common)[1]
+        if len(spec.heads) <= MAX_OUTPUTS:
+            return spec
+    except ConvertError:  # no repeated blocks to count; cost-spaced placement needs none
+        pass
+    return convert(model, heads=MAX_OUTPUTS, **common)[1]
 
 
 def side_by_side(tables: dict[str, list[dict]]) -> str:

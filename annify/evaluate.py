@@ -62,7 +62,10 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     the MNIST family 28×28, CIFAR 32×32) also set H×W. Gray sources other than digits (the MNIST
     family, gray timm data sets) train natively at 1 channel: a timm model is built with
     ``in_chans=1`` (torchvision models and modules of your own keep 3, the gray repeated). Digits keep the spec's channel count (gray repeated to 3 when the model wants 3).
-    Folder sources resize to any size, so the spec's H×W stays.
+    Folder sources resize to any size, so the spec's H×W stays. Where the data's H×W differs from
+    the spec's, a model built by name is fitted to it by ``annify.convert.fit_input_size``: kept at
+    the data's size where it runs there, rebuilt at it (timm's ``img_size``) where it accepts that,
+    else the images are resized to the smallest size it accepts (or to the spec's); the note says which.
     """
     info = data_info(source)
     kind = parse_source(source)[0]
@@ -72,16 +75,22 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     if info.input_size[0] == 1 and kind != "digits" and timm_model:
         c = kwargs["in_chans"] = 1
     size = (c, *info.input_size[1:]) if kind in FIXED_SIZE_SOURCES else (c, h, w)
+    how = ""
+    if tuple(size[1:]) != (h, w) and model_source(spec.model)[0] != "module":
+        from annify.convert import fit_input_size
+
+        size, kwargs, how = fit_input_size(spec.model, size, info.num_classes, kwargs, fallback=(c, h, w))
+        how = f"; {how}"
     if (
         info.num_classes == spec.num_classes
         and tuple(size) == tuple(spec.input_size)
         and kwargs == spec.model_kwargs
     ):
         return spec, None
-    shape = "×".join(map(str, size))
+    shape = "×".join(map(str, (size[0], *info.input_size[1:])))  # the data's H×W, the model's channels
     note = (
         f"note: {info.name} has {info.num_classes} classes at {shape}; rebuilding {spec.name} for it "
-        f"(the spec says {spec.num_classes} classes at {'×'.join(map(str, spec.input_size))})"
+        f"(the spec says {spec.num_classes} classes at {'×'.join(map(str, spec.input_size))}){how}"
     )
     return replace(spec, num_classes=info.num_classes, input_size=tuple(size), model_kwargs=kwargs), note
 

@@ -98,10 +98,37 @@ class TapPoint:
         return "block" if self.on_trunk else "in-branch"
 
 
+class _Tracer(NodePathTracer):
+    """torchvision's ``NodePathTracer`` with its node naming compiled once per node.
+
+    torchvision matches each new node's name against every earlier one with ``re.match(pattern, ...)``,
+    looking the pattern up in ``re``'s cache on every comparison: for a model of N nodes, N²/2 lookups,
+    most of the time tracing took on large models. The same patterns, matched against the same names in
+    the same order, give the same names (specs store them).
+    """
+
+    def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+        node_qualname = module_qualname
+        if node.op != "call_module":
+            if len(node_qualname) > 0:
+                node_qualname += "."
+            node_qualname += str(node)
+        if re.match(r".+_[0-9]+$", node_qualname) is not None:
+            node_qualname = node_qualname.rsplit("_", 1)[0]
+        pattern = re.compile(rf"{node_qualname}(_[0-9]+)?$")  # unescaped, as torchvision has it
+        for existing_qualname in reversed(self.node_to_qualname.values()):
+            if pattern.match(existing_qualname) is not None:
+                postfix = existing_qualname.replace(node_qualname, "")
+                next_index = int(postfix[1:]) + 1 if len(postfix) else 1
+                node_qualname += f"_{next_index}"
+                break
+        return node_qualname
+
+
 def _tracer() -> NodePathTracer:
     from timm.layers import get_notrace_functions, get_notrace_modules
 
-    return NodePathTracer(
+    return _Tracer(
         leaf_modules=list(get_notrace_modules()),
         autowrap_functions=list(get_notrace_functions()),
         autowrap_modules=(math, torchvision.ops),

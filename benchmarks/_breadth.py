@@ -22,7 +22,9 @@ from timm.models import _registry
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES_JSON = RESULTS / "families.json"
+MODEL_PARAMS_JSON = RESULTS / "model_params.json"
 MAX_PARAMS = 100_000_000
+SWEEP_MAX_PARAMS = 30_000_000  # bench_breadth.py --all: every timm model up to this size
 
 
 def timm_modules() -> list[str]:
@@ -107,27 +109,60 @@ def family(module: str) -> dict:
     return smallest(module)
 
 
+def model_params(refresh: bool = False) -> dict[str, int | str]:
+    """Parameter count of every registered, non-deprecated model of timm's own modules (a string: why it
+    could not be built on the meta device), cached in ``results/model_params.json`` (a few minutes)."""
+    if MODEL_PARAMS_JSON.is_file() and not refresh:
+        cached = json.loads(MODEL_PARAMS_JSON.read_text())
+        if cached.get("timm") == timm.__version__:
+            return cached["params"]
+    found: dict[str, int | str] = {}
+    for module in timm_modules():
+        for name in _models_of(module):
+            try:
+                found[name] = count_params(name)
+            except Exception as e:  # a model whose __init__ needs real data; rare
+                found[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    MODEL_PARAMS_JSON.write_text(json.dumps({"timm": timm.__version__, "params": found}, indent=1))
+    return found
+
+
+def every_model(seed: int = 0) -> list[dict]:
+    """Rows (as ``families()``'s, one model each) of every registered, non-deprecated model of timm's
+    own modules, in a seeded random order, so that the first N checked are a seeded sample of all.
+    Parameters are left to the sweep to count (``params`` None): counting all of timm on the meta
+    device takes longer than the sweep can wait on a busy machine (``model_params`` caches it)."""
+    import random
+
+    names = sorted(n for module in timm_modules() for n in _models_of(module))
+    random.Random(seed).shuffle(names)
+    return [{"module": n, "model": n, "params": None, "test_model": None} for n in names]
+
+
 class Timeout(BaseException):  # noqa: N818 - a BaseException, so no `except Exception` in a model swallows it
     """The time limit of one check ran out."""
 
 
 @contextmanager
 def time_limit(seconds: int):
-    """Raise ``Timeout`` after ``seconds`` (SIGALRM; main thread only; 0 disables)."""
+    """Raise ``Timeout`` after ``seconds`` of this process's CPU time (SIGPROF; main thread only; 0
+    disables). CPU time, not wall time: a sweep under ``nice -n 19`` on a busy machine gets a small
+    share of a core, and a wall-clock limit would fail models for the load, not for themselves."""
     if not seconds:
         yield
         return
 
     def _raise(signum, frame):
-        raise Timeout(f"over {seconds} s")
+        raise Timeout(f"over {seconds} s of CPU time")
 
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.alarm(seconds)
+    old = signal.signal(signal.SIGPROF, _raise)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 def _reason(e: BaseException) -> str:
@@ -147,10 +182,31 @@ def _first_tensor(out):
     return out
 
 
-def check_annify(name: str, heads: int = 4) -> dict:
+SWEEP_SIZE = 64  # --all: each model at the size fit_input_size picks for 64×64 images
+
+
+def small_fit(name: str, classes: int | None) -> tuple[tuple[int, int, int] | None, dict, str]:
+    """(input size, model kwargs, how) for a fast check: what ``fit_input_size`` picks for
+    ``SWEEP_SIZE``² images (the model as built where it runs there, timm's ``img_size`` where it
+    takes it, else the smallest larger size it runs at); the default size where none works.
+
+    A smaller image makes a conversion faster (tracing, counting and the checks each run the model)
+    and changes nothing in what is checked: the converted and the plain model, built alike, see the
+    same image.
+    """
+    from annify.convert import ConvertError, fit_input_size
+
+    channels = (timm.models.get_pretrained_cfg_value(name, "input_size") or (3,))[0]
+    try:
+        return fit_input_size(name, (channels, SWEEP_SIZE, SWEEP_SIZE), classes)
+    except ConvertError as e:
+        return None, {}, f"default size ({e})"
+
+
+def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
     """Convert ``name`` with ``heads`` outputs; compare the last output with timm's, ``torch.equal``, eval mode.
 
-    Batch 1 at the model's default input size. The timm model gets the same weights (its state dict
+    Batch 1 at the model's default input size (``small``: as ``small_fit`` builds it). The timm model gets the same weights (its state dict
     is loaded into the converted network; the only missing keys may be the heads'). A model with too
     few points on its trunk for ``heads`` (every block inside a branch: crossvit's two towers) is
     converted with ``every`` instead, about ``heads`` outputs, so that its exactness is still checked.
@@ -162,21 +218,26 @@ def check_annify(name: str, heads: int = 4) -> dict:
     # heads with zero outputs; give them a 1000-class classifier, as a user converting them would.
     classes = 1000 if timm.models.get_pretrained_cfg_value(name, "num_classes") == 0 else None
     t0 = time.perf_counter()
+    size, kwargs, how = small_fit(name, classes) if small else (None, {}, "default size")
     torch.manual_seed(0)
     placement = {"heads": heads}
     try:
-        net, spec, costs = convert(name, **placement, num_classes=classes)
+        net, spec, costs = convert(
+            name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
+        )
     except ConvertError as e:
         if "--heads must be between" not in str(e) and "found no tap point" not in str(e):
             raise
-        m = create_model(name, num_classes=classes).eval()
-        blocks = tap_points(trace(m, default_input_size(m), train_graph=False))
+        m = create_model(name, num_classes=classes, **kwargs).eval()
+        blocks = tap_points(trace(m, size or default_input_size(m), train_graph=False))
         placement = {"every": max(1, len(blocks) // heads)}
         torch.manual_seed(0)
-        net, spec, costs = convert(name, **placement, num_classes=classes)
+        net, spec, costs = convert(
+            name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
+        )
     t_convert = time.perf_counter() - t0
     torch.manual_seed(0)
-    model = create_model(name, num_classes=classes).eval()
+    model = create_model(name, num_classes=classes, **kwargs).eval()
     res = net.load_state_dict(model.state_dict(), strict=False)
     bad_missing = [k for k in res.missing_keys if not k.startswith(net.exits_prefix)]
     if bad_missing or res.unexpected_keys:
@@ -184,7 +245,7 @@ def check_annify(name: str, heads: int = 4) -> dict:
             f"state dict mismatch: missing {bad_missing[:2]} unexpected {res.unexpected_keys[:2]}"
         )
     net.eval()
-    size = default_input_size(model)
+    size = size or default_input_size(model)
     torch.manual_seed(1)
     x = torch.randn(1, *size)
     with torch.no_grad():
@@ -217,6 +278,8 @@ def check_annify(name: str, heads: int = 4) -> dict:
         "flops": costs.flops[-1],
         "unsupported_ops": sorted(costs.unsupported),
         "input_size": list(size),
+        "model_kwargs": kwargs,
+        "fit": how,
         "convert_s": round(t_convert, 2),
     }
 

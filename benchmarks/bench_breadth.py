@@ -16,16 +16,23 @@ Usage::
     PYTHONPATH=. python benchmarks/bench_breadth.py --jobs 2          # all families, 2 workers
     PYTHONPATH=. python benchmarks/bench_breadth.py --only resnet,vgg  # some families
     PYTHONPATH=. python benchmarks/bench_breadth.py --models regnetx_002,mobilevit_xxs --no-timm-fx
+    nice -n 19 env PYTHONPATH=. python benchmarks/bench_breadth.py --all --no-timm-fx  # every model <= 30M
 
 Each worker appends one JSON line per family to ``results/breadth_shard{k}.jsonl`` and skips
 families already there, so an interrupted run resumes where it stopped (``--fresh`` starts over).
 ``--models`` checks the named models instead of the families' representatives, in
 ``results/models_shard{k}.jsonl`` and ``results/models.json``.
+
+``--all`` checks every registered timm model with at most ``--max-params`` parameters (30M), not one
+per family, in a seeded random order (``--seed``), in ``results/all_shard{k}.jsonl`` and
+``results/all.json``. An interrupted ``--all`` run has checked a seeded random sample (the first N of
+that order), which the report says; ``--sample N`` stops there on purpose.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -37,9 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._breadth import (  # noqa: E402
     MAX_PARAMS,
     RESULTS,
+    SWEEP_MAX_PARAMS,
     check_annify,
     check_timm_fx,
     count_params,
+    every_model,
     families,
     run_check,
 )
@@ -55,7 +64,15 @@ def _named(models: list[str]) -> list[dict]:
     return [{"module": m, "model": m, "params": count_params(m), "test_model": None} for m in models]
 
 
-def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool, kind: str = "breadth") -> None:
+def _work(
+    fams: list[dict],
+    k: int,
+    n: int,
+    timeout: int,
+    timm_fx: bool,
+    kind: str = "breadth",
+    limit: int = MAX_PARAMS,
+) -> None:
     """Worker: check every n-th family starting at k, appending to the shard file."""
     path = _shard_file(k, kind)
     done = set()
@@ -65,12 +82,21 @@ def _work(fams: list[dict], k: int, n: int, timeout: int, timm_fx: bool, kind: s
     for f in mine:
         row = dict(f)
         row.pop("meta_failures", None)
+        if f["model"] is not None and row["params"] is None:  # --all: counted as the sweep goes
+            try:
+                row["params"] = count_params(f["model"])
+            except Exception as e:  # a model whose __init__ needs real data; rare
+                row["params"] = None
+                row["uncounted"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         if f["model"] is None:
             row["status"] = "no model"
-        elif f["params"] > MAX_PARAMS:
-            row["status"] = "skipped (>100M params)"
+        elif row["params"] is None:
+            row["status"] = "not counted"
+        elif row["params"] > limit:
+            row["status"] = f"skipped (>{limit / 1e6:.0f}M params)"
         else:
-            row["annify"] = run_check(check_annify, f["model"], timeout)
+            check = functools.partial(check_annify, small=True) if kind == "all" else check_annify
+            row["annify"] = run_check(check, f["model"], timeout)
             if timm_fx:
                 row["timm_fx"] = run_check(check_timm_fx, f["model"], timeout)
             row["status"] = "ok" if row["annify"]["ok"] else "fail"
@@ -229,6 +255,62 @@ def report(rows: list[dict], info: dict, wall_s: float, command: str, kind: str 
     return out
 
 
+def report_all(rows: list[dict], registered: int, args, info: dict, wall_s: float, command: str) -> dict:
+    """``--all``: how many of the models visited (up to --max-params) converted exactly, every failure
+    with its reason, and how many of timm's registered models the visit covered."""
+    visited = rows
+    rows = [r for r in visited if "annify" in r]
+    ok = [r for r in rows if r["annify"]["ok"]]
+    failed = [r for r in rows if not r["annify"]["ok"]]
+    seconds = sorted(r["annify"]["seconds"] for r in rows)
+    sizes: dict[str, int] = {}
+    for r in rows:
+        size = "x".join(map(str, r["annify"].get("input_size") or [])) or "-"
+        sizes[size] = sizes.get(size, 0) + 1
+    summary = {
+        "max_params": int(args.max_params),
+        "registered": registered,
+        "visited": len(visited),
+        "larger": sum(r["status"].startswith("skipped") for r in visited),
+        "checked": len(rows),
+        "sample": "all"
+        if len(visited) == registered
+        else f"the first {len(visited)} of the {registered} registered models in a random order, seed {args.seed}",
+        "annify_ok": len(ok),
+        "failures": {r["model"]: r["annify"]["reason"] for r in failed},
+        "uncounted": {r["model"]: r["uncounted"] for r in visited if "uncounted" in r},
+        "num_classes_set": [r["model"] for r in rows if r["annify"].get("num_classes_set")],
+        "input_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        "check_seconds": {
+            "sum": round(sum(seconds), 1),
+            "median": seconds[len(seconds) // 2] if seconds else None,
+            "max": seconds[-1] if seconds else None,
+        },
+        "wall_s_this_invocation": round(wall_s, 1),
+    }
+    out = {"command": command, "machine": info, "summary": summary, "rows": rows}
+    (RESULTS / "all.json").write_text(json.dumps(out, indent=1))
+    print(machine_line(info))
+    print(
+        f"\nannify converts {len(ok)}/{len(rows)} timm models with <= {args.max_params / 1e6:.0f}M parameters "
+        f"exactly (--heads 4, torch.equal of the final output); visited {summary['sample']}, "
+        f"{summary['larger']} of them larger; checks took {sum(seconds) / 60:.1f} min in all (median "
+        f"{summary['check_seconds']['median']} s a model)\n"
+    )
+    print(
+        f"input sizes: {summary['input_sizes']}; num_classes=1000 given to {len(summary['num_classes_set'])}"
+    )
+    if summary["uncounted"]:
+        print(f"not counted (could not be built on the meta device): {summary['uncounted']}")
+    body = [
+        [f"`{r['model']}`", f"{r['params'] / 1e6:.1f}M", (r["annify"]["reason"] or "").replace("|", "\\|")]
+        for r in failed
+    ]
+    if body:
+        print("\n" + table(["model", "params", "reason"], body))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
@@ -237,18 +319,28 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per check before it counts as failed")
     ap.add_argument("--no-timm-fx", action="store_true", help="skip timm's own FX test")
     ap.add_argument("--fresh", action="store_true", help="discard earlier shard results")
+    ap.add_argument("--all", action="store_true", help="every timm model up to --max-params, not families")
+    ap.add_argument("--max-params", type=float, default=SWEEP_MAX_PARAMS, help="--all: largest model")
+    ap.add_argument("--seed", type=int, default=0, help="--all: seed of the random order")
+    ap.add_argument("--sample", type=int, default=0, help="--all: check only the first N of that order")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "k/n": run as worker k of n
     args = ap.parse_args()
 
-    kind = "models" if args.models else "breadth"
-    fams = _named(args.models.split(",")) if args.models else families()
+    kind = "all" if args.all else "models" if args.models else "breadth"
+    if args.all:
+        fams = every_model(args.seed)
+        registered = len(fams)
+        fams = fams[: args.sample] if args.sample else fams
+    else:
+        fams = _named(args.models.split(",")) if args.models else families()
     if args.only:
         wanted = set(args.only.split(","))
         fams = [f for f in fams if f["module"] in wanted]
     if args.worker:
         k, n = (int(v) for v in args.worker.split("/"))
-        set_threads(1 if n > 1 else None)
-        _work(fams, k, n, args.timeout, not args.no_timm_fx, kind)
+        set_threads(1 if n > 1 or args.all else None)
+        limit = int(args.max_params) if args.all else MAX_PARAMS
+        _work(fams, k, n, args.timeout, not args.no_timm_fx, kind, limit)
         return
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -263,17 +355,26 @@ def main() -> None:
         base += ["--models", args.models]
     if args.no_timm_fx:
         base.append("--no-timm-fx")
+    if args.all:
+        base += ["--all", "--max-params", str(args.max_params), "--seed", str(args.seed)]
+        base += ["--sample", str(args.sample)]
     procs = [subprocess.Popen([*base, "--worker", f"{k}/{args.jobs}"]) for k in range(args.jobs)]
     for p in procs:
         p.wait()
     info = machine()
-    info["threads"] = 1 if args.jobs > 1 else info["threads"]
+    info["threads"] = 1 if args.jobs > 1 or args.all else info["threads"]
     info["workers"] = args.jobs
     rows = _collect(args.jobs, kind)
+    command = " ".join(["python", *sys.argv])
+    if args.all:
+        order = {f["module"]: i for i, f in enumerate(fams)}
+        rows = sorted((r for r in rows if r["module"] in order), key=lambda r: order[r["module"]])
+        report_all(rows, registered, args, info, time.perf_counter() - t0, command)
+        return
     if args.only or args.models:
         wanted = {f["module"] for f in fams}
         rows = [r for r in rows if r["module"] in wanted]
-    report(rows, info, time.perf_counter() - t0, " ".join(["python", *sys.argv]), kind)
+    report(rows, info, time.perf_counter() - t0, command, kind)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ b. the converted network computing every output against the plain timm model, sa
    interleaved; compared with the target ``1 + heads' FLOP share + 0.03``;
 c. ``forward_until(x, k)`` for each k against the full forward, next to output k's FLOP fraction;
 d. the traced FX graph alone (no cuts, no heads) against eager timm, and the same graph with its
-   residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add).
+   residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add);
+e. ``annify.cost.count`` of a network cut at every trunk point, each segment traced with just the
+   modules it reads against with the whole network attached (how counting worked before);
+f. tracing with annify's tracer against torchvision's NodePathTracer (the same node names).
 
 Usage::
 
@@ -324,9 +327,83 @@ def part_d(batch: int, repeats: int, threads: int) -> dict:
     return out
 
 
+def part_e(repeats: int, name: str = "mobilenetv3_small_050", size=(3, 64, 64)) -> dict:
+    """``count`` of a network cut at every trunk point (what automatic placement counts), each segment
+    traced with only what it reads (A) against with the whole network attached (B, as before)."""
+    from torch import nn
+
+    import annify.cost as cost
+    from annify.rewrite import AnytimeNet
+    from annify.trace import tap_points, trace
+
+    traced = trace(create_model(name).eval(), size, train_graph=False)
+    taps = tap_points(traced, trunk=True)
+    net = AnytimeNet(traced, [t.node for t in taps], [nn.Identity() for _ in taps])
+    reads = cost._reads
+
+    def whole(n, g):
+        return n
+
+    def run(owner):
+        cost._reads = owner
+        try:
+            return cost.count(net)
+        finally:
+            cost._reads = reads
+
+    same = run(reads) == run(whole)
+    p = paired_ratio(lambda: run(reads), lambda: run(whole), repeats=repeats, warmup=1)
+    print(f"\n### e. Counting {name} at {'×'.join(map(str, size))} cut at all {len(taps)} trunk points\n")
+    rows = [[f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.2f}", p.spread(), p.repeats, same]]
+    print(
+        table(
+            [
+                "segment's modules (s)",
+                "whole network (s)",
+                "ratio",
+                "spread of ratio",
+                "repeats",
+                "same counts",
+            ],
+            rows,
+        )
+    )
+    return {"model": name, "input_size": list(size), "taps": len(taps), "same_counts": same, **p.as_dict()}
+
+
+def part_f(repeats: int, name: str = "efficientformerv2_s2") -> dict:
+    """Tracing one model (eval graph) with annify's tracer (A) against torchvision's NodePathTracer (B),
+    whose node naming annify's compiles once per node; the names are checked equal (constants aside)."""
+    import importlib
+    import re
+
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    trace_module = importlib.import_module("annify.trace")
+    ours = trace_module._Tracer
+    model = create_model(name).eval()
+
+    def run(tracer):
+        trace_module._Tracer = tracer
+        try:
+            return trace_module._trace_mode(model, False)[1]
+        finally:
+            trace_module._Tracer = ours
+
+    def plain(names):
+        return [re.sub(r"_tensor_constant\d+", "C", f"{k}={v}") for k, v in names.items()]
+
+    same = plain(run(ours)) == plain(run(NodePathTracer))
+    p = paired_ratio(lambda: run(ours), lambda: run(NodePathTracer), repeats=repeats, warmup=1)
+    print(f"\n### f. Tracing {name} (eval graph), annify's tracer vs torchvision's NodePathTracer\n")
+    rows = [[f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.2f}", p.spread(), p.repeats, same]]
+    print(table(["annify (s)", "torchvision (s)", "ratio", "spread of ratio", "repeats", "same names"], rows))
+    return {"model": name, "same_names": same, **p.as_dict()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--parts", default="a,b,c,d,e,f")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved pairs for parts b and c")
     ap.add_argument("--convert-repeats", type=int, default=20, help="interleaved rounds for part a")
@@ -355,8 +432,10 @@ def main() -> None:
             {"batch": args.batch, "threads": args.c_threads},
             part_d(args.batch, args.repeats, args.c_threads),
         ),
+        "e": lambda: ({"threads": max(threads)}, part_e(args.repeats)),
+        "f": lambda: ({"threads": max(threads)}, part_f(args.repeats)),
     }
-    for part in "abcd":
+    for part in "abcdef":
         if part in parts:
             settings, res = runs[part]()
             result[part] = {"command": command, "machine": machine(), **settings, "results": res}

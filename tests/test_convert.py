@@ -437,13 +437,10 @@ def test_placement_by_cost_counts_the_trunk_once(model, size, placement, monkeyp
     final network instead of tracing its trunk again, and gets exactly what a fresh count gets."""
     import annify.cost
 
-    owners = []  # what each fvcore count was of: a network (its trunk segments) or a head
-    fvcore = annify.cost._fvcore
-    monkeypatch.setattr(
-        annify.cost, "_fvcore", lambda fn, args, owner, u: owners.append(owner) or fvcore(fn, args, owner, u)
-    )
+    trunks = []  # the network of each trunk segment fvcore counted
+    reads = annify.cost._reads
+    monkeypatch.setattr(annify.cost, "_reads", lambda net, graph: trunks.append(net) or reads(net, graph))
     net, spec, costs = convert(model, input_size=size, **placement)
     monkeypatch.undo()
-    trunks = [o for o in owners if isinstance(o, annify.AnytimeNet)]
     assert trunks and not any(o is net for o in trunks)  # the candidates' network only
     assert costs == annify.cost.count(net)

@@ -105,6 +105,23 @@ def test_count_leaves_the_mode_alone(tiny):
     assert net.training
 
 
+def test_counting_hands_fvcore_only_what_a_segment_reads(monkeypatch, make_tiny):
+    """Each segment is traced with just the modules and parameters it reads (fast); the counts are
+    those of tracing it with the whole network attached, as counting did before."""
+    import annify.cost as cost
+
+    net, _, costs = make_tiny(every=1)
+    hooked = []
+    real = cost._reads
+    monkeypatch.setattr(
+        cost, "_reads", lambda n, g: hooked.append(len(list(real(n, g).modules()))) or real(n, g)
+    )
+    assert count(net) == costs
+    assert len(hooked) == 9 and sum(hooked) < 1.5 * len(list(net.modules()))  # about once, not 9 times
+    monkeypatch.setattr(cost, "_reads", lambda n, g: n)  # the whole network, as counting did before
+    assert count(net) == costs
+
+
 def test_params_cover_every_parameter_once(tiny):
     net, _, costs = tiny
     assert costs.params[-1] == sum(p.numel() for p in net.parameters())

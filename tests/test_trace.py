@@ -258,3 +258,34 @@ def test_trace_records_shapes_and_input_size(zoo):
 def test_models_without_repeated_units_fall_back_to_timms_stages(name, stages):
     model = timm.create_model(name)
     assert find_blocks(model) == [f["module"] for f in model.feature_info] == stages
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [
+        ("test_vit", {}),
+        (
+            "swin_tiny_patch4_window7_224",
+            {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 1, 1]},
+        ),
+    ],
+)
+def test_node_names_are_torchvisions(monkeypatch, model, kwargs):
+    """annify's tracer names nodes as torchvision's NodePathTracer does (specs store the names), only
+    faster; tensor constants are numbered on across traces, so they are compared by position."""
+    import importlib
+    import re
+
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    trace_module = importlib.import_module("annify.trace")
+    m = timm.create_model(model, **kwargs).eval()
+
+    def names(training):
+        _, found = trace_module._trace_mode(m, training)
+        return [re.sub(r"_tensor_constant\d+", "C", f"{k}={v}") for k, v in found.items()]
+
+    ours = [names(False), names(True)]
+    monkeypatch.setattr(trace_module, "_Tracer", NodePathTracer)
+    assert [names(False), names(True)] == ours
+    assert any(re.search(r"_\d+$", n) for n in ours[0])  # repeated names got their local _N suffixes
