@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import annify  # noqa: E402
 from annify.convert import convert, create_model  # noqa: E402
 from annify.spec import atomic_write  # noqa: E402
 from benchmarks._timing import (  # noqa: E402
@@ -60,9 +61,7 @@ OVERHEAD_CASES = [
 def converted(name: str, **placement):
     """(anytime net, plain timm model) sharing weights, both in eval mode, and the costs."""
     net, spec, costs = convert(name, **placement)
-    plain = create_model(name).eval()
-    net.load_state_dict(plain.state_dict(), strict=False)
-    return net.eval(), plain, spec, costs
+    return net.eval(), annify.plain_model(net), spec, costs
 
 
 def _convert_counting_the_trunk_twice(name: str):

@@ -63,16 +63,15 @@ def _stats(ratios: list[float]) -> dict:
 
 
 def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
-    from annify.convert import convert, create_model
+    from annify.convert import convert, create_model, plain_model
 
     _, custom_ee = _earlyon()
     net, spec, costs = convert("resnet50", every=2)
     trunk = sum(costs.trunk_flops)  # the segments together are exactly the plain model
     share = (costs.flops[-1] - trunk) / trunk  # the heads' FLOPs over the plain model's
     target = 1 + share + 0.03
-    plain = create_model("resnet50").eval()
-    net.load_state_dict(plain.state_dict(), strict=False)
     net.eval()
+    plain = plain_model(net)
     nodes = [h.node for h in spec.heads[:-1]]  # 'layer1.1.act3', ...: the block's module is the prefix
     layers = [n.rsplit(".", 1)[0] for n in nodes]
     backbone = create_model("resnet50").eval()

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import annify  # noqa: E402
 from annify.report import format_flops  # noqa: E402
 from benchmarks._timing import (
     _quantile,
@@ -64,12 +65,8 @@ def _convert(model: str, every: int, size: tuple[int, int, int], num_classes: in
 
 def _plain(net, spec):
     """The timm model with the converted network's trunk weights (its own classifier included)."""
-    from annify.convert import create_model
 
-    model = create_model(spec.model, spec.num_classes, **spec.model_kwargs).eval()
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith(net.exits_prefix)}
-    model.load_state_dict(state)
-    return model
+    return annify.plain_model(net)
 
 
 def _iqr(xs: list[float]) -> str:

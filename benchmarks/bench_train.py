@@ -179,14 +179,12 @@ def plain_step(model, x, y, amp: bool = False):
 
 def _pair(name: str, device: str):
     """(plain timm model, converted network with the same trunk weights, spec, batch, input size, classes)."""
-    from annify.convert import convert, create_model
+    from annify.convert import convert, plain_model
 
     model, every, size, classes, batch = MODELS[name]
     torch.manual_seed(0)
     net, spec, _ = convert(model, every=every, input_size=size, num_classes=classes)
-    plain = create_model(model, num_classes=classes)
-    missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(net.exits_prefix) for k in missing), (missing, unexpected)
+    plain = plain_model(net)
     return plain.to(device).train(), net.to(device).train(), spec, batch, size, classes
 
 
