@@ -56,6 +56,19 @@ def test_fit_to_data_rebuilds_a_vit_spec_and_says_how():
     assert fit_to_data(fitted, "digits") == (fitted, None)  # refitting a fitted spec changes nothing
 
 
+def _train_one_epoch(tmp_path, model: str, heads: int, subset: int, **kwargs):
+    """Convert ``model``, train it one epoch on a digits subset through the CLI; (spec, run folder, result)."""
+    torch.set_num_threads(1)
+    _, spec, _ = annify.convert(model, heads=heads, model_kwargs=kwargs)
+    path = tmp_path / "spec.yaml"
+    path.write_text(dump(spec, "test"))
+    out = tmp_path / "run"
+    args = ["train", str(path), "--epochs", "1", "--train-subset", str(subset), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return spec, out, result
+
+
 @pytest.mark.parametrize(
     ("model", "kwargs", "size", "how"),
     [
@@ -64,14 +77,7 @@ def test_fit_to_data_rebuilds_a_vit_spec_and_says_how():
     ],
 )
 def test_train_a_fixed_size_model_on_digits(tmp_path, model, kwargs, size, how):
-    torch.set_num_threads(1)
-    _, spec, _ = annify.convert(model, heads=3, model_kwargs=kwargs)
-    path = tmp_path / "spec.yaml"
-    path.write_text(dump(spec, "test"))
-    out = tmp_path / "run"
-    args = ["train", str(path), "--epochs", "1", "--train-subset", "50", "--out", str(out)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    spec, out, result = _train_one_epoch(tmp_path, model, 3, 50, **kwargs)
     assert how in result.output  # the run log says which rule applied
     config = annify.load_spec(out / "config.yaml")
     assert list(config.input_size) == size and config.model_kwargs["img_size"] == size[1]
@@ -105,12 +111,5 @@ def test_demo_takes_any_timm_model(tmp_path):
     ("model", "size"), [("vit_tiny_patch16_224", [3, 16, 16]), ("swin_tiny_patch4_window7_224", [3, 8, 8])]
 )
 def test_train_the_issue_models_on_digits(tmp_path, model, size):
-    torch.set_num_threads(1)
-    _, spec, _ = annify.convert(model, heads=4)
-    path = tmp_path / "spec.yaml"
-    path.write_text(dump(spec, "test"))
-    out = tmp_path / "run"
-    args = ["train", str(path), "--epochs", "1", "--train-subset", "100", "--out", str(out)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    _, out, _ = _train_one_epoch(tmp_path, model, 4, 100)
     assert list(annify.load_spec(out / "config.yaml").input_size) == size
