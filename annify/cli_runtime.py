@@ -161,7 +161,11 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     help="File format(s) to write.",
 )
 @click.option("--out", default="export", show_default=True, help="Output folder.")
-@click.option("--no-check", is_flag=True, help="Skip running each file against PyTorch (atol 1e-4).")
+@click.option(
+    "--no-check",
+    is_flag=True,
+    help="Skip running each file against PyTorch (within 1e-4 of the output's scale).",
+)
 @with_normalization
 @threads_option
 @friendly

@@ -25,6 +25,7 @@ lists them with their inputs, outputs and FLOPs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -157,18 +158,21 @@ def _jobs(net: AnytimeNet, x_trace, x_check, trunk: list[float], head: list[floa
     return jobs
 
 
-def _write(job: _Job, fmt: str, stage: Path, name: str, check: bool, shared: _SharedWeights | None) -> dict:
+def _write(job: _Job, fmt: str, stage: Path, name: str, check: bool, shared: _SharedWeights) -> dict:
     """Export one job in one format into the staging folder and check it there; its manifest entry."""
     target = stage / f"{name}_{'out' if job.kind == 'truncated' else 'seg'}{job.index}{_SUFFIX[fmt]}"
     names = job.inputs + job.outputs
     dynamic = {n: {0: "batch"} for n, b in zip(names, job.batched_in + job.batched_out, strict=True) if b}
-    _export_file(job.module, tuple(job.trace_args), target, fmt, job.inputs, job.outputs, dynamic)
-    if fmt == "onnx" and shared is not None:
+    if fmt == "onnx":  # exported in memory, its weights moved to the shared file, then written once
         import onnx
 
-        model = onnx.load(str(target))
+        buf = io.BytesIO()
+        _export_file(job.module, tuple(job.trace_args), buf, fmt, job.inputs, job.outputs, dynamic)
+        model = onnx.load_model_from_string(buf.getvalue())
         shared.externalize(model)
         onnx.save(model, str(target))
+    else:
+        _export_file(job.module, tuple(job.trace_args), str(target), fmt, job.inputs, job.outputs, dynamic)
     diff = _check(target, fmt, job.check_args, job.inputs, job.reference, target.name) if check else None
     return {
         "path": target.name, "format": fmt, "kind": job.kind, "output": job.index,
@@ -186,19 +190,20 @@ def _describe(names: list[str], tensors, batched: list[bool]) -> list[dict]:
     ]
 
 
-def _export_file(module, args, path, fmt, in_names, out_names, dynamic) -> None:
+def _export_file(module, args, dest, fmt, in_names, out_names, dynamic) -> None:
+    """Trace ``module`` into ``dest`` (a path, or a binary buffer)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             try:
                 torch.onnx.export(
-                    module, args, str(path), dynamo=False, opset_version=OPSET,
+                    module, args, dest, dynamo=False, opset_version=OPSET,
                     input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
                 )  # fmt: skip
             except ImportError as e:
                 raise ExportError(f"ONNX export needs {e.name or 'onnx'}; pip install annify[onnx]") from None
         else:
-            torch.jit.save(torch.jit.trace(module, args, check_trace=False), str(path))
+            torch.jit.save(torch.jit.trace(module, args, check_trace=False), dest)
 
 
 def _run_file(path, fmt, args, in_names) -> list[torch.Tensor]:
@@ -283,7 +288,7 @@ def export(
     stage = folder / f".export-{os.getpid()}-{secrets.token_hex(4)}"  # nothing in place until all pass
     stage.mkdir()
     try:
-        shared = _SharedWeights(stage / f"{name}.onnx.data") if "onnx" in formats else None
+        shared = _SharedWeights(stage / f"{name}.onnx.data")  # written only if an ONNX file has weights
         with torch.no_grad():
             jobs = _jobs(net, x_trace, x_check, trunk, head)
             segments_exported = any(job.kind == "segment" for job in jobs)
@@ -291,7 +296,7 @@ def export(
             for job in jobs:
                 for fmt in formats:
                     files.append(_write(job, fmt, stage, name, check, shared))
-        weights = shared.path.name if shared is not None and shared.path.exists() else None
+        weights = shared.path.name if shared.path.exists() else None
         for entry in [*files, *([{"path": weights}] if weights else [])]:
             os.replace(stage / entry["path"], folder / entry["path"])
     finally:
