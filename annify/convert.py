@@ -356,12 +356,7 @@ def choose(
         raise ConvertError("give a placement: --every K, --at NODE, --flops-period P or --heads N")
     if flops_period is not None and flops_period <= 0:
         raise ConvertError(f"--flops-period must be positive, got {flops_period}")
-    last = blocks[-1].node if blocks else None
-    inner = [t for t in taps if t.on_trunk and t.node != last]
-    cum, total = _trunk_costs(traced, inner, counted)
-    # nor where the trunk is all but done: a head there would repeat the model's own output
-    keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
-    inner, cum = [inner[i] for i in keep], [cum[i] for i in keep]
+    inner, cum, total = placement_candidates(traced, taps, counted)
     branches = (
         "; block outputs inside branches are left to --every K and --at NODE (see `annify inspect`)"
         if any(t.kind == "in-branch" for t in taps)
@@ -385,6 +380,23 @@ def choose(
         placement = {"flops_period": flops_period}
     picked = _nearest(cum, total, fractions, absolute, [head_flops(t) for t in inner] if head_flops else None)
     return [inner[i].node for i in picked], placement
+
+
+def placement_candidates(
+    traced: Traced, taps: list[TapPoint], counted: dict | None = None
+) -> tuple[list[TapPoint], list[int], int]:
+    """The tap points placement by cost may use, their trunk's cumulative FLOPs, and the trunk's total.
+
+    Points on the trunk only (never inside a branch), never the last block's output (the classifier
+    reads it), nor any point where the trunk is all but done (a head there would repeat the model's
+    own output). ``counted`` as in ``choose``.
+    """
+    blocks = [t for t in taps if t.index is not None]
+    last = blocks[-1].node if blocks else None
+    inner = [t for t in taps if t.on_trunk and t.node != last]
+    cum, total = _trunk_costs(traced, inner, counted)
+    keep = [i for i, c in enumerate(cum) if c < FINAL_FRACTION * total]
+    return [inner[i] for i in keep], [cum[i] for i in keep], total
 
 
 def _nearest(
