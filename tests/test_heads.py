@@ -169,3 +169,55 @@ def test_paper_head_computes_what_bn_relu_pool_linear_computes_and_leaves_its_in
     assert torch.equal(out, ref)
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 64, 64), (3, 128, 56, 56)])
+def test_fused_training_head_matches_batchnorm_relu_pool_in_float64(shape):
+    """Large maps in training take the fused BN-ReLU-pool: same logits, gradients and running statistics
+    as the autograd chain computed in float64, to float32 rounding; the tap is left untouched."""
+    assert shape[0] * shape[1] * shape[2] * shape[3] >= heads.FUSED_MIN_NUMEL
+    torch.manual_seed(0)
+    head = heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train()
+    head.norm.weight.data.normal_()  # negative scales flip the ReLU's side: both must be right
+    head.norm.bias.data.normal_()
+    ref = heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train().double()
+    ref.load_state_dict(head.state_dict())
+    x = (torch.randn(shape) * 2 + 3).requires_grad_()  # mean far from 0: E[x²] − E[x]² must stay exact
+    kept = x.detach().clone()
+    x64 = x.detach().double().requires_grad_()
+    out = head(x)
+    want = ref.fc(F.relu(ref.norm(x64)).mean((2, 3)))
+    g = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, [x, head.norm.weight, head.norm.bias, head.fc.weight], g)
+    wants = torch.autograd.grad(want, [x64, ref.norm.weight, ref.norm.bias, ref.fc.weight], g.double())
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max())
+
+    assert torch.equal(x.detach(), kept)
+    assert rel(out, want) < 1e-5
+    for got, w in zip(grads, wants, strict=True):
+        assert rel(got, w) < 1e-4
+    for name in ("running_mean", "running_var"):
+        assert rel(getattr(head.norm, name), getattr(ref.norm, name)) < 1e-5
+    assert int(head.norm.num_batches_tracked) == int(ref.norm.num_batches_tracked) == 1
+    # the chain itself in float32 (what the head computed before the fusion) is no closer
+    chain = heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train()
+    chain.load_state_dict(ref.float().state_dict())
+    x32 = x.detach().clone().requires_grad_()
+    (dx32,) = torch.autograd.grad(chain.fc(F.relu(chain.norm(x32)).mean((2, 3))), [x32], g)
+    assert rel(grads[0], wants[0]) <= rel(dx32, wants[0]) * 1.5 + 1e-6
+
+
+def test_small_maps_and_eval_keep_the_autograd_chain():
+    """The fused path is only for large maps in training: below the size, and in eval, the head runs
+    BatchNorm, ReLU and the mean as modules (bit-identical to them)."""
+    torch.manual_seed(0)
+    head = heads.build("bn_relu_pool_linear", 8, 4, "NCHW").train()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    assert x.numel() < heads.FUSED_MIN_NUMEL
+    assert "BatchNormReLUPool" not in str(head(x).grad_fn.next_functions)
+    big = torch.randn(2, 8, 256, 256, requires_grad=True)
+    assert "BatchNormReLUPool" in str(head(big).grad_fn.next_functions)
+    head.eval()
+    assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
