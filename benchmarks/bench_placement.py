@@ -42,10 +42,10 @@ TARGETS = (0.25, 0.5, 0.75)
 
 
 def _stretch(traced, a: str | None, b: str | None) -> str:
-    """The computing nodes between tap points ``a`` and ``b`` (exclusive): how many, and where."""
+    """The computing nodes after tap point ``a`` up to ``b`` (its own operation included): how many, where."""
     names = traced.qualnames
     i = names.index(a) + 1 if a else 0
-    j = names.index(b) if b else len(names)
+    j = names.index(b) + 1 if b else len(names)
     inside = names[i:j]
     if not inside:
         return "nothing"
