@@ -18,8 +18,9 @@ step: per model, the steps below run round-robin in the same rounds (``benchmark
     (per-tensor SGD loop, AdaLoss on the CPU, the losses copied to the host, checked and formatted
     every step), rebuilt here for the before/after comparison. The goal: annify / plain at most
     ``1 + heads' FLOP share + 0.05``. ``--diagnose`` adds ``trunk`` (the converted segments without
-    heads) and ``pool_linear`` (the trainer's step with every head's BN-ReLU left out), to split the
-    overhead between the cut-up trunk and the heads.
+    heads), ``pool_linear`` (the trainer's step with every head's BN-ReLU left out), to split the
+    overhead between the cut-up trunk and the heads, and ``unfused`` (the trainer's step with the
+    paper heads' fused BN-ReLU-pool turned off), the before of the fused head.
 optimizer: ``optimizer.step()`` alone on the converted network, per-tensor loop against fused.
 profile: ``torch.profiler`` over 3 steps of plain and of annify: the operators whose self time grew
     most, to say where the converted step's extra time goes.
@@ -155,6 +156,20 @@ class _PoolLinear(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _unfused(step):
+    """``step`` with the paper heads' fused training path off (BatchNorm, ReLU, mean as autograd's chain)."""
+    from annify import heads
+
+    def run() -> None:
+        keep, heads.FUSED_MIN_NUMEL = heads.FUSED_MIN_NUMEL, float("inf")
+        try:
+            step()
+        finally:
+            heads.FUSED_MIN_NUMEL = keep
+
+    return run
+
+
 def _pool_linear_heads(net):
     for j, head in enumerate(net.exits):
         net.exits[j] = _PoolLinear(head)
@@ -235,6 +250,7 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
     if diagnose:
         fns["trunk"] = trunk_step(_twin(net), x, y)
         fns["pool_linear"] = annify_step(_pool_linear_heads(_twin(net)), weighting.get("adaloss", k), x, y)
+        fns["unfused"] = _unfused(annify_step(_twin(net), weighting.get("adaloss", k), x, y))
     print(f"{name}: {spec.model}, {k} outputs, batch {batch}, {repeats} rounds of {list(fns)}", flush=True)
     wall: dict[str, list[float]] = {n: [] for n in fns}
 
@@ -250,7 +266,11 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
     wall = {n: v[-repeats:] for n, v in wall.items()}
     pairs = [("annify", "plain"), ("const", "plain"), ("annify", "const")]
     pairs += [("before", "plain"), ("annify", "before")] if before else []
-    pairs += [("trunk", "plain"), ("pool_linear", "plain")] if diagnose else []
+    pairs += (
+        [("trunk", "plain"), ("pool_linear", "plain"), ("unfused", "plain"), ("annify", "unfused")]
+        if diagnose
+        else []
+    )
     ratio = {f"{a}/{b}": _stats([p / q for p, q in zip(t[a], t[b], strict=True)]) for a, b in pairs}
     med = {n: statistics.median(v) for n, v in t.items()}
     share = _heads_share(spec)
@@ -265,6 +285,8 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
         "annify/before": "the step now / the step before (818ca72)",
         "trunk/plain": "diagnostic: the converted trunk alone (segments, no heads) / plain timm",
         "pool_linear/plain": "diagnostic: the trainer's step with each head's BN-ReLU left out / plain timm",
+        "unfused/plain": "diagnostic: the trainer's step with the heads' BN-ReLU-pool unfused (autograd's chain) / plain timm",
+        "annify/unfused": "the fused head's step / the same step unfused",
     }
     wall_ratio = {
         f"{a}/{b}": _stats([p / q for p, q in zip(wall[a], wall[b], strict=True)]) for a, b in pairs
