@@ -210,8 +210,8 @@ def test_fused_training_head_matches_batchnorm_relu_pool_in_float64(shape):
 
 
 def test_small_maps_and_eval_keep_the_autograd_chain():
-    """The fused path is only for large maps in training: below the size, and in eval, the head runs
-    BatchNorm, ReLU and the mean as modules (bit-identical to them)."""
+    """The fused path is only for large float32 maps in training: below the size, under autocast and in
+    eval, the head runs BatchNorm, ReLU and the mean as modules (bit-identical to them)."""
     torch.manual_seed(0)
     head = heads.build("bn_relu_pool_linear", 8, 4, "NCHW").train()
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
@@ -219,5 +219,37 @@ def test_small_maps_and_eval_keep_the_autograd_chain():
     assert "BatchNormReLUPool" not in str(head(x).grad_fn.next_functions)
     big = torch.randn(2, 8, 256, 256, requires_grad=True)
     assert "BatchNormReLUPool" in str(head(big).grad_fn.next_functions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps BatchNorm's own rules
+        assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
     head.eval()
     assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
+
+
+def test_converted_network_trains_the_same_with_the_fused_head():
+    """A converted CIFAR ResNet at batch 64 (its first-stage heads read 64×16×32×32 maps, fused): every
+    gradient of one training step agrees with the same step through autograd's chain."""
+    torch.manual_seed(0)
+    net, _, _ = annify.convert("cifar_resnet_n2_c16", every=1, num_classes=10, input_size=(3, 32, 32))
+    twin, _, _ = annify.convert("cifar_resnet_n2_c16", every=1, num_classes=10, input_size=(3, 32, 32))
+    twin.load_state_dict(net.state_dict())
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def grads(model, fused):
+        keep = heads.FUSED_MIN_NUMEL
+        heads.FUSED_MIN_NUMEL = keep if fused else float("inf")
+        try:
+            model.train()
+            outs = model(x)
+            sum(F.cross_entropy(o, y) for o in outs).backward()
+        finally:
+            heads.FUSED_MIN_NUMEL = keep
+        return outs, {n: p.grad for n, p in model.named_parameters()}
+
+    outs, got = grads(net, True)
+    ref_outs, want = grads(twin, False)
+    assert "BatchNormReLUPool" in str(outs[0].grad_fn.next_functions)
+    assert "BatchNormReLUPool" not in str(ref_outs[0].grad_fn.next_functions)
+    for o, r in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-3, atol=1e-5, msg=n)
