@@ -84,38 +84,35 @@ class _BatchNormReLUPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float):
-        xf = x.float()
+    def forward(ctx, x, weight, bias, eps: float):  # float32 on the CPU (see PaperHead.forward)
         n, c, h, w = x.shape
         count = n * h * w
         # batch statistics from per-(sample, channel) sums (torch.var_mean over N, H, W is a slow
         # Welford loop on the CPU); combined in float64, which keeps E[x²] − E[x]² accurate
-        flat = xf.flatten(2)
+        flat = x.flatten(2)
         mu = flat.sum(2).sum(0, dtype=torch.float64) / count
         var = (torch.linalg.vecdot(flat, flat).sum(0, dtype=torch.float64) / count - mu * mu).clamp_(min=0)
         mu, var = mu.float(), var.float()
         invstd = torch.rsqrt(var + eps)
-        a = weight.float() * invstd
-        b = bias.float() - mu * a
+        a = weight * invstd
+        b = bias - mu * a
         a4, b4 = a[:, None, None], b[:, None, None]
-        pooled = torch.empty(n, c, dtype=torch.float32, device=x.device)
+        pooled = x.new_empty(n, c)
         for s in _slices(x):
-            pooled[s] = torch.addcmul(b4, xf[s], a4).relu_().mean((2, 3))
+            pooled[s] = torch.addcmul(b4, x[s], a4).relu_().mean((2, 3))
         ctx.save_for_backward(x, a, b, mu, invstd)
-        return pooled.to(x.dtype), mu, var
+        return pooled, mu, var
 
     @staticmethod
     def backward(ctx, grad, _gmu, _gvar):
         x, a, b, mu, invstd = ctx.saved_tensors
-        xf = x.float()
         n, c, h, w = x.shape
         count = n * h * w
-        g = grad.float() / (h * w)  # the gradient each element of a sample's channel receives
+        g = grad / (h * w)  # the gradient each element of a sample's channel receives
         a4, b4 = a[:, None, None], b[:, None, None]
-        s0 = torch.empty(n, c, dtype=torch.float32, device=x.device)  # Σ_hw m
-        s1 = torch.empty(n, c, dtype=torch.float32, device=x.device)  # Σ_hw m·x
+        s0, s1 = x.new_empty(n, c), x.new_empty(n, c)  # Σ_hw m and Σ_hw m·x
         for s in _slices(x):
-            xs = xf[s]
+            xs = x[s]
             m = torch.addcmul(b4, xs, a4).gt_(0)  # the ReLU's mask, as 0.0/1.0
             s0[s] = m.sum((2, 3))
             s1[s] = torch.linalg.vecdot(m.flatten(2), xs.flatten(2))
@@ -124,20 +121,20 @@ class _BatchNormReLUPool(torch.autograd.Function):
         r = -a * invstd * dweight / count  # dx = a·g·m + r·x + q
         q = -a * dbias / count - r * mu
         r4, q4, ag = r[:, None, None], q[:, None, None], (a * g)[:, :, None, None]
-        dx = torch.empty_like(xf)
+        dx = torch.empty_like(x)
         for s in _slices(x):
-            xs, d = xf[s], dx[s]
+            xs, d = x[s], dx[s]
             torch.mul(torch.addcmul(b4, xs, a4).gt_(0), ag[s], out=d)
             d.addcmul_(xs, r4).add_(q4)
-        return dx.to(x.dtype), dweight.to(a.dtype), dbias.to(a.dtype), None
+        return dx, dweight, dbias, None
 
 
 class PaperHead(nn.Module):
     """BatchNorm, ReLU, global average pooling, linear (Hu et al. 2019, appendix B).
 
     In training (batch statistics) BatchNorm, ReLU and pooling run as one fused operation
-    (``_BatchNormReLUPool``: about a third of the passes over the full-resolution map, forward and
-    backward) and update the running statistics as ``nn.BatchNorm2d`` does. In eval the ReLU works
+    on the CPU (``_BatchNormReLUPool``: about half the passes over the full-resolution map, forward
+    and backward) and update the running statistics as ``nn.BatchNorm2d`` does. In eval the ReLU works
     in place on BatchNorm's fresh output (BatchNorm's backward reads its input, not its output): one
     full-resolution tensor less to allocate and write per call.
     """
@@ -157,8 +154,10 @@ class PaperHead(nn.Module):
             and bn.track_running_stats
             and bn.momentum is not None
             and x.dim() == 4
-            and x.dtype == torch.float32  # under autocast BatchNorm keeps its own mixed-precision rules
-            and not torch.is_autocast_enabled(x.device.type)
+            # measured on the CPU only; under autocast BatchNorm keeps its own mixed-precision rules
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             # below about a million values the fixed cost of its ~15 operations outweighs the
             # passes it saves (measured on the CPU: 0.61x autograd's time at 64x16x32x32,
             # 1.05-1.2x at 64x32x16x16 and 8x2048x7x7)
