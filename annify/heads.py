@@ -11,14 +11,15 @@ place of BatchNorm, as timm's ``NormMlpClassifierHead`` does. Add a head type wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from annify.errors import ConvertError, UnknownNameError
 
-__all__ = ["available", "build", "default_for", "register"]
+__all__ = ["available", "build", "default_for", "register", "unfused"]
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULTS = {
@@ -65,8 +66,21 @@ _SLICE_BYTES = 1 << 20
 FUSED_MIN_NUMEL = 1 << 20
 
 
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Inside the block the paper head trains through autograd's chain (BatchNorm, ReLU, mean) instead of
+    the fused operation: the reference the fused path is compared with, in tests and benchmarks."""
+    global FUSED_MIN_NUMEL
+    keep, FUSED_MIN_NUMEL = FUSED_MIN_NUMEL, float("inf")
+    try:
+        yield
+    finally:
+        FUSED_MIN_NUMEL = keep
+
+
 def _slices(x: torch.Tensor) -> list[slice]:
-    per_sample = max(1, x[0].numel() * 4)
+    """Slices of the batch dimension, each about ``_SLICE_BYTES`` of ``x`` (at least one sample)."""
+    per_sample = max(1, x[0].numel() * x.element_size())
     k = max(1, _SLICE_BYTES // per_sample)
     return [slice(i, i + k) for i in range(0, x.shape[0], k)]
 
@@ -122,7 +136,7 @@ class _BatchNormReLUPool(torch.autograd.Function):
         q = -a * dbias / count - r * mu
         r4, q4, ag = r[:, None, None], q[:, None, None], (a * g)[:, :, None, None]
         dx = torch.empty_like(x)
-        for s in _slices(x):
+        for s in _slices(x):  # the mask again: recomputing it in cache is cheaper than storing it
             xs, d = x[s], dx[s]
             torch.mul(torch.addcmul(b4, xs, a4).gt_(0), ag[s], out=d)
             d.addcmul_(xs, r4).add_(q4)

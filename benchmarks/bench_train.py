@@ -161,11 +161,8 @@ def _unfused(step):
     from annify import heads
 
     def run() -> None:
-        keep, heads.FUSED_MIN_NUMEL = heads.FUSED_MIN_NUMEL, float("inf")
-        try:
+        with heads.unfused():
             step()
-        finally:
-            heads.FUSED_MIN_NUMEL = keep
 
     return run
 

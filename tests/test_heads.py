@@ -210,8 +210,8 @@ def test_fused_training_head_matches_batchnorm_relu_pool_in_float64(shape):
 
 
 def test_small_maps_and_eval_keep_the_autograd_chain():
-    """The fused path is only for large float32 maps in training: below the size, under autocast and in
-    eval, the head runs BatchNorm, ReLU and the mean as modules (bit-identical to them)."""
+    """The fused path is only for large float32 maps in training: below the size, under autocast, inside
+    ``heads.unfused()`` and in eval, the head runs BatchNorm, ReLU and the mean as autograd's chain."""
     torch.manual_seed(0)
     head = heads.build("bn_relu_pool_linear", 8, 4, "NCHW").train()
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
@@ -219,6 +219,9 @@ def test_small_maps_and_eval_keep_the_autograd_chain():
     assert "BatchNormReLUPool" not in str(head(x).grad_fn.next_functions)
     big = torch.randn(2, 8, 256, 256, requires_grad=True)
     assert "BatchNormReLUPool" in str(head(big).grad_fn.next_functions)
+    with heads.unfused():
+        assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
+    assert "BatchNormReLUPool" in str(head(big).grad_fn.next_functions)  # back on after the block
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps BatchNorm's own rules
         assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
     head.eval()
@@ -234,19 +237,14 @@ def test_converted_network_trains_the_same_with_the_fused_head():
     twin.load_state_dict(net.state_dict())
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 
-    def grads(model, fused):
-        keep = heads.FUSED_MIN_NUMEL
-        heads.FUSED_MIN_NUMEL = keep if fused else float("inf")
-        try:
-            model.train()
-            outs = model(x)
-            sum(F.cross_entropy(o, y) for o in outs).backward()
-        finally:
-            heads.FUSED_MIN_NUMEL = keep
+    def grads(model):
+        outs = model.train()(x)
+        sum(F.cross_entropy(o, y) for o in outs).backward()
         return outs, {n: p.grad for n, p in model.named_parameters()}
 
-    outs, got = grads(net, True)
-    ref_outs, want = grads(twin, False)
+    outs, got = grads(net)
+    with heads.unfused():
+        ref_outs, want = grads(twin)
     assert "BatchNormReLUPool" in str(outs[0].grad_fn.next_functions)
     assert "BatchNormReLUPool" not in str(ref_outs[0].grad_fn.next_functions)
     for o, r in zip(outs, ref_outs, strict=True):
