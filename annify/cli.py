@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import finite_positive, friendly, parse_size, threads_option, writable_dir
+from annify._cli_common import cpu_options, finite_positive, friendly, parse_size, writable_dir
 from annify.report import format_flops, format_rows
 
 
@@ -49,7 +49,7 @@ def _kwargs(in_chans, size=None):
 @main.command()
 @click.argument("model")
 @with_model_options
-@threads_option
+@cpu_options
 @friendly
 def inspect(model, input_size, num_classes, in_chans):
     """List MODEL's candidate tap points in execution order, with their cost.
@@ -131,7 +131,7 @@ def print_cost_table(spec) -> None:
 @click.option("--out", default="zoo", show_default=True, help="Output folder, or a .yaml path.")
 @click.option("--force", is_flag=True, help="Replace an existing spec file that differs from the new one.")
 @with_model_options
-@threads_option
+@cpu_options
 @friendly
 def convert(
     model, every, start, at, flops_period, heads, head_type, name, out, force, input_size, num_classes,
@@ -229,7 +229,7 @@ def convert(
     show_default=True,
     help="Also build an EANN of ResANNs of doubling depth.",
 )
-@threads_option
+@cpu_options
 @friendly
 def demo(out, model, data, train_subset, epochs, seed, eann):
     """The main job: convert a CIFAR-style ResANN (or --model) for the data, train it with annify's default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import device_options, friendly, threads_option, writable_dir
+from annify._cli_common import cpu_options, device_options, friendly, writable_dir
 from annify.cli_train import SCHEMES, SOURCES
 
 
@@ -33,7 +33,7 @@ from annify.cli_train import SCHEMES, SOURCES
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
 @device_options
-@threads_option
+@cpu_options
 @friendly
 def eann(
     members, data, epochs, weights, checkpoints, plain, batch_size, lr, seed, out, resume, device, workers

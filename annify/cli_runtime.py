@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from annify._cli_common import checkpoint_option, finite_positive, friendly, threads_option, writable_dir
+from annify._cli_common import checkpoint_option, cpu_options, finite_positive, friendly, writable_dir
 from annify.report import format_flops
 
 
@@ -86,7 +86,7 @@ def _read_labels(path: str | None) -> list[str] | None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
 @with_normalization
-@threads_option
+@cpu_options
 @friendly
 def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json, mean, std):
     """Classify IMAGE files with the anytime network SPEC, within a FLOP budget or a deadline.
@@ -167,7 +167,7 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
     help="Skip running each file against PyTorch (within 1e-4 of the output's scale).",
 )
 @with_normalization
-@threads_option
+@cpu_options
 @friendly
 def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     """Export SPEC's truncated networks and segments to ONNX and/or TorchScript, with manifest.json.

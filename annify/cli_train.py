@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from annify._cli_common import checkpoint_option, device_options, friendly, threads_option
+from annify._cli_common import checkpoint_option, cpu_options, device_options, friendly
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
 SOURCES = (
@@ -75,7 +75,7 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
     help="channels-last memory format (default: on for CUDA, off for the CPU).",
 )
 @device_options
-@threads_option
+@cpu_options
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
@@ -139,7 +139,7 @@ def train(
 @click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch.")
 @device_options
-@threads_option
+@cpu_options
 @friendly
 def eval_(spec, checkpoint, data, batch_size, device, workers):
     """Print the anytime table of SPEC with CHECKPOINT's weights: every output's error on val and test.

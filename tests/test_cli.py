@@ -112,6 +112,29 @@ def test_threads_sets_torch_threads_for_the_command(run, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_keeps_freed_cpu_memory_by_default(name):
+    option = next((p for p in main.commands[name].params if p.name == "cpu_memory"), None)
+    assert option is not None and option.default == "keep"
+
+
+def test_cpu_memory_keep_sets_up_the_allocator_and_release_leaves_it(run, monkeypatch):
+    from annify import cpu
+
+    calls = []
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: calls.append("keep"))
+    assert run("inspect", *TINY).exit_code == 0
+    assert calls == ["keep"]
+    assert run("inspect", *TINY, "--cpu-memory", "release").exit_code == 0
+    assert calls == ["keep"]
+    bad = run("inspect", *TINY, "--cpu-memory", "cache")
+    assert (
+        bad.exit_code == 2
+        and "Invalid value for '--cpu-memory'" in bad.output
+        and "Traceback" not in bad.output
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
