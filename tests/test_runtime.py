@@ -333,6 +333,33 @@ def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, val_pro
     assert cost.tolist() == [flops[k] for k in exit_at.tolist()]
 
 
+def test_early_exit_keeps_a_channels_last_batch_channels_last(tiny, val_probs, monkeypatch):
+    net, _, _ = tiny
+    probs, temps = val_probs
+    flops = exit_flops(net)
+    thresholds = fit_thresholds(probs, (flops[0] + flops[-1]) / 2, flops)
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    cl = torch.channels_last
+    net.to(memory_format=cl)
+    try:
+        with torch.no_grad():
+            full = net(x.contiguous(memory_format=cl))
+        formats = []
+        real = net.run_segment
+
+        def spy(j, state, head=True):
+            formats.append([v.is_contiguous(memory_format=cl) for v in state if isinstance(v, torch.Tensor)])
+            return real(j, state, head)
+
+        monkeypatch.setattr(net, "run_segment", spy)
+        logits, exit_at, _ = early_exit(net, x.contiguous(memory_format=cl), thresholds, temps)
+    finally:
+        net.to(memory_format=torch.contiguous_format)
+    assert len(formats) > 2 and all(all(f) for f in formats)  # the cut survivors are channels-last too
+    for i, k in enumerate(exit_at.tolist()):
+        torch.testing.assert_close(logits[i], full[k][i], rtol=0, atol=1e-6)
+
+
 class Toy(nn.Module):
     """Carries a tensor without a batch dimension (4 channel gains) and an int across every cut."""
 
