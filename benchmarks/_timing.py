@@ -26,6 +26,26 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def cpu_memory_option(parser) -> None:
+    """``--cpu-memory keep|release`` on a benchmark's argument parser (default keep, as annify's commands)."""
+    parser.add_argument(
+        "--cpu-memory",
+        choices=["keep", "release"],
+        default="keep",
+        help="keep: annify.keep_freed_memory(), as annify's commands do by default; release: glibc's default",
+    )
+
+
+def set_cpu_memory(mode: str) -> str:
+    """Apply ``--cpu-memory`` to this process (keep cannot be undone); returns a label for the results."""
+    if mode == "keep":
+        from annify.cpu import keep_freed_memory
+
+        if not keep_freed_memory():
+            return "cpu memory release (keep is glibc-only)"
+    return f"cpu memory {mode}"
+
+
 def _quantile(xs: list[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of a non-empty list."""
     s = sorted(xs)

@@ -40,7 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    _quantile,
+    cpu_memory_option,
+    interleaved,
+    machine,
+    machine_line,
+    set_cpu_memory,
+    set_threads,
+    table,
+)
 
 RESULTS = Path(__file__).parent / "results"
 # label: (timm model, placement, input size, classes, noise images for fitting the thresholds)
@@ -66,7 +75,9 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "iqr": [_quantile(xs, 0.25), _quantile(xs, 0.75)]}
 
 
-def run_net(label: str, batch: int, repeats: int, reductions: list[float]) -> tuple[list[list], dict]:
+def run_net(
+    label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool
+) -> tuple[list[list], dict]:
     from annify.convert import convert
     from annify.cost import exit_flops
     from annify.early_exit import early_exit, fit_thresholds
@@ -79,6 +90,9 @@ def run_net(label: str, batch: int, repeats: int, reductions: list[float]) -> tu
     gen = torch.Generator().manual_seed(1)
     val = torch.randn(n_val, *size, generator=gen)
     x = torch.randn(batch, *size, generator=gen)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        val, x = (t.contiguous(memory_format=torch.channels_last) for t in (val, x))
     with torch.no_grad():
         outs = [torch.cat(o) for o in zip(*(net(c) for c in val.split(batch)), strict=True)]
     probs = [torch.softmax(o, dim=-1) for o in outs]
@@ -141,18 +155,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reductions", default="4.6,2.5", help="target FLOP reductions (full / average)")
+    ap.add_argument("--channels-last", action="store_true", help="network and images in channels-last format")
+    cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     set_threads(args.threads)
+    memory = set_cpu_memory(args.cpu_memory)
+    settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
     print(machine_line())
+    print(settings)
     reductions = [float(r) for r in args.reductions.split(",")]
     rows, result = [], {"command": " ".join(["python", *sys.argv]), "machine": machine()}
     for label in args.nets.split(","):
-        r, res = run_net(label, args.batch, args.repeats, reductions)
+        r, res = run_net(label, args.batch, args.repeats, reductions, args.channels_last)
         rows += r
         result[label] = res
         print(f"{label} done", flush=True)
-    print(f"\n### Early exit at batch {args.batch} against every output ({args.threads} thread(s))\n")
+    print(
+        f"\n### Early exit at batch {args.batch} against every output ({args.threads} thread(s), {settings})\n"
+    )
     header = [
         "network",
         "target reduction",
@@ -169,15 +190,17 @@ def main() -> None:
     print(table(header, rows))
     after = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "early_exit.json"  # one entry per network: a run of one network keeps the others
+    path = RESULTS / "early_exit.json"  # one entry per network and settings: a run keeps the others
     kept = json.loads(path.read_text()) if path.is_file() else {}
     kept.update(
         {
-            label: {
+            f"{label} ({settings})": {
                 **result[label],
                 "command": result["command"],
                 "machine": result["machine"],
                 "machine_after": after,
+                "channels_last": args.channels_last,
+                "cpu_memory": args.cpu_memory,
             }
             for label in args.nets.split(",")
         }

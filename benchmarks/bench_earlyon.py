@@ -37,7 +37,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._breadth import MAX_PARAMS, _reason, families, run_check  # noqa: E402
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    _quantile,
+    cpu_memory_option,
+    interleaved,
+    machine,
+    machine_line,
+    set_cpu_memory,
+    set_threads,
+    table,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -262,6 +271,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated families for the coverage part")
+    cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -273,12 +283,14 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update({"earlyon": version})
     set_threads(max(threads))
-    print(machine_line(), f"earlyon {version}")
+    memory = set_cpu_memory(args.cpu_memory)
+    print(machine_line(), f"earlyon {version}", memory)
     if "overhead" in parts:
         result["overhead"] = {
             "command": " ".join(["python", *sys.argv]),
             "machine": machine(),
             "batch": args.batch,
+            "cpu_memory": memory,
             "results": overhead(args.batch, args.repeats, threads),
         }
     if "families" in parts:

@@ -51,7 +51,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    _quantile,
+    cpu_memory_option,
+    interleaved,
+    machine,
+    machine_line,
+    set_cpu_memory,
+    set_threads,
+    table,
+)
 
 RESULTS = Path(__file__).parent / "results"
 # the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_timing.interleaved``)
@@ -492,6 +501,7 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=128)
     ap.add_argument("--gpu-steps", type=int, default=10, help="steps per timed block on the GPU")
     ap.add_argument("--results", default=str(RESULTS))
+    cpu_memory_option(ap)
     args = ap.parse_args()
     path = Path(args.results) / "train.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +528,7 @@ def main() -> None:
         return
 
     threads = set_threads(args.threads)
+    memory = set_cpu_memory(args.cpu_memory)
     if threads > 1:  # other threads' work is not this thread's CPU time
         global CLOCK
         CLOCK = time.perf_counter
@@ -539,11 +550,11 @@ def main() -> None:
                 raise SystemExit(f"unknown part {part!r}: step, optimizer, profile")
             body = (
                 f"### {part}: {name}\n\nCommand: `{command}`\n\n{machine_line(info)}; load average after "
-                f"{machine()['load_average_1_5_15']}; torch threads {threads}, fp32, took "
+                f"{machine()['load_average_1_5_15']}; torch threads {threads}, fp32, {memory}, took "
                 f"{time.perf_counter() - started:.0f} s.\n\n{md}\n"
             )
             _write_section(path, f"{part}-{name}", body, title)
-            raw[f"{part}-{name}"] = {**data, "command": command, "machine": info}
+            raw[f"{part}-{name}"] = {**data, "command": command, "machine": info, "cpu_memory": memory}
             raw_path.write_text(json.dumps(raw, indent=1) + "\n")
             print(body, flush=True)
     if "<!-- begin gpu -->" not in path.read_text():
