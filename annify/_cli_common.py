@@ -107,7 +107,7 @@ THREADS_HELP = (
 
 CPU_MEMORY_HELP = (
     "keep: freed tensor memory stays in the process for the next batch (no page faults on every large "
-    "activation: resnet50's forward at batch 32 runs 1.6x faster on one thread, BENCHMARKS.md §15); release: "
+    "activation: resnet50's forward at batch 32 runs 1.6x faster on one thread, BENCHMARKS.md §16); release: "
     "the C library's default, large blocks go back to the system at once (a smaller resident size between "
     "batches)."
 )

@@ -217,8 +217,8 @@ def early_exit(
 
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
-    batch in channels-last format: resann50 at batch 64 then gets 0.84 of its 4.5× FLOP cut as
-    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §13b).
+    batch in channels-last format: resann50 at batch 64 then gets 0.87 of its 4.5× FLOP cut as
+    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §13c).
 
     Returns:
         (logits at each sample's exit, N×classes; exit output index, N; per-sample FLOPs, N).
