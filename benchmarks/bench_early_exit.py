@@ -40,16 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._timing import (  # noqa: E402
-    _quantile,
-    cpu_memory_option,
-    interleaved,
-    machine,
-    machine_line,
-    set_cpu_memory,
-    set_threads,
-    table,
-)
+import benchmarks._timing as timing  # noqa: E402
+from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # label: (timm model, placement, input size, classes, noise images for fitting the thresholds)
@@ -156,11 +148,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reductions", default="4.6,2.5", help="target FLOP reductions (full / average)")
     ap.add_argument("--channels-last", action="store_true", help="network and images in channels-last format")
-    cpu_memory_option(ap)
+    timing.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     set_threads(args.threads)
-    memory = set_cpu_memory(args.cpu_memory)
+    memory = timing.set_cpu_memory(args.cpu_memory)
     settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
     print(machine_line())
     print(settings)

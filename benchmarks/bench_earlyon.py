@@ -36,17 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import benchmarks._timing as timing  # noqa: E402
 from benchmarks._breadth import MAX_PARAMS, _reason, families, run_check  # noqa: E402
-from benchmarks._timing import (  # noqa: E402
-    _quantile,
-    cpu_memory_option,
-    interleaved,
-    machine,
-    machine_line,
-    set_cpu_memory,
-    set_threads,
-    table,
-)
+from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -271,7 +263,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated families for the coverage part")
-    cpu_memory_option(ap)
+    timing.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -283,7 +275,7 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update({"earlyon": version})
     set_threads(max(threads))
-    memory = set_cpu_memory(args.cpu_memory)
+    memory = timing.set_cpu_memory(args.cpu_memory)
     print(machine_line(), f"earlyon {version}", memory)
     if "overhead" in parts:
         result["overhead"] = {

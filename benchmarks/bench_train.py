@@ -51,16 +51,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._timing import (  # noqa: E402
-    _quantile,
-    cpu_memory_option,
-    interleaved,
-    machine,
-    machine_line,
-    set_cpu_memory,
-    set_threads,
-    table,
-)
+import benchmarks._timing as timing  # noqa: E402
+from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_timing.interleaved``)
@@ -501,7 +493,7 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=128)
     ap.add_argument("--gpu-steps", type=int, default=10, help="steps per timed block on the GPU")
     ap.add_argument("--results", default=str(RESULTS))
-    cpu_memory_option(ap)
+    timing.cpu_memory_option(ap)
     args = ap.parse_args()
     path = Path(args.results) / "train.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -528,7 +520,7 @@ def main() -> None:
         return
 
     threads = set_threads(args.threads)
-    memory = set_cpu_memory(args.cpu_memory)
+    memory = timing.set_cpu_memory(args.cpu_memory)
     if threads > 1:  # other threads' work is not this thread's CPU time
         global CLOCK
         CLOCK = time.perf_counter

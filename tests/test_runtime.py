@@ -310,12 +310,20 @@ def test_thresholds_with_labels_never_lose_to_a_fixed_exit_on_validation(tiny, d
         assert acc >= geometric - 1e-9, (frac, acc, geometric)
 
 
-def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, val_probs, monkeypatch):
-    net, spec, _ = tiny
+@pytest.fixture(scope="module")
+def half_cost(tiny, val_probs):
+    """(thresholds at half the way from the first output's cost to the full cost, temperatures, a batch of 64)."""
+    net, _, _ = tiny
     probs, temps = val_probs
     flops = exit_flops(net)
     thresholds = fit_thresholds(probs, (flops[0] + flops[-1]) / 2, flops)
-    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    return thresholds, temps, torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, half_cost, monkeypatch):
+    net, spec, _ = tiny
+    thresholds, temps, x = half_cost
+    flops = exit_flops(net)
     with torch.no_grad():
         full = net(x)
     calls = spy_segments(monkeypatch, net)
@@ -333,12 +341,9 @@ def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, val_pro
     assert cost.tolist() == [flops[k] for k in exit_at.tolist()]
 
 
-def test_early_exit_keeps_a_channels_last_batch_channels_last(tiny, val_probs, monkeypatch):
+def test_early_exit_keeps_a_channels_last_batch_channels_last(tiny, half_cost, monkeypatch):
     net, _, _ = tiny
-    probs, temps = val_probs
-    flops = exit_flops(net)
-    thresholds = fit_thresholds(probs, (flops[0] + flops[-1]) / 2, flops)
-    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    thresholds, temps, x = half_cost
     cl = torch.channels_last
     net.to(memory_format=cl)
     try:
