@@ -173,8 +173,8 @@ class PaperHead(nn.Module):
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             # below about a million values the fixed cost of its ~15 operations outweighs the
-            # passes it saves (measured on the CPU: 0.61x autograd's time at 64x16x32x32,
-            # 1.05-1.2x at 64x32x16x16 and 8x2048x7x7)
+            # passes it saves (measured on the CPU: 0.61-0.91x autograd's time at 64x16x32x32, the
+            # higher with freed memory kept, annify.cpu; 1.05-1.2x at 64x32x16x16 and 8x2048x7x7)
             and x.numel() >= FUSED_MIN_NUMEL
         )
         if not fused:
