@@ -255,7 +255,8 @@ def early_exit(
             if not any(passed):
                 continue
             done = [i for i, p in enumerate(passed) if p]
-            keep = torch.tensor([i for i, p in enumerate(passed) if not p])
+            kept = [i for i, p in enumerate(passed) if not p]
+            keep = torch.tensor(kept)
             result[torch.tensor([active[i] for i in done])] = logits[torch.tensor(done)]
             for i in done:
                 exits[active[i]] = j
@@ -266,7 +267,7 @@ def early_exit(
                 else v
                 for v, flag in zip(state, batched[j], strict=True)
             )
-            active = [active[i] for i in keep.tolist()]
+            active = [active[i] for i in kept]
     assert result is not None
     exit_at = torch.tensor(exits)
     return result, exit_at, flops[exit_at]

@@ -36,7 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._timing import _quantile, machine, machine_line, table  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    _quantile,
+    machine,
+    machine_line,
+    set_cpu_memory,
+    set_threads,
+    table,
+)
 
 RESULTS = Path(__file__).parent / "results"
 WORKLOADS = ["resnet50", "resann50", "resann50-cl", "resnet50-train", "cifar-train"]
@@ -83,14 +90,9 @@ def _build(name: str, batch: int):
 def _worker(mode: str, conn) -> None:
     """Serve one setting: ``("build", name, batch)``; ``("run",)`` -> seconds; ``("rss",)`` -> bytes resident
     (peak, and now, between calls)."""
-    import torch
-
     warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    if mode == "keep":
-        from annify.cpu import keep_freed_memory
-
-        assert keep_freed_memory()
+    set_threads(1)
+    assert set_cpu_memory(mode) == f"cpu memory {mode}", "keep needs glibc"
     fn = None
     while True:
         msg = conn.recv()
