@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from annify.errors import ConvertError, UnknownNameError
@@ -62,8 +63,11 @@ def build(name: str, channels: int, num_classes: int, layout: str, **kw) -> nn.M
 # bytes of one slice of the feature map that the fused training head processes at a time: small
 # enough that the slice's temporaries stay in the core's cache instead of going to memory
 _SLICE_BYTES = 1 << 20
+# bytes of one slice of the map the head pools in eval, without autograd (measured on resann50's
+# seven heads at batch 8, CPU: 2 MiB slices take 0.79x the unsliced chain's time, 1 MiB 0.89x)
+_EVAL_SLICE_BYTES = 1 << 21
 # the smallest feature map (values) that the training head fuses; see PaperHead.forward
-FUSED_MIN_NUMEL = 1 << 20
+FUSED_MIN_NUMEL = 1 << 18
 
 
 @contextlib.contextmanager
@@ -78,10 +82,10 @@ def unfused() -> Iterator[None]:
         FUSED_MIN_NUMEL = keep
 
 
-def _slices(x: torch.Tensor) -> list[slice]:
-    """Slices of the batch dimension, each about ``_SLICE_BYTES`` of ``x`` (at least one sample)."""
+def _slices(x: torch.Tensor, nbytes: int = _SLICE_BYTES) -> list[slice]:
+    """Slices of the batch dimension, each about ``nbytes`` of ``x`` (at least one sample)."""
     per_sample = max(1, x[0].numel() * x.element_size())
-    k = max(1, _SLICE_BYTES // per_sample)
+    k = max(1, nbytes // per_sample)
     return [slice(i, i + k) for i in range(0, x.shape[0], k)]
 
 
@@ -91,55 +95,64 @@ class _BatchNormReLUPool(torch.autograd.Function):
     Autograd's chain (BatchNorm, ReLU, mean) writes the normalised map, rewrites it in the ReLU,
     expands the pooled gradient back to full resolution, masks it, and runs BatchNorm's backward over
     it: about eleven passes over the full-resolution map per step. Pooling right after the ReLU makes
-    the gradient reaching the map a constant per sample and channel, so the whole backward needs two
-    reductions over ``m = [a·x + b > 0]`` (Σ m and Σ m·x) and one pass writing ``dx``; the forward is
-    one statistics pass and one pooled pass. Each pass goes over cache-sized slices of the batch.
-    Same function and gradients as the chain, up to float rounding (a·x + b instead of (x − μ)·σ⁻¹·γ + β).
+    the gradient reaching the map a constant per sample and channel, so everything the output and the
+    backward need are two sums per sample and channel over the ReLU's mask ``m = [w·x̂ + b > 0]``:
+    ``Σ m`` and ``Σ m·x̂`` (x̂ the normalised map). The forward makes three reading passes (the mean,
+    the centred variance, the two sums), the backward one pass writing ``dx``; each goes over
+    cache-sized slices of the batch, and every elementwise step is BatchNorm's own inference kernel
+    on centred values (``(x − μ)·σ⁻¹``), so a mean far from zero costs no precision: the same function
+    and gradients as the chain, to float32 rounding.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):  # float32 on the CPU (see PaperHead.forward)
         n, c, h, w = x.shape
         count = n * h * w
-        # batch statistics from per-(sample, channel) sums (torch.var_mean over N, H, W is a slow
-        # Welford loop on the CPU); combined in float64, which keeps E[x²] − E[x]² accurate
         flat = x.flatten(2)
-        mu = flat.sum(2).sum(0, dtype=torch.float64) / count
-        var = (torch.linalg.vecdot(flat, flat).sum(0, dtype=torch.float64) / count - mu * mu).clamp_(min=0)
-        mu, var = mu.float(), var.float()
-        invstd = torch.rsqrt(var + eps)
-        a = weight * invstd
-        b = bias - mu * a
-        a4, b4 = a[:, None, None], b[:, None, None]
-        pooled = x.new_empty(n, c)
-        for s in _slices(x):
-            pooled[s] = torch.addcmul(b4, x[s], a4).relu_().mean((2, 3))
-        ctx.save_for_backward(x, a, b, mu, invstd)
+        slices = _slices(x)
+        # batch statistics from per-(sample, channel) sums, combined in float64 (torch.var_mean
+        # over N, H, W is a slow Welford loop on the CPU); the variance from centred values
+        mu = (flat.sum(2).sum(0, dtype=torch.float64) / count).float()
+        centred = x.new_empty(n, c)
+        for s in slices:
+            d = flat[s] - mu[:, None]
+            centred[s] = torch.linalg.vecdot(d, d)
+        var = (centred.sum(0, dtype=torch.float64) / count).float()
+        # m = [w·x̂ + b > 0] = [sign·x̂ > τ] with sign = ±1 (the sign of w) and τ = −b/|w|
+        # (±inf when w = 0: then m is [b > 0] everywhere, as it should be)
+        sign = torch.where(weight < 0, -1.0, 1.0).to(x.dtype)
+        tau = (-bias / weight.abs())[:, None, None]
+        ones, masked = x.new_empty(n, c), x.new_empty(n, c)  # Σ_hw m and Σ_hw m·sign·x̂
+        for s in slices:
+            v = F.batch_norm(x[s], mu, var, sign, None, False, 0.0, eps)  # sign·x̂
+            m = torch.gt(v, tau, out=torch.empty_like(v))
+            ones[s] = m.sum((2, 3))
+            masked[s] = torch.linalg.vecdot(m.flatten(2), v.flatten(2))
+        masked.mul_(sign)  # Σ_hw m·x̂
+        pooled = (masked * weight + ones * bias) / (h * w)
+        ctx.save_for_backward(x, weight, mu, var, sign, tau, ones, masked)
+        ctx.eps = eps
         return pooled, mu, var
 
     @staticmethod
     def backward(ctx, grad, _gmu, _gvar):
-        x, a, b, mu, invstd = ctx.saved_tensors
+        x, weight, mu, var, sign, tau, ones, masked = ctx.saved_tensors
+        eps = ctx.eps
         n, c, h, w = x.shape
         count = n * h * w
         g = grad / (h * w)  # the gradient each element of a sample's channel receives
-        a4, b4 = a[:, None, None], b[:, None, None]
-        s0, s1 = x.new_empty(n, c), x.new_empty(n, c)  # Σ_hw m and Σ_hw m·x
-        for s in _slices(x):
-            xs = x[s]
-            m = torch.addcmul(b4, xs, a4).gt_(0)  # the ReLU's mask, as 0.0/1.0
-            s0[s] = m.sum((2, 3))
-            s1[s] = torch.linalg.vecdot(m.flatten(2), xs.flatten(2))
-        dbias = (g * s0).sum(0)
-        dweight = (g * (s1 - mu * s0)).sum(0) * invstd
-        r = -a * invstd * dweight / count  # dx = a·g·m + r·x + q
-        q = -a * dbias / count - r * mu
-        r4, q4, ag = r[:, None, None], q[:, None, None], (a * g)[:, :, None, None]
+        dbias = (g * ones).sum(0)
+        dweight = (g * masked).sum(0)
+        a = weight * torch.rsqrt(var + eps)
+        ag = (a * g)[:, :, None, None]
+        # BatchNorm's backward: dx = a·(g·m − mean(g·m) − x̂·mean(g·m·x̂)) = a·g·m + kw·x̂ + kb
+        kw, kb = -a * dweight / count, -a * dbias / count
         dx = torch.empty_like(x)
         for s in _slices(x):  # the mask again: recomputing it in cache is cheaper than storing it
             xs, d = x[s], dx[s]
-            torch.mul(torch.addcmul(b4, xs, a4).gt_(0), ag[s], out=d)
-            d.addcmul_(xs, r4).add_(q4)
+            v = F.batch_norm(xs, mu, var, sign, None, False, 0.0, eps)
+            torch.mul(torch.gt(v, tau, out=v), ag[s], out=d)
+            d.add_(F.batch_norm(xs, mu, var, kw, kb, False, 0.0, eps))
         return dx, dweight, dbias, None
 
 
@@ -147,10 +160,12 @@ class PaperHead(nn.Module):
     """BatchNorm, ReLU, global average pooling, linear (Hu et al. 2019, appendix B).
 
     In training (batch statistics) BatchNorm, ReLU and pooling run as one fused operation
-    on the CPU (``_BatchNormReLUPool``: about half the passes over the full-resolution map, forward
-    and backward) and update the running statistics as ``nn.BatchNorm2d`` does. In eval the ReLU works
-    in place on BatchNorm's fresh output (BatchNorm's backward reads its input, not its output): one
-    full-resolution tensor less to allocate and write per call.
+    on the CPU (``_BatchNormReLUPool``: four passes over the full-resolution map instead of about
+    eleven, forward and backward) and update the running statistics as ``nn.BatchNorm2d`` does. In
+    eval the ReLU works in place on BatchNorm's fresh output (BatchNorm's backward reads its input,
+    not its output); without autograd on the CPU the map is pooled in cache-sized slices of the
+    batch, so BatchNorm's output is written to and read back from the cache instead of memory. Each
+    slice computes what the whole batch would, value for value.
     """
 
     def __init__(self, channels: int, num_classes: int):
@@ -172,11 +187,25 @@ class PaperHead(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            # below about a million values the fixed cost of its ~15 operations outweighs the
-            # passes it saves (measured on the CPU: 0.61-0.91x autograd's time at 64x16x32x32, the
-            # higher with freed memory kept, annify.cpu; 1.05-1.2x at 64x32x16x16 and 8x2048x7x7)
+            # below about 2^18 values the fixed cost of its ~20 operations outweighs the passes it
+            # saves (forward + backward on the CPU, freed memory kept, annify.cpu: 0.63x autograd's
+            # time at 64x16x32x32, 0.74x at 64x32x16x16, 0.95x at 64x64x8x8, 0.82x at 8x2048x7x7,
+            # 1.09-1.11x at 2^17 values)
             and x.numel() >= FUSED_MIN_NUMEL
         )
+        sliced = (  # eval without autograd (evaluation, early exit, serving): samples are independent
+            not bn.training
+            and not torch.is_grad_enabled()
+            # tracers (FLOP counting, ONNX export, torch.compile/export) record the whole-batch chain
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and bn.running_mean is not None
+            and x.dim() == 4
+            and x.device.type == "cpu"
+        )
+        if sliced:
+            parts = [self.act(bn(x[s])).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]
+            return self.fc(parts[0] if len(parts) == 1 else torch.cat(parts))
         if not fused:
             return self.fc(self.act(bn(x)).mean((2, 3)))
         pooled, mu, var = _BatchNormReLUPool.apply(x, bn.weight, bn.bias, bn.eps)
