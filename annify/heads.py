@@ -202,10 +202,11 @@ class PaperHead(nn.Module):
             and bn.running_mean is not None
             and x.dim() == 4
             and x.device.type == "cpu"
+            and x.numel() * x.element_size() > _EVAL_SLICE_BYTES  # one slice: no slicing to pay for
         )
         if sliced:
             parts = [self.act(bn(x[s])).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]
-            return self.fc(parts[0] if len(parts) == 1 else torch.cat(parts))
+            return self.fc(torch.cat(parts))
         if not fused:
             return self.fc(self.act(bn(x)).mean((2, 3)))
         pooled, mu, var = _BatchNormReLUPool.apply(x, bn.weight, bn.bias, bn.eps)
