@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from annify.cost import exit_flops
+from annify.cost import exit_flops, segment_costs
 from annify.report import format_sci
 from annify.rewrite import AnytimeNet
 
@@ -213,7 +213,9 @@ def early_exit(
     the carried state is cut down to the rest (``index_select`` on dim 0 of every carried tensor that
     derives from the input and has the current batch size; other carried values are kept as they
     are), so later segments run on the undecided samples only. A channels-last batch stays
-    channels-last.
+    channels-last. An output whose threshold is above 1 (``math.inf``: ``fit_thresholds`` gives it
+    to outputs before the first one allowed to exit) can let no sample go, so its head is not run,
+    and the FLOPs returned leave it out: they are the work each sample was given.
 
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
@@ -229,7 +231,14 @@ def early_exit(
     temps = list(temperatures) if temperatures is not None else [1.0] * k_out
     if n == 0:
         raise ValueError("early_exit needs a non-empty batch")
-    flops = torch.tensor(exit_flops(net), dtype=torch.float64)
+    # a max softmax is at most 1: above that no sample can exit, so the head is skipped
+    runs = [j == k_out - 1 or not thresholds[j] > 1.0 for j in range(k_out)]
+    trunk, head_cost = segment_costs(net)
+    flops_at, spent = [], 0.0  # cost of exiting at each output: the trunk so far and the heads run
+    for j in range(k_out):
+        spent += trunk[j] + (head_cost[j] if runs[j] else 0.0)
+        flops_at.append(spent)
+    flops = torch.tensor(flops_at, dtype=torch.float64)
     # the bookkeeping is in Python lists (a batch is tens to hundreds of samples): every tensor
     # operation costs a dispatch, and with the batch down to a few samples the segments themselves
     # take well under a millisecond
@@ -240,7 +249,9 @@ def early_exit(
     with _inference(net):
         batched = _batched_carry(net)
         for j in range(k_out):
-            state, logits = net.run_segment(j, state)
+            state, logits = net.run_segment(j, state, head=runs[j])
+            if not runs[j]:
+                continue
             if result is None:
                 result = logits.new_empty((n, *logits.shape[1:]))
             last = j == k_out - 1

@@ -8,7 +8,9 @@ save in the every-output forward of section 13a.
 
 For each of resnet50 --every 2's seven heads, the tap's feature map at batch ``--batch`` (random
 images, timm's initialisation) is stored; then, interleaved in each round (order rotating), every
-head runs eager, compiled and as a bare mean. The compiled heads give the eager ones' logits to
+head runs eager (as annify runs it in eval without autograd: BatchNorm-ReLU-mean over cache-sized
+slices of the batch), eager over the whole batch at once (the eval path before slicing; same logits,
+checked exactly), compiled and as a bare mean. The compiled heads give the eager ones' logits to
 float rounding (checked before timing). Needs a C++ compiler for inductor.
 
 Usage::
@@ -49,6 +51,7 @@ def main() -> None:
     set_threads(args.threads)
     memory = timing.set_cpu_memory(args.cpu_memory)
     print(machine_line(), memory)
+    from annify import heads as annify_heads
     from annify.convert import convert
 
     torch.manual_seed(0)
@@ -69,12 +72,24 @@ def main() -> None:
         def run(heads):
             return lambda: [h(f) for h, f in zip(heads, feats, strict=True)]
 
+        def whole_batch():  # eager, every map at once (the eval path before it pooled in slices)
+            keep, annify_heads._EVAL_SLICE_BYTES = annify_heads._EVAL_SLICE_BYTES, 1 << 62
+            try:
+                return [h(f) for h, f in zip(net.exits, feats, strict=True)]
+            finally:
+                annify_heads._EVAL_SLICE_BYTES = keep
+
         def means():
             return [f.mean((2, 3)) for f in feats]
 
-        t = interleaved({"eager": run(net.exits), "compiled": run(compiled), "mean": means}, args.repeats)
+        for got, want in zip(run(net.exits)(), whole_batch(), strict=True):
+            assert torch.equal(got, want)  # slicing the batch changes no value
+        t = interleaved(
+            {"eager": run(net.exits), "whole batch": whole_batch, "compiled": run(compiled), "mean": means},
+            args.repeats,
+        )
     rows, out = [], {"command": " ".join(["python", *sys.argv]), "machine": machine(), "cpu_memory": memory}
-    for name in ("eager", "compiled", "mean"):
+    for name in ("eager", "whole batch", "compiled", "mean"):
         ratio = [a / b for a, b in zip(t[name], t["eager"], strict=True)]
         rows.append(
             [

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -338,7 +339,31 @@ def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, half_co
         torch.testing.assert_close(logits[i], full[k][i], rtol=0, atol=1e-6)
         conf = torch.softmax(full[k][i] / temps[k], 0).max()
         assert k == net.num_outputs - 1 or conf >= thresholds[k]
+    assert all(t <= 1 for t in thresholds)  # every head runs, so the cost is the anytime cost
     assert cost.tolist() == [flops[k] for k in exit_at.tolist()]
+
+
+def test_early_exit_skips_the_heads_no_sample_can_exit_at(tiny, half_cost, monkeypatch):
+    """Outputs whose threshold is above 1 (inf before the first exit allowed) run their segment but
+    not their head, and the FLOPs returned are the trunk plus the heads that did run."""
+    net, _, _ = tiny
+    thresholds, temps, x = half_cost
+    skipped = [0, 1, 3]
+    thresholds = [math.inf if j in skipped else t for j, t in enumerate(thresholds)]
+    thresholds[2] = 1.5  # above 1 but finite: no max softmax reaches it either
+    skipped.append(2)
+    with torch.no_grad():
+        full = net(x)
+    calls = spy_segments(monkeypatch, net)
+    logits, exit_at, cost = early_exit(net, x, thresholds, temps)
+    assert [j for j, _, head in calls if not head] == sorted(skipped)
+    assert not set(exit_at.tolist()) & set(skipped) and len(set(exit_at.tolist())) > 1
+    trunk, head = segment_costs(net)
+    for i, k in enumerate(exit_at.tolist()):
+        torch.testing.assert_close(logits[i], full[k][i], rtol=0, atol=1e-6)
+        want = sum(trunk[: k + 1]) + sum(h for j, h in enumerate(head[: k + 1]) if j not in skipped)
+        assert float(cost[i]) == pytest.approx(want, rel=1e-12)
+        assert float(cost[i]) < exit_flops(net)[k]
 
 
 def test_early_exit_keeps_a_channels_last_batch_channels_last(tiny, half_cost, monkeypatch):
