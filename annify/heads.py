@@ -67,7 +67,7 @@ _SLICE_BYTES = 1 << 20
 # seven heads at batch 8, CPU: 2 MiB slices take 0.79x the unsliced chain's time, 1 MiB 0.89x)
 _EVAL_SLICE_BYTES = 1 << 21
 # the smallest feature map (values) that the training head fuses; see PaperHead.forward
-FUSED_MIN_NUMEL = 1 << 18
+FUSED_MIN_NUMEL = 1 << 19
 
 
 @contextlib.contextmanager
@@ -187,10 +187,10 @@ class PaperHead(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            # below about 2^18 values the fixed cost of its ~20 operations outweighs the passes it
-            # saves (forward + backward on the CPU, freed memory kept, annify.cpu: 0.63x autograd's
-            # time at 64x16x32x32, 0.74x at 64x32x16x16, 0.95x at 64x64x8x8, 0.82x at 8x2048x7x7,
-            # 1.09-1.11x at 2^17 values)
+            # below about 2^19 values the fixed cost of its ~20 operations outweighs the passes it
+            # saves (the whole head forward + backward on the CPU, freed memory kept, annify.cpu;
+            # benchmarks/bench_heads.py --parts train: 0.79x the chain's time at 64x16x32x32, 0.95x
+            # at 64x32x16x16, 0.65x at 8x256x56x56, 0.93x at 8x2048x7x7; 1.01-1.07x at 64x64x8x8)
             and x.numel() >= FUSED_MIN_NUMEL
         )
         sliced = (  # eval without autograd (evaluation, early exit, serving): samples are independent

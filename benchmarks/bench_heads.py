@@ -1,23 +1,30 @@
-"""The paper head in eval, eager against one compiled pass, on resann50's seven tap maps (issue 10, item 1).
+"""The paper head's own cost, in eval and in training (issue 10, items 1 and 2).
 
-The paper head (BatchNorm → ReLU → mean over H×W → linear) in eager PyTorch makes three passes over
-its full-resolution map (BatchNorm writes it, ReLU rewrites it, the mean reads it). ``torch.compile``
-of the same module (inductor, C++ on the CPU) fuses them into one reading pass. This script measures
-how far each is from the floor, a mean alone over the same maps, to say what a compiled head would
-save in the every-output forward of section 13a.
+Parts (``--parts eval,train``):
 
-For each of resnet50 --every 2's seven heads, the tap's feature map at batch ``--batch`` (random
-images, timm's initialisation) is stored; then, interleaved in each round (order rotating), every
-head runs eager (as annify runs it in eval without autograd: BatchNorm-ReLU-mean over cache-sized
-slices of the batch), eager over the whole batch at once (the eval path before slicing; same logits,
-checked exactly), compiled and as a bare mean. The compiled heads give the eager ones' logits to
-float rounding (checked before timing). Needs a C++ compiler for inductor.
+eval: resann50's seven paper heads (BatchNorm → ReLU → mean over H×W → linear). In eager PyTorch
+    the head makes three passes over its full-resolution map (BatchNorm writes it, ReLU rewrites it,
+    the mean reads it); ``torch.compile`` of the same module (inductor, C++ on the CPU) fuses them
+    into one reading pass. For each of resnet50 --every 2's seven heads, the tap's feature map at
+    batch ``--batch`` (random images, timm's initialisation) is stored; then, interleaved in each
+    round (order rotating), every head runs eager (as annify runs it in eval without autograd:
+    BatchNorm-ReLU-mean over cache-sized slices of the batch), eager over the whole batch at once
+    (the eval path before slicing; same logits, checked exactly), compiled and as a bare mean (the
+    floor). The compiled heads give the eager ones' logits to float rounding (checked before
+    timing). Needs a C++ compiler for inductor.
+train: one paper head in training, forward + backward of BatchNorm (batch statistics), ReLU, mean
+    and linear on a stored map that requires grad, with the fused operation
+    (``annify.heads._BatchNormReLUPool``) against autograd's chain (``heads.unfused()``),
+    interleaved, on the maps of the CIFAR network of §7 (cifar_resnet_n7_c16 at batch 64) and of
+    resnet50 --every 2 at batch 8, plus a smaller map. Below ``heads.FUSED_MIN_NUMEL`` values both
+    columns run the chain (the row then shows the timing noise).
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_heads.py --repeats 20
+    PYTHONPATH=. python benchmarks/bench_heads.py --repeats 30
+    PYTHONPATH=. python benchmarks/bench_heads.py --parts train --repeats 20
 
-Results: printed as Markdown and written to ``benchmarks/results/heads.json``.
+Results: printed as Markdown and written to ``benchmarks/results/heads.json`` (one key per part).
 """
 
 from __future__ import annotations
@@ -40,17 +47,7 @@ from benchmarks._timing import _quantile, interleaved, machine, machine_line, se
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    timing.cpu_memory_option(ap)
-    args = ap.parse_args()
-    warnings.simplefilter("ignore")
-    set_threads(args.threads)
-    memory = timing.set_cpu_memory(args.cpu_memory)
-    print(machine_line(), memory)
+def eval_part(args, memory: str) -> dict:
     from annify import heads as annify_heads
     from annify.convert import convert
 
@@ -88,7 +85,7 @@ def main() -> None:
             {"eager": run(net.exits), "whole batch": whole_batch, "compiled": run(compiled), "mean": means},
             args.repeats,
         )
-    rows, out = [], {"command": " ".join(["python", *sys.argv]), "machine": machine(), "cpu_memory": memory}
+    rows, out = [], {}
     for name in ("eager", "whole batch", "compiled", "mean"):
         ratio = [a / b for a, b in zip(t[name], t["eager"], strict=True)]
         rows.append(
@@ -109,8 +106,101 @@ def main() -> None:
         f"Maps: {', '.join('×'.join(map(str, f.shape)) for f in feats)}; compiling and checking took {compile_s:.0f} s.\n"
     )
     print(table(["heads", "all seven, median ms", "/ eager (per-round ratio)", "rounds"], rows))
+    return out
+
+
+# (label, map shape): cifar_resnet_n7_c16's three stages at batch 64, resnet50 --every 2's maps at
+# batch 8, and a map below the size where the fusion starts (heads.FUSED_MIN_NUMEL = 2^19 values)
+TRAIN_MAPS = [
+    ("cifar stage 1", (64, 16, 32, 32)),
+    ("cifar stage 2", (64, 32, 16, 16)),
+    ("cifar stage 3", (64, 64, 8, 8)),
+    ("resnet50 layer1", (8, 256, 56, 56)),
+    ("resnet50 layer2", (8, 512, 28, 28)),
+    ("resnet50 layer3", (8, 1024, 14, 14)),
+    ("resnet50 layer4", (8, 2048, 7, 7)),
+    ("2^17 values", (32, 64, 8, 8)),
+]
+
+
+def train_part(args, memory: str) -> dict:
+    from annify import heads as annify_heads
+
+    rows, out = [], {}
+    for label, shape in TRAIN_MAPS:
+        torch.manual_seed(0)
+        head = annify_heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train()
+        x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
+        g = torch.randn(shape[0], 10)
+
+        def step(x=x, head=head, g=g):
+            x.grad = None
+            head.zero_grad(set_to_none=True)
+            head(x).backward(g)
+
+        def chain(step=step):
+            with annify_heads.unfused():
+                step()
+
+        t = interleaved({"fused": step, "chain": chain}, args.repeats)
+        ratio = [a / b for a, b in zip(t["fused"], t["chain"], strict=True)]
+        fused = x.numel() >= annify_heads.FUSED_MIN_NUMEL
+        rows.append(
+            [
+                label,
+                "×".join(map(str, shape)),
+                "yes" if fused else "no (below the size)",
+                f"{statistics.median(t['chain']) * 1e3:.2f}",
+                f"{statistics.median(t['fused']) * 1e3:.2f}",
+                f"**{statistics.median(ratio):.3f}** (IQR {_quantile(ratio, 0.25):.3f}–{_quantile(ratio, 0.75):.3f})",
+            ]
+        )
+        out[label] = {"shape": list(shape), "fused": fused, "times_s": t, "ratio": ratio}
+    print(f"\n### One paper head in training, forward + backward ({args.threads} thread(s), {memory})\n")
+    print(
+        table(
+            [
+                "map",
+                "shape",
+                "fused",
+                "chain, median ms",
+                "annify's head, median ms",
+                "annify / chain (per round)",
+            ],
+            rows,
+        )
+    )
+    return out
+
+
+PARTS = {"eval": eval_part, "train": train_part}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="eval,train")
+    ap.add_argument("--batch", type=int, default=8, help="eval: the batch of resann50's maps")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    timing.cpu_memory_option(ap)
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    warnings.simplefilter("ignore")
+    set_threads(args.threads)
+    memory = timing.set_cpu_memory(args.cpu_memory)
+    print(machine_line(), memory)
+    path = RESULTS / "heads.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if "eager" in result:  # the file's earlier layout: the eval part alone
+        result = {"eval": result}
+    for part in parts:
+        out = PARTS[part](args, memory)
+        out.update({"command": " ".join(["python", *sys.argv]), "machine": machine(), "cpu_memory": memory})
+        result[part] = out
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "heads.json").write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
