@@ -340,6 +340,8 @@ def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, half_co
         conf = torch.softmax(full[k][i] / temps[k], 0).max()
         assert k == net.num_outputs - 1 or conf >= thresholds[k]
     assert all(t <= 1 for t in thresholds)  # every head runs, so the cost is the anytime cost
+    # it runs under inference_mode, but hands back ordinary tensors (usable in autograd, changeable)
+    assert not any(t.is_inference() for t in (logits, exit_at, cost))
     assert cost.tolist() == [flops[k] for k in exit_at.tolist()]
 
 
