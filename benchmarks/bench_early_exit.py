@@ -16,7 +16,9 @@ Diagnostic, from the same rounds: the full forward is run segment by segment wit
 each segment (the same calls as ``net(x)``), and *segment-time bound* is the speed-up early exit
 would get if each sample cost what its segments cost per sample at batch 64 (no exit bookkeeping,
 no change of efficiency as the batch shrinks). Where that bound is below 0.75 × the FLOP reduction,
-time per FLOP differs between segments and no bookkeeping fix can meet the goal.
+time per FLOP differs between segments and no bookkeeping fix can meet the goal. After the rounds,
+each policy's early exit runs ``--repeats`` more times with a clock around every segment inside it:
+the batch each segment ran at, its median time, and what is left (the exit bookkeeping).
 
 Usage::
 
@@ -63,6 +65,42 @@ def _timed_segments(net, x, seg_times: list[list[float]]) -> list:
     return outs
 
 
+def _inside(net, x, thresholds, repeats: int) -> dict:
+    """Where an early exit's time goes: each segment's batch and median time with a clock around
+    ``run_segment`` inside ``early_exit``, and the rest (the exit bookkeeping), over ``repeats`` calls
+    (run after the interleaved rounds, so the clock costs them nothing)."""
+    from annify.early_exit import early_exit
+
+    real, seen = net.run_segment, {}
+
+    def clocked(j, state, head=True):
+        t0 = time.perf_counter()
+        out = real(j, state, head)
+        seen.setdefault(j, []).append((state[0].shape[0], time.perf_counter() - t0))
+        return out
+
+    totals = []
+    net.run_segment = clocked
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                early_exit(net, x, thresholds)
+                totals.append(time.perf_counter() - t0)
+    finally:
+        del net.run_segment  # the instance attribute goes; the method is back
+    segments = [
+        {"segment": j, "batch": v[0][0], "median_s": statistics.median(t for _, t in v)}
+        for j, v in sorted(seen.items())
+    ]
+    total = statistics.median(totals)
+    return {
+        "median_s": total,
+        "segments": segments,
+        "bookkeeping_s": total - sum(g["median_s"] for g in segments),
+    }
+
+
 def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "iqr": [_quantile(xs, 0.25), _quantile(xs, 0.75)]}
 
@@ -101,9 +139,11 @@ def run_net(
         fns[f"exit {red}"] = lambda th=th: early_exit(net, x, th)
     with torch.no_grad():
         t = interleaved(fns, repeats, warmup=2)
+    inside = {red: _inside(net, x, th, repeats) for red, (th, _, _) in policies.items()}
     warm = len(seg_times[0]) - repeats  # the warm-up rounds also ran the timed full forward
     per_round = [[s[warm + i] for s in seg_times] for i in range(repeats)]
-    rows, out = [], {"flops": flops, "batch": batch, "times_s": t}
+    full_segments = [statistics.median(s[warm:]) for s in seg_times]  # each segment at the full batch
+    rows, out = [], {"flops": flops, "batch": batch, "times_s": t, "full_segments_s": full_segments}
     for red, (th, counts, realised) in policies.items():
         speed = [f / e for f, e in zip(t["full"], t[f"exit {red}"], strict=True)]
         bound = []
@@ -121,6 +161,7 @@ def run_net(
             "efficiency": eff,
             "segment_time_bound": b,
             "meets_goal": eff >= GOAL,
+            "inside_early_exit": inside[red],
         }
         rows.append(
             [
@@ -180,6 +221,24 @@ def main() -> None:
         "samples exiting at each output",
     ]
     print(table(header, rows))
+    print("\nInside each early exit (a clock around every segment; median of the calls):\n")
+    for label in args.nets.split(","):
+        full = result[label]["full_segments_s"]
+        print(
+            f"- {label}, the full forward at batch {args.batch}, per sample: "
+            + " ".join(f"{t / args.batch * 1e3:.3f}" for t in full)
+            + " ms per segment"
+        )
+        for key, res in result[label].items():
+            if not key.startswith("reduction"):
+                continue
+            ins = res["inside_early_exit"]
+            segs = " ".join(f"{g['batch']}:{g['median_s'] * 1e3:.2f}" for g in ins["segments"])
+            print(
+                f"- {label}, {key}: {ins['median_s'] * 1e3:.1f} ms in all, exit bookkeeping "
+                f"{ins['bookkeeping_s'] * 1e3:.1f} ms ({ins['bookkeeping_s'] / ins['median_s']:.0%}); "
+                f"segments as batch:ms {segs}"
+            )
     after = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "early_exit.json"  # one entry per network and settings: a run keeps the others
