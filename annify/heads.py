@@ -63,8 +63,9 @@ def build(name: str, channels: int, num_classes: int, layout: str, **kw) -> nn.M
 # bytes of one slice of the feature map that the fused training head processes at a time: small
 # enough that the slice's temporaries stay in the core's cache instead of going to memory
 _SLICE_BYTES = 1 << 20
-# bytes of one slice of the map the head pools in eval, without autograd (measured on resann50's
-# seven heads at batch 8, CPU: 2 MiB slices take 0.79x the unsliced chain's time, 1 MiB 0.89x)
+# bytes of one slice of the map the head pools in eval, without autograd: 2 MiB did best in an
+# ad-hoc sweep of 128 KiB-4 MiB; benchmarks/bench_heads.py measures resann50's seven heads at batch 8
+# pooled this way at 0.88-0.91x the whole-batch chain's time
 _EVAL_SLICE_BYTES = 1 << 21
 # the smallest feature map (values) that the training head fuses; see PaperHead.forward
 FUSED_MIN_NUMEL = 1 << 19
