@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate, pairwise
 
@@ -277,7 +278,12 @@ def segment_costs(net: AnytimeNet) -> tuple[list[float], list[float]]:
     return list(trunk), list(head)
 
 
-def exit_flops(net: AnytimeNet) -> list[float]:
-    """Cumulative anytime FLOPs of each output of ``net`` (what exiting there costs), per sample."""
+def exit_flops(net: AnytimeNet, heads_run: Sequence[bool] | None = None) -> list[float]:
+    """Cumulative anytime FLOPs of each output of ``net`` (what exiting there costs), per sample.
+
+    ``heads_run``: which heads are computed on the way (default all); a skipped head costs nothing.
+    """
     trunk, head = segment_costs(net)
+    if heads_run is not None:
+        head = [h if run else 0.0 for h, run in zip(head, heads_run, strict=True)]
     return [t + h for t, h in zip(accumulate(trunk), accumulate(head), strict=True)]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from annify.cost import exit_flops, segment_costs
+from annify.cost import exit_flops
 from annify.report import format_sci
 from annify.rewrite import AnytimeNet
 
@@ -236,12 +236,7 @@ def early_exit(
         raise ValueError("early_exit needs a non-empty batch")
     # a max softmax is at most 1: above that no sample can exit, so the head is skipped
     runs = [j == k_out - 1 or not thresholds[j] > 1.0 for j in range(k_out)]
-    trunk, head_cost = segment_costs(net)
-    flops_at, spent = [], 0.0  # cost of exiting at each output: the trunk so far and the heads run
-    for j in range(k_out):
-        spent += trunk[j] + (head_cost[j] if runs[j] else 0.0)
-        flops_at.append(spent)
-    flops = torch.tensor(flops_at, dtype=torch.float64)
+    flops = torch.tensor(exit_flops(net, runs), dtype=torch.float64)
     # the bookkeeping is in Python lists (a batch is tens to hundreds of samples): every tensor
     # operation costs a dispatch, and with the batch down to a few samples the segments themselves
     # take well under a millisecond

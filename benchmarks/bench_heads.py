@@ -193,8 +193,6 @@ def main() -> None:
     print(machine_line(), memory)
     path = RESULTS / "heads.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    if "eager" in result:  # the file's earlier layout: the eval part alone
-        result = {"eval": result}
     for part in parts:
         out = PARTS[part](args, memory)
         out.update({"command": " ".join(["python", *sys.argv]), "machine": machine(), "cpu_memory": memory})
