@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,14 @@ from annify.cost import exit_flops
 from annify.report import format_sci
 from annify.rewrite import AnytimeNet
 
-__all__ = ["batched_carry", "budget_curve", "calibrate_temperatures", "early_exit", "fit_thresholds"]
+__all__ = [
+    "batched_carry",
+    "budget_curve",
+    "calibrate_temperatures",
+    "early_exit",
+    "early_exit_stream",
+    "fit_thresholds",
+]
 
 
 def calibrate_temperatures(
@@ -204,6 +211,119 @@ def _take(v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.index_select(v, 0, keep, out=out)
 
 
+class _Exits:
+    """The state of an early exit over one or more batches: per output, the samples waiting to run its
+    segment (chunks of carried state, with each sample's batch and place in it), and per batch the
+    logits and exit found so far.
+
+    A segment runs once ``pool`` samples wait for it (or, when the input ends, on whatever waits), on
+    all of them at once: samples still undecided from several batches share one call, so late
+    segments are not run at a batch of one or two, where a segment costs 2-3x per sample what it
+    costs at batch 64 (BENCHMARKS.md §13d).
+    """
+
+    def __init__(self, net: AnytimeNet, thresholds: Sequence[float], temperatures, pool: int):
+        k_out = net.num_outputs
+        if len(thresholds) != k_out:
+            raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
+        self.net, self.thresholds, self.pool = net, list(thresholds), pool
+        self.temps = list(temperatures) if temperatures is not None else [1.0] * k_out
+        # a max softmax is at most 1: above that no sample can exit, so the head is skipped
+        self.runs = [j == k_out - 1 or not self.thresholds[j] > 1.0 for j in range(k_out)]
+        self.flops = torch.tensor(exit_flops(net, self.runs), dtype=torch.float64)
+        self.batched = _batched_carry(net)
+        # waiting[j]: chunks (carried state, [(batch, index in batch), ...]) to run segment j on
+        self.waiting: list[list[tuple[tuple, list[tuple[int, int]]]]] = [[] for _ in range(k_out)]
+        self.results: list[torch.Tensor | None] = []
+        self.exits: list[list[int]] = []
+        self.open: list[int] = []  # per batch, how many of its samples have not exited yet
+        self.shape: tuple | None = None  # a sample's shape: batches of another shape are not pooled
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            raise ValueError("early exit needs non-empty batches")
+        if self.shape is not None and tuple(x.shape[1:]) != self.shape:
+            self.run(flush=True)  # carried shapes (and ints such as a width) differ: do not mix
+        self.shape = tuple(x.shape[1:])
+        b = len(self.results)
+        self.results.append(None)
+        self.exits.append([self.net.num_outputs - 1] * x.shape[0])
+        self.open.append(x.shape[0])
+        self.waiting[0].append(((x,), [(b, i) for i in range(x.shape[0])]))
+
+    def run(self, flush: bool) -> None:
+        """Run every segment that has ``pool`` samples waiting (with ``flush``: any waiting), in order."""
+        with _inference(self.net):
+            for j in range(self.net.num_outputs):
+                if sum(len(ids) for _, ids in self.waiting[j]) >= (1 if flush else self.pool):
+                    self._segment(j)
+
+    def _segment(self, j: int) -> None:
+        net, chunks, last = self.net, self.waiting[j], j == self.net.num_outputs - 1
+        self.waiting[j] = []
+        ids = [i for _, c in chunks for i in c]
+        flags = [True] if j == 0 else self.batched[j - 1]
+        state = chunks[0][0]
+        if len(chunks) > 1:  # values without the batch dimension are the same in every chunk
+            state = tuple(
+                torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, len(chunks[0][1])) else v
+                for p, (v, flag) in enumerate(zip(state, flags, strict=True))
+            )
+        state, logits = net.run_segment(j, state, head=self.runs[j])
+        if not self.runs[j]:
+            self.waiting[j + 1].append((state, ids))
+            return
+        if last:
+            passed = [True] * len(ids)
+        else:
+            z = logits.float() if self.temps[j] == 1.0 else logits.float() / self.temps[j]
+            passed = (torch.softmax(z, dim=-1).amax(dim=-1) >= self.thresholds[j]).tolist()
+        # the bookkeeping is in Python lists (a batch is tens to hundreds of samples): every tensor
+        # operation costs a dispatch, and with few samples left a segment takes well under a millisecond
+        done = [r for r, p in enumerate(passed) if p]
+        if not done:
+            self.waiting[j + 1].append((state, ids))
+            return
+        self._store(j, logits, [(r, ids[r]) for r in done], everyone=len(done) == len(ids))
+        if len(done) < len(ids):
+            kept = [r for r, p in enumerate(passed) if not p]
+            keep, b = torch.tensor(kept), len(ids)
+            state = tuple(
+                _take(v, keep) if flag and _has_batch(v, b) else v
+                for v, flag in zip(state, self.batched[j], strict=True)
+            )
+            self.waiting[j + 1].append((state, [ids[r] for r in kept]))
+
+    def _store(self, j: int, logits: torch.Tensor, done: list, everyone: bool) -> None:
+        by_batch: dict[int, tuple[list[int], list[int]]] = {}
+        for r, (b, i) in done:
+            rows, places = by_batch.setdefault(b, ([], []))
+            rows.append(r)
+            places.append(i)
+        for b, (rows, places) in by_batch.items():
+            if self.results[b] is None:
+                self.results[b] = logits.new_empty((len(self.exits[b]), *logits.shape[1:]))
+            whole = everyone and len(by_batch) == 1  # rows are then all of logits, in order
+            self.results[b][torch.tensor(places)] = logits if whole else logits[torch.tensor(rows)]
+            for i in places:
+                self.exits[b][i] = j
+            self.open[b] -= len(places)
+
+    def finished(self, b: int) -> bool:
+        return self.open[b] == 0
+
+    def result(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.results[b]
+        assert logits is not None and self.open[b] == 0
+        self.results[b] = None  # handed out: the exit state keeps no reference
+        exit_at = torch.tensor(self.exits[b])
+        return logits.clone(), exit_at, self.flops[exit_at]
+
+
+def _has_batch(v, b: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
+
+
 def early_exit(
     net: AnytimeNet,
     x: torch.Tensor,
@@ -223,63 +343,56 @@ def early_exit(
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
     batch in channels-last format: resann50 at batch 64 then gets 0.87 of its 4.5× FLOP cut as
-    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §13c).
+    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §13c). With many batches to
+    classify, ``early_exit_stream`` also pools the last undecided samples of several batches.
 
     Returns:
         (logits at each sample's exit, N×classes; exit output index, N; per-sample FLOPs, N).
     """
-    k_out, n = net.num_outputs, x.shape[0]
-    if len(thresholds) != k_out:
-        raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
-    temps = list(temperatures) if temperatures is not None else [1.0] * k_out
-    if n == 0:
+    if x.shape[0] == 0:
         raise ValueError("early_exit needs a non-empty batch")
-    # a max softmax is at most 1: above that no sample can exit, so the head is skipped
-    runs = [j == k_out - 1 or not thresholds[j] > 1.0 for j in range(k_out)]
-    flops = torch.tensor(exit_flops(net, runs), dtype=torch.float64)
-    # the bookkeeping is in Python lists (a batch is tens to hundreds of samples): every tensor
-    # operation costs a dispatch, and with the batch down to a few samples the segments themselves
-    # take well under a millisecond
-    exits = [k_out - 1] * n
-    result: torch.Tensor | None = None
-    active = list(range(n))  # the original index of each sample still running
-    state: tuple = (x,)
-    with _inference(net):
-        batched = _batched_carry(net)
-        for j in range(k_out):
-            state, logits = net.run_segment(j, state, head=runs[j])
-            if not runs[j]:
-                continue
-            if result is None:
-                result = logits.new_empty((n, *logits.shape[1:]))
-            last = j == k_out - 1
-            if not last:
-                z = logits.float() if temps[j] == 1.0 else logits.float() / temps[j]
-                passed = (torch.softmax(z, dim=-1).amax(dim=-1) >= thresholds[j]).tolist()
-            if last or all(passed):
-                result[torch.tensor(active)] = logits
-                for i in active:
-                    exits[i] = j
-                break
-            if not any(passed):
-                continue
-            done = [i for i, p in enumerate(passed) if p]
-            kept = [i for i, p in enumerate(passed) if not p]
-            keep = torch.tensor(kept)
-            result[torch.tensor([active[i] for i in done])] = logits[torch.tensor(done)]
-            for i in done:
-                exits[active[i]] = j
-            b = len(active)
-            state = tuple(
-                _take(v, keep)
-                if flag and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
-                else v
-                for v, flag in zip(state, batched[j], strict=True)
-            )
-            active = [active[i] for i in kept]
-    assert result is not None
-    exit_at = torch.tensor(exits)
-    return result.clone(), exit_at, flops[exit_at]
+    ex = _Exits(net, thresholds, temperatures, pool=x.shape[0])
+    ex.add(x)
+    ex.run(flush=True)
+    return ex.result(0)
+
+
+def early_exit_stream(
+    net: AnytimeNet,
+    batches: Iterable[torch.Tensor],
+    thresholds: Sequence[float],
+    temperatures: Sequence[float] | None = None,
+    pool: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``early_exit`` over many batches, pooling the samples still undecided across them.
+
+    A segment runs once ``pool`` samples wait for it (default: the first batch's size), so the few
+    samples of each batch that go deep are classified together with those of later batches instead
+    of running the last segments at a batch of one or two. Each sample's exit, logits and FLOPs are
+    those ``early_exit`` gives it (up to float rounding between batch sizes); what changes is the
+    wall clock (cifar_resnet_n7_c16 at a 4.6× FLOP cut, BENCHMARKS.md §13d) and the latency: a
+    sample may wait for later batches, so this is for throughput (a test set, a queue of jobs), not
+    for answering one batch as soon as possible. Batches of a different sample shape are not pooled
+    with earlier ones.
+
+    Yields, for each batch in order once all its samples have exited, what ``early_exit`` returns.
+    """
+    ex: _Exits | None = None
+    ready = 0  # the next batch to hand out
+    for x in batches:
+        if ex is None:
+            ex = _Exits(net, thresholds, temperatures, pool=pool or x.shape[0])
+        ex.add(x)
+        ex.run(flush=False)
+        while ready < len(ex.open) and ex.finished(ready):
+            yield ex.result(ready)
+            ready += 1
+    if ex is None:
+        return
+    ex.run(flush=True)
+    while ready < len(ex.open):
+        yield ex.result(ready)
+        ready += 1
 
 
 def _collect(net: AnytimeNet, loader) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -296,8 +409,9 @@ def budget_curve(net: AnytimeNet, val_loader, test_loader, targets: Sequence[flo
     """Budgeted batch classification: accuracy against average FLOPs, one row per target.
 
     Temperatures and thresholds (including the first output allowed to exit, see
-    ``fit_thresholds``) are fit on ``val_loader`` (never on test), then ``early_exit`` runs
-    on ``test_loader``. ``wall_s`` is the time spent in ``early_exit`` on test (data loading excluded).
+    ``fit_thresholds``) are fit on ``val_loader`` (never on test), then ``early_exit_stream`` runs
+    on ``test_loader`` (the undecided samples of several batches pooled). ``wall_s`` is the time it
+    took on test, data loading excluded.
 
     Returns:
         One dict per target: ``target_flops``, ``avg_flops`` and ``accuracy`` on test, ``wall_s``,
@@ -313,14 +427,26 @@ def budget_curve(net: AnytimeNet, val_loader, test_loader, targets: Sequence[flo
     for target in targets:
         thresholds = fit_thresholds(probs, target, flops, val_labels)
         val_avg = float(torch.tensor(flops, dtype=torch.float64)[_exit_index(conf, thresholds)].mean())
-        correct, total, spent, wall = 0, 0, 0.0, 0.0
-        for x, y in test_loader:
-            start = time.perf_counter()
-            logits, _, per_sample = early_exit(net, x, thresholds, temps)
-            wall += time.perf_counter() - start
-            correct += int((logits.argmax(dim=-1) == torch.as_tensor(y)).sum())
+        correct, total, spent = 0, 0, 0.0
+        labels, loading = [], [0.0]
+
+        def images(labels=labels, loading=loading):
+            it = iter(test_loader)
+            while True:
+                start = time.perf_counter()
+                item = next(it, None)
+                loading[0] += time.perf_counter() - start
+                if item is None:
+                    return
+                labels.append(torch.as_tensor(item[1]))
+                yield item[0]
+
+        start = time.perf_counter()
+        for b, (logits, _, per_sample) in enumerate(early_exit_stream(net, images(), thresholds, temps)):
+            correct += int((logits.argmax(dim=-1) == labels[b]).sum())
             total += len(per_sample)
             spent += float(per_sample.sum())
+        wall = time.perf_counter() - start - loading[0]
         rows.append(
             {
                 "target_flops": float(target),

@@ -20,10 +20,16 @@ time per FLOP differs between segments and no bookkeeping fix can meet the goal.
 each policy's early exit runs ``--repeats`` more times with a clock around every segment inside it:
 the batch each segment ran at, its median time, and what is left (the exit bookkeeping).
 
+With ``--stream N`` each round also classifies N batches of 64 (the timed one and N − 1 more noise
+batches) with ``early_exit_stream``, which pools the samples still undecided across batches, against the
+full forward on each of the N batches; its FLOP reduction is the one realised over all N·64 samples,
+and the script prints the batch of every segment call the stream made.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_early_exit.py                       # both networks, as in BENCHMARKS.md
     PYTHONPATH=. python benchmarks/bench_early_exit.py --nets cifar --repeats 20 --reductions 4.6,2.5
+    PYTHONPATH=. python benchmarks/bench_early_exit.py --nets cifar --repeats 40 --channels-last --cpu-memory keep --stream 8
 
 Results are printed as Markdown and written to ``benchmarks/results/early_exit.json``.
 """
@@ -105,12 +111,30 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "iqr": [_quantile(xs, 0.25), _quantile(xs, 0.75)]}
 
 
+def _stream_calls(net, xs, thresholds) -> list[tuple[int, int]]:
+    """(segment, batch) of every segment call ``early_exit_stream`` makes over the batches ``xs``."""
+    from annify.early_exit import early_exit_stream
+
+    real, calls = net.run_segment, []
+
+    def spy(j, state, head=True):
+        calls.append((j, state[0].shape[0]))
+        return real(j, state, head)
+
+    net.run_segment = spy
+    try:
+        list(early_exit_stream(net, xs, thresholds))
+    finally:
+        del net.run_segment
+    return calls
+
+
 def run_net(
-    label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool
+    label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool, stream: int = 0
 ) -> tuple[list[list], dict]:
     from annify.convert import convert
     from annify.cost import exit_flops
-    from annify.early_exit import early_exit, fit_thresholds
+    from annify.early_exit import early_exit, early_exit_stream, fit_thresholds
 
     model, placement, size, classes, n_val = NETS[label]
     torch.manual_seed(0)
@@ -120,9 +144,11 @@ def run_net(
     gen = torch.Generator().manual_seed(1)
     val = torch.randn(n_val, *size, generator=gen)
     x = torch.randn(batch, *size, generator=gen)
+    more = [torch.randn(batch, *size, generator=gen) for _ in range(stream - 1)]  # the stream's other batches
     if channels_last:
         net.to(memory_format=torch.channels_last)
-        val, x = (t.contiguous(memory_format=torch.channels_last) for t in (val, x))
+        val, x, *more = (t.contiguous(memory_format=torch.channels_last) for t in (val, x, *more))
+    xs = [x, *more]
     with torch.no_grad():
         outs = [torch.cat(o) for o in zip(*(net(c) for c in val.split(batch)), strict=True)]
     probs = [torch.softmax(o, dim=-1) for o in outs]
@@ -137,6 +163,17 @@ def run_net(
     fns = {"full": lambda: _timed_segments(net, x, seg_times)}
     for red, (th, _, _) in policies.items():
         fns[f"exit {red}"] = lambda th=th: early_exit(net, x, th)
+    streamed = {}
+    if stream > 1:  # the same policies over `stream` batches, stragglers pooled across them
+        fns["full stream"] = lambda: [net(b) for b in xs]
+        for red, (th, _, _) in policies.items():
+            with torch.no_grad():
+                res = list(early_exit_stream(net, xs, th))
+            exits = torch.cat([e for _, e, _ in res])
+            spent = float(torch.cat([f for _, _, f in res]).mean())
+            counts = torch.bincount(exits, minlength=net.num_outputs).tolist()
+            streamed[red] = (counts, flops[-1] / spent, _stream_calls(net, xs, th))
+            fns[f"stream {red}"] = lambda th=th: list(early_exit_stream(net, xs, th))
     with torch.no_grad():
         t = interleaved(fns, repeats, warmup=2)
     inside = {red: _inside(net, x, th, repeats) for red, (th, _, _) in policies.items()}
@@ -178,6 +215,34 @@ def run_net(
                 " ".join(map(str, counts)),
             ]
         )
+    for red, (counts, realised, calls) in streamed.items():
+        speed = [f / e for f, e in zip(t["full stream"], t[f"stream {red}"], strict=True)]
+        s = _stats(speed)
+        eff = s["median"] / realised
+        out[f"stream {stream} reduction {red}"] = {
+            "batches": stream,
+            "exit_counts": counts,
+            "flop_reduction": realised,
+            "speed_up": s,
+            "efficiency": eff,
+            "meets_goal": eff >= GOAL,
+            "segment_calls": calls,
+        }
+        rows.append(
+            [
+                f"{label}, stream of {stream}",
+                f"{red}",
+                f"{realised:.2f}×",
+                f"{statistics.median(t['full stream']) * 1e3:.0f}",
+                f"{statistics.median(t[f'stream {red}']) * 1e3:.0f}",
+                f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
+                f"**{eff:.2f}**",
+                "yes" if eff >= GOAL else "no",
+                "",
+                repeats,
+                " ".join(map(str, counts)),
+            ]
+        )
     return rows, out
 
 
@@ -189,18 +254,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reductions", default="4.6,2.5", help="target FLOP reductions (full / average)")
     ap.add_argument("--channels-last", action="store_true", help="network and images in channels-last format")
+    ap.add_argument(
+        "--stream",
+        type=int,
+        default=0,
+        help="also time early_exit_stream over this many batches against the full forward on each",
+    )
     timing.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     set_threads(args.threads)
     memory = timing.set_cpu_memory(args.cpu_memory)
     settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
+    if args.stream > 1:
+        settings += f", stream of {args.stream}"
     print(machine_line())
     print(settings)
     reductions = [float(r) for r in args.reductions.split(",")]
     rows, result = [], {"command": " ".join(["python", *sys.argv]), "machine": machine()}
     for label in args.nets.split(","):
-        r, res = run_net(label, args.batch, args.repeats, reductions, args.channels_last)
+        r, res = run_net(label, args.batch, args.repeats, reductions, args.channels_last, args.stream)
         rows += r
         result[label] = res
         print(f"{label} done", flush=True)
@@ -230,6 +303,9 @@ def main() -> None:
             + " ms per segment"
         )
         for key, res in result[label].items():
+            if key.startswith("stream"):
+                calls = " ".join(f"{j}:{b}" for j, b in res["segment_calls"])
+                print(f"- {label}, {key}: segment calls as segment:batch {calls}")
             if not key.startswith("reduction"):
                 continue
             ins = res["inside_early_exit"]

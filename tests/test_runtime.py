@@ -17,7 +17,13 @@ from annify.convert import convert
 from annify.cost import exit_flops, segment_costs
 from annify.data import load_image
 from annify.eann import MemberTable, build_schedule
-from annify.early_exit import budget_curve, calibrate_temperatures, early_exit, fit_thresholds
+from annify.early_exit import (
+    budget_curve,
+    calibrate_temperatures,
+    early_exit,
+    early_exit_stream,
+    fit_thresholds,
+)
 from annify.report import format_flops
 from annify.rewrite import AnytimeNet
 from annify.runtime import AnytimeRunner, EANNRuntime
@@ -441,6 +447,69 @@ def test_early_exit_slices_only_what_has_the_batch_dimension(monkeypatch):
         torch.testing.assert_close(logits[i], full[k][i], rtol=0, atol=1e-6)
 
 
+def test_early_exit_stream_pools_the_undecided_across_batches_and_matches_early_exit(
+    tiny, half_cost, monkeypatch
+):
+    net, _, _ = tiny
+    thresholds, temps, _ = half_cost
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(6)]
+    alone = [early_exit(net, x, thresholds, temps) for x in xs]
+    calls = spy_segments(monkeypatch, net)
+    pulled = []
+
+    def batches():
+        for x in xs:
+            pulled.append(len(pulled))
+            yield x
+
+    got = list(early_exit_stream(net, batches(), thresholds, temps))
+    assert len(got) == len(xs)
+    for (logits, exit_at, cost), (logits1, exit_at1, cost1) in zip(got, alone, strict=True):
+        assert torch.equal(exit_at, exit_at1) and torch.equal(cost, cost1)
+        torch.testing.assert_close(logits, logits1, rtol=1e-5, atol=1e-6)
+    # a segment runs once 16 samples (the first batch's size) wait for it, except when the input ends
+    ends = max(i for i, (j, _, _) in enumerate(calls) if j == 0)  # the last call on a new batch
+    assert all(b >= 16 for _, b, _ in calls[: ends + 1])
+    per_batch = sum(int(e.max()) + 1 for _, e, _ in alone)  # segment calls of one early exit per batch
+    assert len(calls) <= per_batch / 2
+    assert sum(b for _, b, _ in calls) == sum(int(e.sum()) + len(e) for _, e, _ in alone)  # same work
+
+
+def test_early_exit_stream_hands_out_each_batch_as_soon_as_it_is_decided(tiny, half_cost):
+    net, _, _ = tiny
+    _, temps, x = half_cost
+    everyone_first = [0.0] * net.num_outputs  # every sample exits at output 0
+    pulled = []
+
+    def batches():
+        for i in range(3):
+            pulled.append(i)
+            yield x[16 * i : 16 * (i + 1)]
+
+    stream = early_exit_stream(net, batches(), everyone_first, temps)
+    logits, exit_at, _ = next(stream)
+    assert pulled == [0] and exit_at.tolist() == [0] * 16  # not waiting for the other batches
+    assert len(list(stream)) == 2 and pulled == [0, 1, 2]
+    assert list(early_exit_stream(net, iter([]), everyone_first)) == []
+    with pytest.raises(ValueError, match="non-empty"):
+        list(early_exit_stream(net, [x[:0]], everyone_first))
+
+
+def test_early_exit_stream_does_not_pool_batches_of_another_image_size(monkeypatch):
+    net = toy_net()  # carries the image width as an int: batches of two widths must not share a call
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 1, 8, 8, generator=gen), torch.randn(8, 1, 12, 12, generator=gen)]
+    thresholds = [0.5, 0.5, 0.0]
+    alone = [early_exit(net, x, thresholds) for x in xs]
+    calls = spy_segments(monkeypatch, net)
+    got = list(early_exit_stream(net, xs, thresholds, pool=16))
+    assert [j for j, _, _ in calls].count(0) == 2  # each width ran on its own
+    for (logits, exit_at, _), (logits1, exit_at1, _) in zip(got, alone, strict=True):
+        assert torch.equal(exit_at, exit_at1)
+        torch.testing.assert_close(logits, logits1, rtol=1e-5, atol=1e-6)
+
+
 def test_budget_curve_fits_on_val_and_reports_test(tiny, digits):
     net, spec, _ = tiny
     flops = exit_flops(net)
@@ -451,10 +520,11 @@ def test_budget_curve_fits_on_val_and_reports_test(tiny, digits):
         assert r["val_avg_flops"] <= r["target_flops"] + 0.01 * flops[-1]
         assert flops[0] <= r["avg_flops"] <= flops[-1] and 0 <= r["accuracy"] <= 1 and r["wall_s"] > 0
     assert rows[0]["val_avg_flops"] <= rows[1]["target_flops"]
-    # the reported test numbers are what early exit with those thresholds gives
+    # the reported test numbers are what early exit over the test batches with those thresholds gives
     correct = spent = total = 0
-    for x, y in digits["test"]:
-        logits, _, cost = early_exit(net, x, rows[1]["thresholds"], rows[1]["temperatures"])
+    images, labels = zip(*digits["test"], strict=True)
+    exits = early_exit_stream(net, images, rows[1]["thresholds"], rows[1]["temperatures"])
+    for (logits, _, cost), y in zip(exits, labels, strict=True):
         correct += int((logits.argmax(1) == y).sum())
         spent += float(cost.sum())
         total += len(y)
