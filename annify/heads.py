@@ -162,7 +162,8 @@ class PaperHead(nn.Module):
 
     In training (batch statistics) BatchNorm, ReLU and pooling run as one fused operation
     on the CPU (``_BatchNormReLUPool``: four passes over the full-resolution map instead of about
-    eleven, forward and backward) and update the running statistics as ``nn.BatchNorm2d`` does. In
+    eleven, forward and backward) and update the running statistics as ``nn.BatchNorm2d`` does;
+    under ``torch.compile`` the compiler gets the plain chain, which it fuses into its own kernels. In
     eval the ReLU works in place on BatchNorm's fresh output (BatchNorm's backward reads its input,
     not its output); without autograd on the CPU the map is pooled in cache-sized slices of the
     batch, so BatchNorm's output is written to and read back from the cache instead of memory. Each
@@ -188,6 +189,7 @@ class PaperHead(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # a compiler fuses the chain itself
             # below about 2^19 values the fixed cost of its ~20 operations outweighs the passes it
             # saves (the whole head forward + backward on the CPU, freed memory kept, annify.cpu;
             # benchmarks/bench_heads.py --parts train: 0.79x the chain's time at 64x16x32x32, 0.95x

@@ -56,6 +56,8 @@ def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     The check runs at every call, so broadcasting or type promotion (a bf16 ``a`` under autocast
     plus a float32 ``b``) still gets exactly what ``a + b`` gives.
     """
+    if torch.compiler.is_compiling():  # a compiler fuses the add itself (and result_type breaks its graph)
+        return a + b
     if not isinstance(a, torch.Tensor) or torch.result_type(a, b) != a.dtype:
         return a + b
     if (

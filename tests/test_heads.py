@@ -245,6 +245,28 @@ def test_small_maps_and_eval_keep_the_autograd_chain():
     assert "BatchNormReLUPool" not in str(head(big).grad_fn.next_functions)
 
 
+def test_a_compiled_head_hands_the_chain_to_the_compiler(monkeypatch):
+    """Under torch.compile the fused function is not traced: the compiler sees BatchNorm, ReLU and the
+    mean, which it fuses itself (traced, the fused head's per-slice loop would become many kernels)."""
+    torch.manual_seed(0)
+    head = heads.build("bn_relu_pool_linear", 8, 4, "NCHW").train()
+    big = torch.randn(2, 8, 256, 256, requires_grad=True)
+    want = head(big)  # eager: the fused path
+    monkeypatch.setattr(
+        heads._BatchNormReLUPool, "apply", lambda *a: pytest.fail("the fused path was traced")
+    )
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(head, backend=backend, fullgraph=True)(big)
+    assert any("batch_norm" in t for t in seen)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_eval_head_pools_in_slices_without_autograd_and_gives_the_same_logits(monkeypatch, channels_last):
     """In eval under no_grad on the CPU the paper head pools the batch a few samples at a time (here

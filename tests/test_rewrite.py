@@ -324,6 +324,23 @@ def test_residual_adds_write_into_their_left_operand(tiny_net):
     assert sum(_into(tiny_net.train())) == 9
 
 
+def test_a_training_network_compiles_into_one_graph(tiny_input):
+    """torch.compile (``annify train --compile``) sees the whole training forward, head-local gradient
+    scaling included, as one graph: a graph break (``add_into``'s dtype check once made 17 of them on
+    CIFAR) leaves every piece to run apart, and the converted step gained nothing from compiling."""
+    from annify.weighting import HeadLocal
+
+    torch.manual_seed(0)
+    net, _, _ = annify.convert("cifar_resnet_n3_c8", every=1, input_size=(1, 8, 8), num_classes=10,
+                               model_kwargs={"in_chans": 1})  # fmt: skip
+    net.train()
+    HeadLocal(net)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(tiny_input)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_add_into_writes_only_where_the_sum_has_the_left_operands_shape_and_dtype():
     a, b = torch.randn(2, 3), torch.randn(2, 3)
     expected = a + b
