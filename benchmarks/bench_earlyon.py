@@ -19,6 +19,7 @@ Usage::
 
     PYTHONPATH=. python benchmarks/bench_earlyon.py
     PYTHONPATH=. python benchmarks/bench_earlyon.py --parts overhead --threads 1 --batch 4
+    PYTHONPATH=. python benchmarks/bench_earlyon.py --parts overhead --compile   # all three compiled
 
 Results are printed as Markdown and written to ``benchmarks/results/earlyon.json``.
 """
@@ -29,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -63,7 +65,7 @@ def _stats(ratios: list[float]) -> dict:
     }
 
 
-def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
+def overhead(batch: int, repeats: int, threads: list[int], compile: bool = False) -> dict:
     from annify.convert import convert, create_model, plain_model
 
     _, custom_ee = _earlyon()
@@ -89,19 +91,37 @@ def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
         [],
         {"exit_layers": layers, "final_output_equal": same, "heads_share": share, "target": target},
     )
+    out["compiled"] = compile
     verdicts = []
     for th in threads:
         set_threads(th)
-        with torch.no_grad():
-            t = interleaved(
-                {
-                    "plain": lambda: plain(x),
-                    "earlyon": lambda: wrapper(x, mode="training"),
-                    "annify": lambda: net(x),
-                },
-                repeats,
-                warmup=3,
+        fns = {
+            "plain": lambda: plain(x),
+            "earlyon": lambda: wrapper(x, mode="training"),
+            "annify": lambda: net(x),
+        }
+        if compile:  # all three through torch.compile (inductor), compiled anew for each thread count
+            torch._dynamo.reset()
+            eager, fns = fns, {k: torch.compile(f) for k, f in fns.items()}
+            started = time.perf_counter()
+            with torch.no_grad():
+                for k, f in list(fns.items()):
+                    try:
+                        got = f()
+                    except RuntimeError as e:  # earlyon 0.3.0 raises under torch.compile: it runs eager
+                        if k != "earlyon":
+                            raise
+                        out["earlyon_compile_error"] = str(e).splitlines()[0]
+                        print(f"earlyon cannot be compiled, so it runs eager: {out['earlyon_compile_error']}")
+                        fns[k] = f = eager[k]
+                        got = f()
+                    torch.testing.assert_close(got if k == "plain" else got[-1], ref, rtol=1e-3, atol=1e-3)
+            print(
+                f"{th} thread(s): compiled the three forwards in {time.perf_counter() - started:.0f} s",
+                flush=True,
             )
+        with torch.no_grad():
+            t = interleaved(fns, repeats, warmup=3)
         r_e = [a / b for a, b in zip(t["earlyon"], t["plain"], strict=True)]
         r_a = [a / b for a, b in zip(t["annify"], t["plain"], strict=True)]
         r_ae = [a / b for a, b in zip(t["annify"], t["earlyon"], strict=True)]
@@ -140,7 +160,11 @@ def overhead(batch: int, repeats: int, threads: list[int]) -> dict:
             f"(1 + heads' FLOP share {share * 100:.2f}% + 3%): {'met' if a_p <= target else '**not met**'}; "
             f"annify / earlyon {a_e:.3f} (goal <= 1): {'met' if a_e <= 1 else '**not met**'}"
         )
-    print(f"\n### Every exit vs plain timm resnet50, 7 exits + final (batch {batch}, eval, `no_grad`)\n")
+    how = ""
+    if compile:
+        how = ", plain and annify compiled (torch.compile, inductor), earlyon "
+        how += "eager (it refuses torch.compile)" if "earlyon_compile_error" in out else "compiled"
+    print(f"\n### Every exit vs plain timm resnet50, 7 exits + final (batch {batch}, eval, `no_grad`{how})\n")
     print(table(["threads", "what", "median time (ms)", "median ratio", "spread", "repeats"], rows))
     print(f"\nExit layers: {', '.join(layers)}; final output torch.equal to plain: {same}")
     print("\n" + "\n".join(verdicts))
@@ -263,6 +287,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated families for the coverage part")
+    ap.add_argument(
+        "--compile", action="store_true", help="overhead part: all three forwards through torch.compile"
+    )
     timing.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -278,12 +305,12 @@ def main() -> None:
     memory = timing.set_cpu_memory(args.cpu_memory)
     print(machine_line(), f"earlyon {version}", memory)
     if "overhead" in parts:
-        result["overhead"] = {
+        result["overhead (compiled)" if args.compile else "overhead"] = {
             "command": " ".join(["python", *sys.argv]),
             "machine": machine(),
             "batch": args.batch,
             "cpu_memory": memory,
-            "results": overhead(args.batch, args.repeats, threads),
+            "results": overhead(args.batch, args.repeats, threads, args.compile),
         }
     if "families" in parts:
         fam = family_coverage(args.timeout, set(filter(None, args.only.split(","))))

@@ -20,7 +20,10 @@ step: per model, the steps below run round-robin in the same rounds (``benchmark
     ``1 + heads' FLOP share + 0.05``. ``--diagnose`` adds ``trunk`` (the converted segments without
     heads), ``pool_linear`` (the trainer's step with every head's BN-ReLU left out), to split the
     overhead between the cut-up trunk and the heads, and ``unfused`` (the trainer's step with the
-    paper heads' fused BN-ReLU-pool turned off), the before of the fused head.
+    paper heads' fused BN-ReLU-pool turned off), the before of the fused head. ``--compile`` runs
+    ``plain``, ``annify`` and ``const`` with every forward through ``torch.compile`` (inductor), as
+    ``annify train --compile`` does (and ``eager``, the trainer's step uncompiled, to show what
+    compiling buys); the compilation runs once before the rounds.
 optimizer: ``optimizer.step()`` alone on the converted network, per-tensor loop against fused.
 profile: ``torch.profiler`` over 3 steps of plain and of annify: the operators whose self time grew
     most, to say where the converted step's extra time goes.
@@ -32,6 +35,7 @@ Usage::
 
     PYTHONPATH=. python benchmarks/bench_train.py                                  # CPU parts, 1 thread
     PYTHONPATH=. python benchmarks/bench_train.py --models cifar --before --repeats 20
+    PYTHONPATH=. python benchmarks/bench_train.py --models cifar,resnet50 --parts step --compile   # both compiled
     PYTHONPATH=. python benchmarks/bench_train.py --device cuda                    # GPU part
 
 Results go to ``benchmarks/results/train.md`` (one section per part and model) and ``train.json``.
@@ -78,8 +82,11 @@ def _optimizer(model, fused: bool = True):
     return create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9, nesterov=False)
 
 
-def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True):
-    """One step exactly as ``annify.train.train`` takes it (single process), returning nothing."""
+def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, model=None):
+    """One step exactly as ``annify.train.train`` takes it (single process), returning nothing.
+
+    ``model`` is what the forward calls (``torch.compile(net)`` with ``--compile``, as the trainer
+    does); parameters, hooks and the optimizer belong to ``net``."""
     from annify import weighting
     from annify.train import _EpochLosses, output_losses, weighted_update
 
@@ -92,7 +99,7 @@ def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True):
     def step() -> None:
         if local is not None:
             local.set(scheme.weights)
-        losses = output_losses(net, x, y, amp)  # (K,)
+        losses = output_losses(net if model is None else model, x, y, amp)  # (K,)
         weighted_update(losses, scheme, optimizer, trunk, local)
         steps[0] += 1
         watch.add(losses, steps[0])
@@ -174,14 +181,16 @@ def _pool_linear_heads(net):
     return net
 
 
-def plain_step(model, x, y, amp: bool = False):
-    """The plain timm model's step: cross-entropy on its one output, the trainer's optimizer."""
+def plain_step(model, x, y, amp: bool = False, compiled=None):
+    """The plain timm model's step: cross-entropy on its one output, the trainer's optimizer
+    (``compiled``: what the forward calls instead of ``model``)."""
     optimizer = _optimizer(model)
     dev = x.device
+    forward = model if compiled is None else compiled
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)  # (B, classes)
+            out = forward(x)  # (B, classes)
         loss = F.cross_entropy(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,18 +240,36 @@ def _spread(s: dict) -> str:
 # -------------------------------------------------------------------- the CPU parts
 
 
-def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[str, dict]:
+def step_part(
+    name: str, repeats: int, before: bool, diagnose: bool, compile: bool = False
+) -> tuple[str, dict]:
     from annify import weighting
 
     plain, net, spec, batch, size, classes = _pair(name, "cpu")
     k = net.num_outputs
     x = torch.randn(batch, *size)
     y = torch.randint(0, classes, (batch,))
-    fns = {
-        "plain": plain_step(plain, x, y),
-        "annify": annify_step(_twin(net), weighting.get("adaloss", k), x, y),  # every variant built alike
-        "const": annify_step(_twin(net), weighting.get("const", k), x, y, head_local=False),
-    }
+    if compile:  # every model's forward through torch.compile (inductor), as `annify train --compile` does
+        torch._dynamo.reset()
+        nets = {n: _twin(net) for n in ("annify", "const")}
+        fns = {
+            "plain": plain_step(plain, x, y, compiled=torch.compile(plain)),
+            "annify": annify_step(nets["annify"], weighting.get("adaloss", k), x, y,
+                                  model=torch.compile(nets["annify"])),
+            "const": annify_step(nets["const"], weighting.get("const", k), x, y, head_local=False,
+                                 model=torch.compile(nets["const"])),
+        }  # fmt: skip
+        fns["eager"] = annify_step(_twin(net), weighting.get("adaloss", k), x, y)  # what compiling buys
+        started = time.perf_counter()
+        for fn in fns.values():  # compile outside the rounds (the warm-up would, at the cost of its clock)
+            fn()
+        print(f"{name}: compiled three steps in {time.perf_counter() - started:.0f} s", flush=True)
+    else:
+        fns = {
+            "plain": plain_step(plain, x, y),
+            "annify": annify_step(_twin(net), weighting.get("adaloss", k), x, y),  # every variant built alike
+            "const": annify_step(_twin(net), weighting.get("const", k), x, y, head_local=False),
+        }
     if before:
         fns["before"] = before_step(_twin(net), x, y)
     if diagnose:
@@ -264,6 +291,7 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
     wall = {n: v[-repeats:] for n, v in wall.items()}
     pairs = [("annify", "plain"), ("const", "plain"), ("annify", "const")]
     pairs += [("before", "plain"), ("annify", "before")] if before else []
+    pairs += [("annify", "eager")] if compile else []
     pairs += (
         [("trunk", "plain"), ("pool_linear", "plain"), ("unfused", "plain"), ("annify", "unfused")]
         if diagnose
@@ -275,6 +303,8 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
     goal = 1 + share + 0.05
     met = ratio["annify/plain"]["median"] <= goal
     what = f"{spec.model} {'×'.join(map(str, size))}, batch {batch}, {k} outputs"
+    if compile:
+        what += ", every model compiled (torch.compile, inductor; compile time outside the rounds)"
     labels = {
         "annify/plain": "converted, the trainer's step (head-local AdaLoss) / plain timm",
         "const/plain": "converted, CONST without head-local scaling / plain timm",
@@ -285,6 +315,7 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
         "pool_linear/plain": "diagnostic: the trainer's step with each head's BN-ReLU left out / plain timm",
         "unfused/plain": "diagnostic: the trainer's step with the heads' BN-ReLU-pool unfused (autograd's chain) / plain timm",
         "annify/unfused": "the fused head's step / the same step unfused",
+        "annify/eager": "the trainer's step compiled / the same step eager (what `--compile` buys)",
     }
     wall_ratio = {
         f"{a}/{b}": _stats([p / q for p, q in zip(wall[a], wall[b], strict=True)]) for a, b in pairs
@@ -321,7 +352,7 @@ def step_part(name: str, repeats: int, before: bool, diagnose: bool) -> tuple[st
     raw = {
         "model": spec.model, "outputs": k, "batch": batch, "input_size": list(size), "repeats": repeats,
         "heads_flop_share": share, "goal": goal, "met": met, "median_s": med, "ratios": ratio, "times_s": t,
-        "clock": CLOCK.__name__, "wall_ratios": wall_ratio, "wall_s": wall,
+        "clock": CLOCK.__name__, "wall_ratios": wall_ratio, "wall_s": wall, "compiled": compile,
     }  # fmt: skip
     return md, raw
 
@@ -490,6 +521,9 @@ def main() -> None:
     ap.add_argument(
         "--diagnose", action="store_true", help="step part: also the trunk alone and heads without BN-ReLU"
     )
+    ap.add_argument(
+        "--compile", action="store_true", help="step part: every model's forward through torch.compile"
+    )
     ap.add_argument("--gpu-batch", type=int, default=128)
     ap.add_argument("--gpu-steps", type=int, default=10, help="steps per timed block on the GPU")
     ap.add_argument("--results", default=str(RESULTS))
@@ -525,6 +559,10 @@ def main() -> None:
         global CLOCK
         CLOCK = time.perf_counter
     parts = [p for p in args.parts.split(",") if p]
+    if args.compile and (args.before or args.diagnose or parts != ["step"]):
+        raise SystemExit(
+            "--compile times the step part alone: use --parts step without --before or --diagnose"
+        )
     raw_path = path.with_suffix(".json")
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
     for part in parts:
@@ -533,7 +571,7 @@ def main() -> None:
             print(machine_line(info), flush=True)
             started = time.perf_counter()
             if part == "step":
-                md, data = step_part(name, args.repeats, args.before, args.diagnose)
+                md, data = step_part(name, args.repeats, args.before, args.diagnose, args.compile)
             elif part == "optimizer":
                 md, data = optimizer_part(name, max(args.repeats, 20))
             elif part == "profile":
@@ -545,8 +583,9 @@ def main() -> None:
                 f"{machine()['load_average_1_5_15']}; torch threads {threads}, fp32, {memory}, took "
                 f"{time.perf_counter() - started:.0f} s.\n\n{md}\n"
             )
-            _write_section(path, f"{part}-{name}", body, title)
-            raw[f"{part}-{name}"] = {**data, "command": command, "machine": info, "cpu_memory": memory}
+            key = f"{part}-compiled-{name}" if args.compile else f"{part}-{name}"
+            _write_section(path, key, body, title)
+            raw[key] = {**data, "command": command, "machine": info, "cpu_memory": memory}
             raw_path.write_text(json.dumps(raw, indent=1) + "\n")
             print(body, flush=True)
     if "<!-- begin gpu -->" not in path.read_text():
