@@ -241,7 +241,7 @@ class _Exits:
 
     def add(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
-            raise ValueError("early exit needs non-empty batches")
+            raise ValueError("early exit needs non-empty batches (this one has 0 samples)")
         if self.shape is not None and tuple(x.shape[1:]) != self.shape:
             self.run(flush=True)  # carried shapes (and ints such as a width) differ: do not mix
         self.shape = tuple(x.shape[1:])
@@ -349,8 +349,6 @@ def early_exit(
     Returns:
         (logits at each sample's exit, N×classes; exit output index, N; per-sample FLOPs, N).
     """
-    if x.shape[0] == 0:
-        raise ValueError("early_exit needs a non-empty batch")
     ex = _Exits(net, thresholds, temperatures, pool=x.shape[0])
     ex.add(x)
     ex.run(flush=True)
