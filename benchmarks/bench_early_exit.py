@@ -129,6 +129,37 @@ def _stream_calls(net, xs, thresholds) -> list[tuple[int, int]]:
     return calls
 
 
+def _summary(counts, realised, s, **extra) -> dict:
+    """A policy's results for the JSON file: exits, FLOP reduction, speed-up stats ``s``, the goal's verdict."""
+    eff = s["median"] / realised
+    return {
+        "exit_counts": counts,
+        "flop_reduction": realised,
+        "speed_up": s,
+        "efficiency": eff,
+        "meets_goal": eff >= GOAL,
+        **extra,
+    }
+
+
+def _row(label, red, realised, full, early, s, bound_cell, counts) -> list:
+    """A table row: the full and early-exit times (lists of per-round seconds), the speed-up stats ``s``."""
+    eff = s["median"] / realised
+    return [
+        label,
+        f"{red}",
+        f"{realised:.2f}×",
+        f"{statistics.median(full) * 1e3:.0f}",
+        f"{statistics.median(early) * 1e3:.0f}",
+        f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
+        f"**{eff:.2f}**",
+        "yes" if eff >= GOAL else "no",
+        bound_cell,
+        len(full),
+        " ".join(map(str, counts)),
+    ]
+
+
 def run_net(
     label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool, stream: int = 0
 ) -> tuple[list[list], dict]:
@@ -189,59 +220,28 @@ def run_net(
             spent = sum(n * float(c) for n, c in zip(counts, cum, strict=True)) / batch
             bound.append(float(cum[-1]) / spent)
         s, b = _stats(speed), _stats(bound)
-        eff = s["median"] / realised
-        out[f"reduction {red}"] = {
-            "thresholds": th,
-            "exit_counts": counts,
-            "flop_reduction": realised,
-            "speed_up": s,
-            "efficiency": eff,
-            "segment_time_bound": b,
-            "meets_goal": eff >= GOAL,
-            "inside_early_exit": inside[red],
-        }
-        rows.append(
-            [
-                label,
-                f"{red}",
-                f"{realised:.2f}×",
-                f"{statistics.median(t['full']) * 1e3:.0f}",
-                f"{statistics.median(t[f'exit {red}']) * 1e3:.0f}",
-                f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
-                f"**{eff:.2f}**",
-                "yes" if eff >= GOAL else "no",
-                f"{b['median']:.2f}× ({b['median'] / realised:.2f})",
-                repeats,
-                " ".join(map(str, counts)),
-            ]
+        out[f"reduction {red}"] = _summary(
+            counts, realised, s, thresholds=th, segment_time_bound=b, inside_early_exit=inside[red]
         )
+        bound_cell = f"{b['median']:.2f}× ({b['median'] / realised:.2f})"
+        rows.append(_row(label, red, realised, t["full"], t[f"exit {red}"], s, bound_cell, counts))
     for red, (counts, realised, calls) in streamed.items():
         speed = [f / e for f, e in zip(t["full stream"], t[f"stream {red}"], strict=True)]
         s = _stats(speed)
-        eff = s["median"] / realised
-        out[f"stream {stream} reduction {red}"] = {
-            "batches": stream,
-            "exit_counts": counts,
-            "flop_reduction": realised,
-            "speed_up": s,
-            "efficiency": eff,
-            "meets_goal": eff >= GOAL,
-            "segment_calls": calls,
-        }
+        out[f"stream {stream} reduction {red}"] = _summary(
+            counts, realised, s, batches=stream, segment_calls=calls
+        )
         rows.append(
-            [
+            _row(
                 f"{label}, stream of {stream}",
-                f"{red}",
-                f"{realised:.2f}×",
-                f"{statistics.median(t['full stream']) * 1e3:.0f}",
-                f"{statistics.median(t[f'stream {red}']) * 1e3:.0f}",
-                f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
-                f"**{eff:.2f}**",
-                "yes" if eff >= GOAL else "no",
+                red,
+                realised,
+                t["full stream"],
+                t[f"stream {red}"],
+                s,
                 "",
-                repeats,
-                " ".join(map(str, counts)),
-            ]
+                counts,
+            )
         )
     return rows, out
 
