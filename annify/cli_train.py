@@ -71,8 +71,8 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
     "--compile",
     "compile_",
     is_flag=True,
-    help="torch.compile the network (inductor; a minute or more to start, then the fastest steps: on the "
-    "CPU the heads cost 3% instead of 10%). Needs a C++ compiler on the CPU.",
+    help="torch.compile the network (inductor): a minute or more to start, then the fastest steps (the CIFAR "
+    "ResANN on a CPU: its heads add 3% to a step instead of 10%). Needs a C++ compiler on the CPU.",
 )
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on for CUDA, off for the CPU).")
 @click.option(
