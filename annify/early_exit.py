@@ -315,8 +315,8 @@ class _Exits:
     def result(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.results[b]
         assert logits is not None and self.open[b] == 0
-        self.results[b] = None  # handed out: the exit state keeps no reference
         exit_at = torch.tensor(self.exits[b])
+        self.results[b], self.exits[b] = None, []  # handed out: a long stream keeps nothing per batch
         return logits.clone(), exit_at, self.flops[exit_at]
 
 
