@@ -287,7 +287,7 @@ class _Exits:
         self._store(j, logits, [(r, ids[r]) for r in done], everyone=len(done) == len(ids))
         if len(done) < len(ids):
             kept = [r for r, p in enumerate(passed) if not p]
-            keep, b = torch.tensor(kept), len(ids)
+            keep, b = torch.tensor(kept, device=logits.device), len(ids)  # index_select's index: same device
             state = tuple(
                 _take(v, keep) if flag and _has_batch(v, b) else v
                 for v, flag in zip(state, self.batched[j], strict=True)

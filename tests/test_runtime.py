@@ -456,14 +456,7 @@ def test_early_exit_stream_pools_the_undecided_across_batches_and_matches_early_
     xs = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(6)]
     alone = [early_exit(net, x, thresholds, temps) for x in xs]
     calls = spy_segments(monkeypatch, net)
-    pulled = []
-
-    def batches():
-        for x in xs:
-            pulled.append(len(pulled))
-            yield x
-
-    got = list(early_exit_stream(net, batches(), thresholds, temps))
+    got = list(early_exit_stream(net, iter(xs), thresholds, temps))
     assert len(got) == len(xs)
     for (logits, exit_at, cost), (logits1, exit_at1, cost1) in zip(got, alone, strict=True):
         assert torch.equal(exit_at, exit_at1) and torch.equal(cost, cost1)
