@@ -1,13 +1,11 @@
 """The MNIST family from IDX files the tests write, the fixed training subset, gray timm data sets,
 and the in-memory fast path (TensorBatches) against the DataLoader path."""
 
-import gzip
 import os
-import struct
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import IDX_NAMES, assert_one_line_error, write_idx
 
 from annify.data import (
     DataError,
@@ -22,39 +20,6 @@ from annify.data import (
 )
 from annify.evaluate import fit_to_data
 from annify.spec import load_spec
-
-NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _idx(array: torch.Tensor) -> bytes:
-    """The IDX encoding of a uint8 tensor: magic (0, 0, type 0x08, ndim), big-endian dims, data."""
-    head = struct.pack(">BBBB", 0, 0, 8, array.dim()) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return head + array.numpy().tobytes()
-
-
-def write_idx(folder, n_train=200, n_test=50, classes=10, gz=True, seed=0):
-    """A tiny MNIST-family release: returns (train images, train labels, test images, test labels)."""
-    g = torch.Generator().manual_seed(seed)
-    data = (
-        torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
-        (torch.arange(n_train) % classes).to(torch.uint8),
-        torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
-        (torch.arange(n_test) % classes).to(torch.uint8),
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in zip(NAMES, data, strict=True):
-        raw = _idx(array)
-        if gz:
-            with gzip.open(folder / f"{name}.gz", "wb") as f:
-                f.write(raw)
-        else:
-            (folder / name).write_bytes(raw)
-    return data
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +67,7 @@ def test_fashion_mnist_default_path_and_errors(tmp_path):
     with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
         data_info(f"mnist:{tmp_path / 'part'}")
     (tmp_path / "bad").mkdir()
-    for name in NAMES:
+    for name in IDX_NAMES:
         (tmp_path / "bad" / f"{name}.gz").write_bytes(b"not gzip")
     with pytest.raises(DataError, match="is not a readable IDX file"):
         data_info(f"kmnist:{tmp_path / 'bad'}")
@@ -115,7 +80,7 @@ def test_cache_is_reused_and_refreshed(tmp_path):
     write_idx(src)
     data_info(f"mnist:{src}")
     cached = list((tmp_path / "cache" / "datasets").glob("MNIST-*/MNIST/raw/*"))
-    assert sorted(p.name for p in cached) == sorted(NAMES)
+    assert sorted(p.name for p in cached) == sorted(IDX_NAMES)
     stamps = {p: p.stat().st_mtime_ns for p in cached}
     from annify.data import _mnist_root
 
