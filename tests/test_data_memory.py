@@ -15,7 +15,6 @@ from annify.data import (
     build_datasets,
     build_loaders,
     data_info,
-    pad_crop_flip,
     parse_source,
 )
 from annify.evaluate import fit_to_data
@@ -161,18 +160,41 @@ def test_fast_path_gives_the_loader_batches_without_augmentation():
 
 
 def test_fast_path_augments_with_the_datasets_transform():
+    """Each image of a shuffled epoch is its source image (found by its unique label) shifted by at most
+    2 pixels with black borders and mirrored left-right or not: checked against every such candidate,
+    made by slicing a padded copy here, not with the code under test."""
     images = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8)
-    labels = torch.arange(50) % 5
+    labels = torch.arange(50)  # one class per image: the label says which image came out
     ds = TensorImageDataset(images, labels, (1, 6, 6), (0.5,), (0.25,), PadCropFlip(pad=2, flip=True))
-    fast = TensorBatches(ds, 16, shuffle=True, seed=3)
-    order, offsets, flips = fast._order()
-    fast.generator.manual_seed(3)
-    got = torch.cat([x for x, _ in fast])
-    base = images[order].float() / 255
-    want = (pad_crop_flip(base, 2, offsets, flips) - 0.5) / 0.25
-    assert torch.equal(got, want)
-    assert 0 < flips.sum() < 50 and len(set(map(tuple, offsets.tolist()))) > 5  # really random
-    # one image through the per-sample transform is a shift of the original with black borders
+    batches = list(TensorBatches(ds, 16, shuffle=True, seed=3))
+    got = torch.cat([x for x, _ in batches]) * 0.25 + 0.5  # undo the normalisation
+    order = torch.cat([y for _, y in batches])
+    assert sorted(order.tolist()) == list(range(50))  # every image once per epoch
+    base = images.float() / 255
+    drawn = []
+    for image, label in zip(got, order.tolist(), strict=True):
+        padded = torch.nn.functional.pad(base[label], (2, 2, 2, 2))  # black border: 0 before normalising
+        candidates = [
+            (
+                (i, j, flip),
+                padded[:, i : i + 6, j : j + 6].flip(-1) if flip else padded[:, i : i + 6, j : j + 6],
+            )
+            for i in range(5)
+            for j in range(5)
+            for flip in (False, True)
+        ]
+        match = [how for how, want in candidates if torch.allclose(image, want, rtol=0, atol=1e-6)]
+        assert match, f"image {label} is no shift or mirror of its source"
+        drawn.append(match[0])
+    assert 0 < sum(flip for _, _, flip in drawn) < 50  # some mirrored, some not
+    assert len({(i, j) for i, j, _ in drawn}) > 5  # really random shifts
+    assert torch.equal(
+        order, torch.cat([y for _, y in TensorBatches(ds, 16, shuffle=True, seed=3)])
+    )  # seeded
+
+
+def test_per_sample_transform_is_a_shift_with_black_borders():
+    base = torch.rand(1, 1, 6, 6)
     torch.manual_seed(0)
     one = PadCropFlip(pad=2, flip=False)(base[:1][0])
     torch.manual_seed(0)
