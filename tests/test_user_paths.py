@@ -158,7 +158,9 @@ def test_eann_note_on_member_order_comes_before_training(tmp_path):
     lines = []
     from annify.eann import run_eann
 
-    with pytest.raises(ValueError):  # epochs=0 stops the first member's training
+    with pytest.raises(
+        ValueError, match="epochs must be a positive integer, got 0"
+    ):  # stops the first member
         run_eann(
             ["cifar_resnet_n4_c16", "cifar_resnet_n2_c16"], out=tmp_path / "e", epochs=0, log=lines.append
         )
