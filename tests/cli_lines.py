@@ -179,14 +179,15 @@ def _serve(args: list[str], folder: Path, env: dict[str, str]) -> None:
         args[args.index("--port") + 1] = port
     else:
         args += ["--port", port]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "annify", *args], cwd=folder, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    log = folder / f"serve-{port}.log"  # a file, not a pipe: a chatty server never blocks on a full pipe
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "annify", *args], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
-            assert server.poll() is None, f"{shlex.join(args)} exited\n{server.stdout.read()[-3000:]}"
+            assert server.poll() is None, f"{shlex.join(args)} exited\n{log.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
                     assert answer.status == 200
