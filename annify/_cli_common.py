@@ -100,14 +100,14 @@ DEFAULT_THREADS = 1
 THREADS_HELP = (
     "torch CPU threads (intra-op). Default 1: on a machine other processes also use, OpenMP threads beyond "
     "the free cores make small networks many times slower (measured: a small network's epoch 14.5x slower "
-    "with 2 threads on a busy 2-core machine, BENCHMARKS.md §14); raise it on a machine of your own for "
+    "with 2 threads on a busy 2-core machine, BENCHMARKS.md §16); raise it on a machine of your own for "
     "large networks."
 )
 
 
 CPU_MEMORY_HELP = (
     "keep: freed tensor memory stays in the process for the next batch (no page faults on every large "
-    "activation: resnet50's forward at batch 32 runs 1.6x faster on one thread, BENCHMARKS.md §16); release: "
+    "activation: resnet50's forward at batch 32 runs 1.6x faster on one thread, BENCHMARKS.md §18); release: "
     "the C library's default, large blocks go back to the system at once (a smaller resident size between "
     "batches)."
 )

@@ -30,13 +30,31 @@ from annify.cli_train import SCHEMES, SOURCES
 @click.option("--batch-size", type=int, help="Images per step (default: the spec's, else 64).")
 @click.option("--lr", type=float, help="Initial learning rate (default: the spec's, else 0.1).")
 @click.option("--seed", type=int, help="Seed of every member's training (default: 0).")
+@click.option(
+    "--train-subset",
+    type=click.IntRange(1),
+    help="Train every member on a fixed subset of N training images.",
+)
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
 @device_options
 @cpu_options
 @friendly
 def eann(
-    members, data, epochs, weights, checkpoints, plain, batch_size, lr, seed, out, resume, device, workers
+    members,
+    data,
+    epochs,
+    weights,
+    checkpoints,
+    plain,
+    batch_size,
+    lr,
+    seed,
+    train_subset,
+    out,
+    resume,
+    device,
+    workers,
 ):
     """Train the anytime networks MEMBERS, smallest first, and assemble them into an EANN.
 
@@ -76,6 +94,7 @@ def eann(
         device=device,
         resume=resume,
         workers=workers,
+        train_subset=train_subset,
         log=click.echo,
     )
     click.echo(format_eann(run.summary))

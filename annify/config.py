@@ -63,7 +63,7 @@ class TrainConfig:
     # 80 % error with them, 58 % recomputed)
     bn_recalibrate: int = 2048
     # weights scale only what each head sends into the trunk (weighting.HeadLocal); None: on for adaloss,
-    # off otherwise (the Fashion-MNIST reproduction, BENCHMARKS.md §6b, is the evidence)
+    # off otherwise (the Fashion-MNIST reproduction, BENCHMARKS.md §7, is the evidence)
     head_local: bool | None = None
     distill: float = 0.0  # gamma: earlier outputs also learn from the last output's softened prediction
     distill_temperature: float = 1.0  # T of the distillation's softmax

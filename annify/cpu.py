@@ -6,9 +6,9 @@ activations at a usual batch are far above that (resnet50 at batch 64: 205 MB fo
 map), so every forward pays page faults on first touch of every large output (38 % of resnet50's
 forward time at batch 32, measured below). That cost follows activation size, not FLOPs: it makes the early,
 high-resolution layers slow per FLOP, which is exactly what an early exit runs. Measured here
-(BENCHMARKS.md §16, 1 thread): resnet50's forward at batch 32 runs 1.62× faster with memory kept, and
+(BENCHMARKS.md §18, 1 thread): resnet50's forward at batch 32 runs 1.62× faster with memory kept, and
 an early exit's speed-up on resann50 at batch 64 rises from 0.56 to 0.72 of its FLOP cut (0.87 with
-channels-last, §13c); training steps at batch 8–64 do not change (0.98–1.01×).
+channels-last, §15b); training steps at batch 8–64 do not change (0.98–1.01×).
 
 ``keep_freed_memory()`` turns that off for the process with two ``mallopt`` calls: no ``mmap`` for
 large blocks (``M_MMAP_MAX = 0``), and no returning of the heap's free top to the kernel below

@@ -219,7 +219,7 @@ class _Exits:
     A segment runs once ``pool`` samples wait for it (or, when the input ends, on whatever waits), on
     all of them at once: samples still undecided from several batches share one call, so late
     segments are not run at a batch of one or two, where a segment costs 2-3x per sample what it
-    costs at batch 64 (BENCHMARKS.md §13d).
+    costs at batch 64 (BENCHMARKS.md §15c).
     """
 
     def __init__(self, net: AnytimeNet, thresholds: Sequence[float], temperatures, pool: int):
@@ -343,7 +343,7 @@ def early_exit(
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
     batch in channels-last format: resann50 at batch 64 then gets 0.87 of its 4.5× FLOP cut as
-    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §13c). With many batches to
+    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §15b). With many batches to
     classify, ``early_exit_stream`` also pools the last undecided samples of several batches.
 
     Returns:
@@ -368,7 +368,7 @@ def early_exit_stream(
     samples of each batch that go deep are classified together with those of later batches instead
     of running the last segments at a batch of one or two. Each sample's exit, logits and FLOPs are
     those ``early_exit`` gives it (up to float rounding between batch sizes); what changes is the
-    wall clock (cifar_resnet_n7_c16 at a 4.6× FLOP cut, BENCHMARKS.md §13d) and the latency: a
+    wall clock (cifar_resnet_n7_c16 at a 4.6× FLOP cut, BENCHMARKS.md §15c) and the latency: a
     sample may wait for later batches, so this is for throughput (a test set, a queue of jobs), not
     for answering one batch as soon as possible. Batches of a different sample shape are not pooled
     with earlier ones.

@@ -557,7 +557,7 @@ def _optimizer(net: nn.Module, cfg: dict):
     timm's convention for weight decay (none on biases and norm parameters) in both.
 
     Fused: one kernel over all parameters instead of a few per tensor; ``optimizer.step()`` of SGD on
-    the CPU (BENCHMARKS.md §7) takes 0.38x the per-tensor loop's time for the converted CIFAR ResNet
+    the CPU (BENCHMARKS.md §8) takes 0.38x the per-tensor loop's time for the converted CIFAR ResNet
     (21 outputs), 0.41x for resnet50. The update is the same arithmetic, rounded differently.
     """
     import inspect

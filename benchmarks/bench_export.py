@@ -1,6 +1,6 @@
 """Export size: every truncated network and segment of an anytime network, with each weight once.
 
-Exports SPEC (default ``zoo/resann50.yaml``, fresh weights) to ONNX with ``annify.export`` (checked
+Exports SPEC (default ``specs/resann50.yaml``, fresh weights) to ONNX with ``annify.export`` (checked
 against PyTorch), then reports, from the same files:
 
 - shared: the ONNX files as written (graphs) plus the one ``<name>.onnx.data`` they all read;
@@ -10,7 +10,7 @@ against PyTorch), then reports, from the same files:
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_export.py                 # zoo/resann50.yaml
+    PYTHONPATH=. python benchmarks/bench_export.py                 # specs/resann50.yaml
     PYTHONPATH=. python benchmarks/bench_export.py --spec specs/cifar_resann_n7_c16.yaml
 """
 
@@ -36,7 +36,7 @@ def _mb(n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default="zoo/resann50.yaml")
+    parser.add_argument("--spec", default="specs/resann50.yaml")
     args = parser.parse_args()
     import onnx
 

@@ -15,7 +15,7 @@ eval: resann50's seven paper heads (BatchNorm → ReLU → mean over H×W → li
 train: one paper head in training, forward + backward of BatchNorm (batch statistics), ReLU, mean
     and linear on a stored map that requires grad, with the fused operation
     (``annify.heads._BatchNormReLUPool``) against autograd's chain (``heads.unfused()``),
-    interleaved, on the maps of the CIFAR network of §7 (cifar_resnet_n7_c16 at batch 64) and of
+    interleaved, on the maps of the CIFAR network of §8 (cifar_resnet_n7_c16 at batch 64) and of
     resnet50 --every 2 at batch 8, plus a smaller map. Below ``heads.FUSED_MIN_NUMEL`` values both
     columns run the chain (the row then shows the timing noise).
 

@@ -1,8 +1,11 @@
 """Helpers shared by the test modules (pytest puts this folder on sys.path); fixtures live in conftest.py."""
 
+import gzip
 import pickle
+import struct
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -70,3 +73,37 @@ def write_cifar(root, kind, n_train=60, n_test=20, num_classes=10):
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return folder, train_labels, test_labels
+
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx(array: torch.Tensor) -> bytes:
+    """The IDX encoding of a uint8 tensor: magic (0, 0, type 0x08, ndim), big-endian dims, data."""
+    head = struct.pack(">BBBB", 0, 0, 8, array.dim()) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return head + array.numpy().tobytes()
+
+
+def write_idx(folder, n_train=200, n_test=50, classes=10, gz=True, seed=0):
+    """A tiny MNIST-family release: returns (train images, train labels, test images, test labels)."""
+    g = torch.Generator().manual_seed(seed)
+    data = (
+        torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+        (torch.arange(n_train) % classes).to(torch.uint8),
+        torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+        (torch.arange(n_test) % classes).to(torch.uint8),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(IDX_NAMES, data, strict=True):
+        raw = _idx(array)
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(raw)
+        else:
+            (folder / name).write_bytes(raw)
+    return data

@@ -1,13 +1,11 @@
 """The MNIST family from IDX files the tests write, the fixed training subset, gray timm data sets,
 and the in-memory fast path (TensorBatches) against the DataLoader path."""
 
-import gzip
 import os
-import struct
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import IDX_NAMES, assert_one_line_error, write_idx
 
 from annify.data import (
     DataError,
@@ -17,44 +15,10 @@ from annify.data import (
     build_datasets,
     build_loaders,
     data_info,
-    pad_crop_flip,
     parse_source,
 )
 from annify.evaluate import fit_to_data
 from annify.spec import load_spec
-
-NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _idx(array: torch.Tensor) -> bytes:
-    """The IDX encoding of a uint8 tensor: magic (0, 0, type 0x08, ndim), big-endian dims, data."""
-    head = struct.pack(">BBBB", 0, 0, 8, array.dim()) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return head + array.numpy().tobytes()
-
-
-def write_idx(folder, n_train=200, n_test=50, classes=10, gz=True, seed=0):
-    """A tiny MNIST-family release: returns (train images, train labels, test images, test labels)."""
-    g = torch.Generator().manual_seed(seed)
-    data = (
-        torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
-        (torch.arange(n_train) % classes).to(torch.uint8),
-        torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
-        (torch.arange(n_test) % classes).to(torch.uint8),
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in zip(NAMES, data, strict=True):
-        raw = _idx(array)
-        if gz:
-            with gzip.open(folder / f"{name}.gz", "wb") as f:
-                f.write(raw)
-        else:
-            (folder / name).write_bytes(raw)
-    return data
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +66,7 @@ def test_fashion_mnist_default_path_and_errors(tmp_path):
     with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
         data_info(f"mnist:{tmp_path / 'part'}")
     (tmp_path / "bad").mkdir()
-    for name in NAMES:
+    for name in IDX_NAMES:
         (tmp_path / "bad" / f"{name}.gz").write_bytes(b"not gzip")
     with pytest.raises(DataError, match="is not a readable IDX file"):
         data_info(f"kmnist:{tmp_path / 'bad'}")
@@ -115,7 +79,7 @@ def test_cache_is_reused_and_refreshed(tmp_path):
     write_idx(src)
     data_info(f"mnist:{src}")
     cached = list((tmp_path / "cache" / "datasets").glob("MNIST-*/MNIST/raw/*"))
-    assert sorted(p.name for p in cached) == sorted(NAMES)
+    assert sorted(p.name for p in cached) == sorted(IDX_NAMES)
     stamps = {p: p.stat().st_mtime_ns for p in cached}
     from annify.data import _mnist_root
 
@@ -196,18 +160,41 @@ def test_fast_path_gives_the_loader_batches_without_augmentation():
 
 
 def test_fast_path_augments_with_the_datasets_transform():
+    """Each image of a shuffled epoch is its source image (found by its unique label) shifted by at most
+    2 pixels with black borders and mirrored left-right or not: checked against every such candidate,
+    made by slicing a padded copy here, not with the code under test."""
     images = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8)
-    labels = torch.arange(50) % 5
+    labels = torch.arange(50)  # one class per image: the label says which image came out
     ds = TensorImageDataset(images, labels, (1, 6, 6), (0.5,), (0.25,), PadCropFlip(pad=2, flip=True))
-    fast = TensorBatches(ds, 16, shuffle=True, seed=3)
-    order, offsets, flips = fast._order()
-    fast.generator.manual_seed(3)
-    got = torch.cat([x for x, _ in fast])
-    base = images[order].float() / 255
-    want = (pad_crop_flip(base, 2, offsets, flips) - 0.5) / 0.25
-    assert torch.equal(got, want)
-    assert 0 < flips.sum() < 50 and len(set(map(tuple, offsets.tolist()))) > 5  # really random
-    # one image through the per-sample transform is a shift of the original with black borders
+    batches = list(TensorBatches(ds, 16, shuffle=True, seed=3))
+    got = torch.cat([x for x, _ in batches]) * 0.25 + 0.5  # undo the normalisation
+    order = torch.cat([y for _, y in batches])
+    assert sorted(order.tolist()) == list(range(50))  # every image once per epoch
+    base = images.float() / 255
+    drawn = []
+    for image, label in zip(got, order.tolist(), strict=True):
+        padded = torch.nn.functional.pad(base[label], (2, 2, 2, 2))  # black border: 0 before normalising
+        candidates = [
+            (
+                (i, j, flip),
+                padded[:, i : i + 6, j : j + 6].flip(-1) if flip else padded[:, i : i + 6, j : j + 6],
+            )
+            for i in range(5)
+            for j in range(5)
+            for flip in (False, True)
+        ]
+        match = [how for how, want in candidates if torch.allclose(image, want, rtol=0, atol=1e-6)]
+        assert match, f"image {label} is no shift or mirror of its source"
+        drawn.append(match[0])
+    assert 0 < sum(flip for _, _, flip in drawn) < 50  # some mirrored, some not
+    assert len({(i, j) for i, j, _ in drawn}) > 5  # really random shifts
+    assert torch.equal(
+        order, torch.cat([y for _, y in TensorBatches(ds, 16, shuffle=True, seed=3)])
+    )  # seeded
+
+
+def test_per_sample_transform_is_a_shift_with_black_borders():
+    base = torch.rand(1, 1, 6, 6)
     torch.manual_seed(0)
     one = PadCropFlip(pad=2, flip=False)(base[:1][0])
     torch.manual_seed(0)

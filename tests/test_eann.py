@@ -66,7 +66,7 @@ def test_depth_ratio():
     members = three_members()  # totals 2, 4, 10
     assert depth_ratio(members, per_pair=True) == [2.0, 2.5]
     assert depth_ratio(members) == pytest.approx(math.sqrt(5.0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a depth ratio needs at least two members, got 1"):
         depth_ratio(members[:1])
 
 

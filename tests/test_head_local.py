@@ -184,7 +184,7 @@ def test_head_local_under_ddp_ranks_agree(spec_path, tmp_path):
 
 
 def test_head_local_is_the_default_for_adaloss_only():
-    """The default follows the Fashion-MNIST reproduction (BENCHMARKS.md 6b): head-local AdaLoss."""
+    """The default follows the Fashion-MNIST reproduction (BENCHMARKS.md §7): head-local AdaLoss."""
     assert resolve_settings({}, {})["head_local"] is True  # weights: adaloss
     assert resolve_settings({}, {"weights": "const"})["head_local"] is False
     assert resolve_settings({}, {"weights": "adaloss_grad"})["head_local"] is False  # no clash by default

@@ -644,7 +644,38 @@ def test_runtime_commands_have_help_with_an_example():
         assert result.exit_code == 0 and "Example: annify " + command in result.output
 
 
-def test_predict_normalises_with_the_runs_own_statistics(tmp_path):
+def test_predict_normalises_with_the_runs_own_statistics(tiny, saved, tmp_path):
+    """From a run folder (no --mean/--std), predict normalises with the run's data.json: its probabilities
+    are the network's on the image normalised by hand with that mean and std, not with another's."""
+    import shutil
+
+    net, _, _ = tiny
+    root, paths = saved
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    shutil.copy(root / "tiny.yaml", run / "config.yaml")
+    shutil.copy(root / "model.safetensors", run / "checkpoints" / "last" / "model.safetensors")
+    (run / "data.json").write_text('{"source": "digits", "mean": [0.3], "std": [0.4]}')
+    from annify.cli import main
+
+    args = ["predict", root / "tiny.yaml", "--checkpoint", run, "--topk", "10", "--json", paths[0]]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    got = torch.zeros(10)
+    for top in row["topk"]:
+        got[top["class"]] = top["prob"]
+    pixels = torch.from_numpy(np.asarray(Image.open(paths[0]), dtype=np.float32))  # 8×8 gray: the spec's size
+
+    def probs(mean, std):
+        with torch.no_grad():
+            return torch.softmax(net(((pixels / 255 - mean) / std)[None, None])[-1][0], 0)
+
+    torch.testing.assert_close(got, probs(0.3, 0.4), atol=1e-6, rtol=0)
+    assert (got - probs(0.5, 0.25)).abs().max() > 1e-3  # the normalisation changes the answer
+
+
+def test_find_run_from_inside_a_run_folder(tmp_path):
     from annify.run_dir import find_run, normalization
 
     run = tmp_path / "run"

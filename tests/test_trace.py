@@ -244,7 +244,7 @@ def test_trace_records_shapes_and_input_size(zoo):
     assert traced.shapes["layer1.0.act3"] == (2, 256, 56, 56)  # propagated at batch 2
     assert traced.shapes["fc"] == (2, 1000)
     assert traced.node("layer1.0.act3").op == "call_module"
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="layer9.0.act3"):
         traced.node("layer9.0.act3")
 
 

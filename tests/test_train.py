@@ -1,6 +1,7 @@
 """The trainer on a tiny CIFAR ResNet and digits: exact resume (also after SIGKILL), NaN stops, frozen
 trunks, timm-format initialization, DDP on CPU and the settings it resolves."""
 
+import contextlib
 import json
 import math
 import os
@@ -323,22 +324,48 @@ def test_cuda_bf16_channels_last_compile(spec_path, tmp_path):
 
 def test_gpu_code_paths_on_cpu_bf16_channels_last(spec_path, tmp_path):
     """bf16 autocast and channels-last run on the CPU when asked: only the device differs on a GPU."""
-    result = train(spec_path, out=tmp_path / "cpu", epochs=1, device="cpu", amp=True, channels_last=True,
-                   head_local=True, log=lambda _: None)  # fmt: skip
+    with _conv_output_dtypes() as dtypes:
+        result = train(spec_path, out=tmp_path / "cpu", epochs=1, device="cpu", amp=True, channels_last=True,
+                       head_local=True, log=lambda _: None)  # fmt: skip
+    assert dtypes == {torch.bfloat16}  # every training step's convolutions ran under bf16 autocast
     assert result.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert "amp=bf16" in (result.out / "config.yaml").read_text()
     rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     assert all(map(math.isfinite, rows[0]["train_loss"] + rows[0]["val_error"]))
-    off = train(spec_path, out=tmp_path / "default", epochs=1, device="cpu", log=lambda _: None)
-    assert "amp=off" in (off.out / "config.yaml").read_text()  # the CPU default: float32, NCHW
+    with _conv_output_dtypes() as dtypes:
+        off = train(spec_path, out=tmp_path / "default", epochs=1, device="cpu", log=lambda _: None)
+    assert dtypes == {torch.float32}  # the CPU default: float32, NCHW
+    assert "amp=off" in (off.out / "config.yaml").read_text()
     assert not off.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def _conv_output_dtypes():
+    """The dtypes every nn.Conv2d in training mode (a training step's forward) produced while the block ran."""
+    seen = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def test_gpu_code_paths_on_cpu_with_compile(spec_path, tmp_path):
     """The whole CUDA recipe (bf16, channels-last, torch.compile with inductor) on the CPU: about 100 s here
-    with a cold compile cache (5 min while every residual add broke the graph), so in the default suite."""
+    with a cold compile cache (5 min while every residual add broke the graph), so in the default suite.
+    Dynamo's counters say it really compiled, and into graphs without a break."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     result = train(spec_path, out=tmp_path / "c", epochs=1, device="cpu", amp=True, channels_last=True,
                    compile=True, head_local=True, distill=0.3, log=lambda _: None)  # fmt: skip
+    stats = torch._dynamo.utils.counters
+    assert stats["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert not stats["graph_break"], f"the network is not one graph: {dict(stats['graph_break'])}"
     assert "compile=True" in (result.out / "config.yaml").read_text()
     rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     assert all(map(math.isfinite, rows[0]["train_loss"]))
