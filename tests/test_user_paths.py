@@ -339,8 +339,8 @@ def test_train_config_is_the_one_list_of_settings():
         "data": "digits", "epochs": 300, "batch_size": 64, "opt": "sgd", "lr": 0.1, "momentum": 0.9,
         "weight_decay": 1e-4, "nesterov": False, "milestones": [0.5, 0.75], "decay_rate": 0.1,
         "weights": "adaloss", "weight_hparams": {}, "head": None, "seed": 0, "init": None,
-        "freeze_trunk": False, "head_local": None, "distill": 0.0, "distill_temperature": 1.0,
-        "train_subset": None,
+        "freeze_trunk": False, "head_lr": None, "head_epochs": 0, "teacher": None, "bn_recalibrate": 2048,
+        "head_local": None, "distill": 0.0, "distill_temperature": 1.0, "train_subset": None,
     }  # fmt: skip
     assert recipe == DEFAULTS
     assert TrainConfig() == TrainConfig(**recipe)
