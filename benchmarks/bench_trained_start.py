@@ -82,7 +82,9 @@ def collect(out: Path, cfg: dict, jobs: int) -> dict:
     started = time.perf_counter()
     first = [_job(spec, out / f"base-s{s}", "base", PLAIN, s, args, cfg["base_epochs"], 0.1) for s in seeds]
     total = cfg["base_epochs"] + cfg["epochs"]
-    first += [_job(spec, out / f"scratch_const-s{s}", "scratch_const", SCRATCH, s, args, total, 0.1) for s in seeds]
+    first += [
+        _job(spec, out / f"scratch_const-s{s}", "scratch_const", SCRATCH, s, args, total, 0.1) for s in seeds
+    ]
     records = _run_all(first, jobs, started)
     second = [
         _job(spec, out / f"{label}-s{s}", label,
@@ -94,7 +96,9 @@ def collect(out: Path, cfg: dict, jobs: int) -> dict:
     records += _run_all(second, jobs, started)
     runs: dict[str, list[dict]] = {}
     for job, rec in zip(first + second, records, strict=True):
-        runs.setdefault(job[2], []).append({"seed": job[5], "test": rec["test_error"], "val": rec["val_error"]})
+        runs.setdefault(job[2], []).append(
+            {"seed": job[5], "test": rec["test_error"], "val": rec["val_error"]}
+        )
     runs["original"] = []
     for s in seeds:
         o = _original(out / f"heads_only-s{s}")
@@ -115,11 +119,20 @@ def paired(a: list[float], b: list[float]) -> dict:
     wins, losses = sum(x < 0 for x in d), sum(x > 0 for x in d)
     p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
     if len(set(d)) > 1:
-        ci = bootstrap((d,), statistics.fmean, n_resamples=9999, random_state=0, method="percentile").confidence_interval
+        ci = bootstrap(
+            (d,), statistics.fmean, n_resamples=9999, random_state=0, method="percentile"
+        ).confidence_interval
         lo, hi = ci.low, ci.high
     else:
         lo = hi = d[0]
-    return {"mean": statistics.fmean(d), "wins": wins, "losses": losses, "n": len(d), "p_sign": p, "ci": (lo, hi)}
+    return {
+        "mean": statistics.fmean(d),
+        "wins": wins,
+        "losses": losses,
+        "n": len(d),
+        "p_sign": p,
+        "ci": (lo, hi),
+    }
 
 
 def summarize(study: dict) -> dict:
@@ -158,7 +171,12 @@ def report(study: dict, summary: dict, info: str) -> str:
     rows, orig, cfg = summary["rows"], summary["original"], study["config"]
     k = len(study["fractions"])
     lines = [f"# From a trained network: {cfg['model']} on {cfg['data']}", "", info, ""]
-    header = ["recipe", *[f"{i + 1} ({f:.2f})" for i, f in enumerate(study["fractions"])], "mean 1..K-1", "last: per seed"]
+    header = [
+        "recipe",
+        *[f"{i + 1} ({f:.2f})" for i, f in enumerate(study["fractions"])],
+        "mean 1..K-1",
+        "last: per seed",
+    ]
     body = [["original", *["-"] * (k - 1), _pct(statistics.fmean(orig["test"])), "-",
              " ".join(_pct(x) for x in orig["test"])]]  # fmt: skip
     for label, r in rows.items():
@@ -174,7 +192,9 @@ def report(study: dict, summary: dict, info: str) -> str:
             f"worse on {c['losses']}, sign test p = {c['p_sign']:.3f}"
         )
     d = [x - y for x, y in zip(rows[summary["chosen"]]["last_test"], orig["test"], strict=True)]
-    lines.append(f"- last output minus original, per seed: {' '.join(f'{100 * x:+.2f}' for x in d)} (worst {100 * max(d):+.2f})")
+    lines.append(
+        f"- last output minus original, per seed: {' '.join(f'{100 * x:+.2f}' for x in d)} (worst {100 * max(d):+.2f})"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +224,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, help="override the config's seed count")
     p.add_argument("--epochs", type=int, help="override the recipes' epochs")
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--out", type=Path, help="run folders (default: benchmarks/results/trained_start_<config>)")
+    p.add_argument(
+        "--out", type=Path, help="run folders (default: benchmarks/results/trained_start_<config>)"
+    )
     a = p.parse_args()
     name = "quick" if a.quick else a.config
     cfg = dict(CONFIGS[name])
