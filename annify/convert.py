@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -45,6 +46,8 @@ __all__ = [
 
 # Automatic placement leaves out tap points past this fraction of the trunk's cost.
 FINAL_FRACTION = 0.99
+# The most targets --flops-period may make (past the tap points, each takes the nearest one left).
+MAX_PERIODS = 1000
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
@@ -331,6 +334,12 @@ def choose(
             )
         inner = blocks[:-1]  # the last block feeds the model's own classifier
         picked = [t.node for t in inner if t.index >= start and (t.index - start) % every == 0]
+        if not picked:
+            raise ConvertError(
+                f"--every {every} --start {start} places no head: {_arch(traced)} has {len(blocks)} blocks and "
+                f"the last feeds its own classifier, so heads go after blocks 1 to {len(inner)}; "
+                f"give a --start (and --every) within that range"
+            )
         return picked, {"every": every, "start": start}
     if at:
         known = _tensor_nodes(traced)
@@ -374,6 +383,13 @@ def choose(
         placement = {"heads": heads}
     else:
         period = flops_period * total if flops_period <= 1 else flops_period
+        wanted = math.ceil(total * 0.999 / period) - 1  # the multiples of the period below the total
+        if wanted > MAX_PERIODS:  # bounded before any list is made: a tiny period means billions of them
+            raise ConvertError(
+                f"--flops-period {flops_period:g} asks for {wanted:,} outputs (one per {period:.3g} FLOPs of "
+                f"{total:.3g}), but {_arch(traced)} has {len(inner)} tap points; give a fraction of the total "
+                f"cost such as 0.25, or a period in FLOPs of at least {total / (len(inner) + 1):.3g}"
+            )
         ks = [k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
         fractions = [k * flops_period for k in ks] if flops_period <= 1 else []
         absolute = [k * period for k in ks] if flops_period > 1 else []
