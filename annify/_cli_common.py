@@ -40,7 +40,12 @@ def _one_line(e: BaseException) -> str:
         text = f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
     else:
         text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    lines = text.splitlines()
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # torch re-raises a worker's error with the worker's traceback as its message: its last line is
+        # "annify.errors.DataError: <the message>"
+        return lines[-1].partition(": ")[2] or lines[-1]
+    return lines[0] if lines else type(e).__name__
 
 
 def finite_positive(ctx, param, value: float | None) -> float | None:
