@@ -33,7 +33,6 @@ _EXPORTS = {
     "EANNRuntime": "annify.runtime",
     "keep_freed_memory": "annify.cpu",
     "budget_curve": "annify.early_exit",
-    "early_exit": "annify.early_exit",
     "early_exit_stream": "annify.early_exit",
     "HeadSpec": "annify.spec",
     "Spec": "annify.spec",
@@ -53,13 +52,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name == "weighting":
-        return importlib.import_module("annify.weighting")
+    if name in ("weighting", "early_exit"):
+        return importlib.import_module(f"annify.{name}")
     raise AttributeError(f"module 'annify' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "weighting"})
+    return sorted({*globals(), *_EXPORTS, "weighting", "early_exit"})
 
 
 class _Package(types.ModuleType):
@@ -73,7 +72,17 @@ class _Package(types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return
+        if name == "early_exit" and isinstance(value, types.ModuleType):
+            value.__class__ = _CallableModule
         super().__setattr__(name, value)
+
+
+class _CallableModule(types.ModuleType):
+    """``annify.early_exit`` is the module (``annify.early_exit.fit_thresholds``, as documented), and
+    calling it still calls its ``early_exit`` function, which ``annify.early_exit(...)`` always meant."""
+
+    def __call__(self, *args, **kwargs):
+        return self.early_exit(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _Package

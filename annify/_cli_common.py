@@ -96,7 +96,7 @@ checkpoint_option = click.option(
 def device_options(fn):
     """``--device`` and ``--workers``, shared by the commands that run a network over a dataset."""
     fn = click.option(
-        "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
+        "--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader worker processes."
     )(fn)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(fn)
 

@@ -32,11 +32,27 @@ from annify.cli_train import SCHEMES, SOURCES
 @click.option("--seed", type=int, help="Seed of every member's training (default: 0).")
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
+@click.option(
+    "--force", is_flag=True, help="Replace the EANN results (eann.json, eann.png) already in --out."
+)
 @device_options
 @cpu_options
 @friendly
 def eann(
-    members, data, epochs, weights, checkpoints, plain, batch_size, lr, seed, out, resume, device, workers
+    members,
+    data,
+    epochs,
+    weights,
+    checkpoints,
+    plain,
+    batch_size,
+    lr,
+    seed,
+    out,
+    resume,
+    force,
+    device,
+    workers,
 ):
     """Train the anytime networks MEMBERS, smallest first, and assemble them into an EANN.
 
@@ -75,6 +91,7 @@ def eann(
         lr=lr,
         device=device,
         resume=resume,
+        force=force,
         workers=workers,
         log=click.echo,
     )

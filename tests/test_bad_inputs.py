@@ -192,3 +192,233 @@ def test_nan_early_exit_thresholds_are_refused(tiny_net, tiny_input):
 
     with pytest.raises(InferenceError, match="hold nan; give each output a confidence in \\[0, 1\\]"):
         early_exit(tiny_net.eval(), tiny_input, [float("nan")] * tiny_net.num_outputs)
+
+
+# --- nothing already written is lost --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(tiny_spec())
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(spec_path, tmp_path_factory):
+    from annify.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(spec_path, out=out, epochs=1, log=lambda _: None)
+    return out
+
+
+def test_eann_never_replaces_an_eann_already_in_out(tmp_path):
+    (tmp_path / "eann.json").write_text("{}\n")
+    result = invoke("eann", "cifar_resnet_n2_c16", "cifar_resnet_n4_c16", "--epochs", "0", "--out", tmp_path)
+    assert_one_line_error(result, "already holds an EANN's results (eann.json)", "--resume", "--force")
+    assert (tmp_path / "eann.json").read_text() == "{}\n"
+
+
+def test_eann_member_given_twice_is_refused(tmp_path):
+    result = invoke("eann", "cifar_resnet_n2_c16", "cifar_resnet_n2_c16", "--epochs", "0", "--out", tmp_path)
+    assert_one_line_error(result, "member cifar_resnet_n2_c16 is given twice")
+
+
+def test_demo_never_replaces_a_training_runs_results(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = invoke("demo", "--epochs", "1", "--train-subset", "20", "--no-eann", "--out", out)
+    assert_one_line_error(
+        result, "holds results that are not a demo's (config.yaml", "anytime.png", "--force"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_second_process_training_into_a_held_run_folder_gets_one_line(spec_path, tmp_path):
+    from annify import run_dir
+
+    out = tmp_path / "r"
+    held = run_dir.lock(out)  # as another `annify train --out r` holds it (flock: per open file)
+    try:
+        result = invoke("train", spec_path, "--epochs", "1", "--out", out)
+        assert_one_line_error(
+            result, f"{out} is in use by another annify process (pid ", "choose another --out"
+        )
+    finally:
+        held.release()
+    assert not out.exists()  # the folder the holder made for a run that wrote nothing is gone
+    ok = invoke("train", spec_path, "--epochs", "1", "--out", out)
+    assert ok.exit_code == 0, ok.output
+    assert not (out / run_dir.LOCK).exists()
+
+
+@pytest.mark.parametrize("fails", ["state.pt", "model.safetensors"])
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(
+    spec_path, tmp_path, monkeypatch, fails
+):
+    import safetensors
+    import torch
+
+    import annify.train as training
+    from annify.errors import CheckpointError
+
+    writes = {"n": 0, "ok": 1 if fails == "state.pt" else 2}  # epoch 1 writes weights to last and best
+    real_saver, real_weights = training._saver, training._weights_writer
+
+    def full_disk(real, error):
+        def writer(*args):
+            write = real(*args)
+
+            def fail_second(path):
+                writes["n"] += 1
+                if writes["n"] > writes["ok"]:
+                    raise error
+                write(path)
+
+            return fail_second
+
+        return writer
+
+    if fails == "state.pt":  # torch.save's zip writer on a full disk
+        err = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
+        monkeypatch.setattr(training, "_saver", full_disk(real_saver, err))
+    else:
+        err = safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+        monkeypatch.setattr(training, "_weights_writer", full_disk(real_weights, err))
+    out = tmp_path / "r"
+    result = invoke("train", spec_path, "--epochs", "2", "--out", out)
+    last = out / "checkpoints" / "last"
+    assert_one_line_error(
+        result, f"cannot write checkpoint {out / 'checkpoints' / 'last' / fails}",
+        f"the last good checkpoint {last} is kept", "--resume", alone=False,
+    )  # fmt: skip
+    assert torch.load(last / "state.pt", weights_only=True)["epoch"] == 1
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(CheckpointError, match="no checkpoint was written yet"):
+        writes["n"] = writes["ok"]
+        training.train(spec_path, out=tmp_path / "fresh", epochs=1, log=lambda _: None)
+
+
+# --- tracebacks become one line -------------------------------------------------------------------
+
+
+def test_negative_workers_and_class_counts_are_refused_by_the_options(spec_path, tmp_path):
+    for args in (("train", spec_path, "--workers", "-1", "--out", tmp_path / "r"),
+                 ("convert", "cifar_resnet_n3_c8", "--num-classes", "-3", "--heads", "2", "--out", tmp_path)):  # fmt: skip
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output  # click's usage error, before anything runs
+        assert "Traceback" not in result.output and "is not in the range" in result.output
+        assert not (tmp_path / "r").exists() and not list(tmp_path.glob("*.yaml"))
+
+
+def test_predict_with_a_binary_labels_file_or_a_zero_std(run, spec_path, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "labels.bin").write_bytes(bytes(range(128, 256)))
+    args = ("predict", spec_path, tmp_path / "x.png", "--checkpoint", run)
+    assert_one_line_error(invoke(*args, "--labels", tmp_path / "labels.bin"), "labels.bin is not a text file")
+    bad_std = invoke(*args, "--mean", "0.5", "--std", "0")
+    assert_one_line_error(bad_std, "--std must be positive numbers", alone=False)
+
+
+def test_inspect_at_a_size_that_would_exhaust_memory_is_refused_at_once():
+    result = invoke("inspect", "cifar_resnet_n3_c8", "--input-size", "3,100000,100000")
+    assert_one_line_error(
+        result, "input size 3×100000×100000 is 30,000,000,000 values", "smaller --input-size"
+    )
+
+
+# --- clear messages -------------------------------------------------------------------------------
+
+
+def test_ctrl_c_in_train_says_how_to_resume_and_leaves_a_resumable_run(spec_path, tmp_path, monkeypatch):
+    import annify.train as training
+
+    real = training._train_epoch
+
+    def interrupted(run_, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(run_, epoch)
+
+    monkeypatch.setattr(training, "_train_epoch", interrupted)
+    out = tmp_path / "r"
+    result = invoke("train", spec_path, "--epochs", "2", "--out", out)
+    assert result.exit_code == 1
+    assert f"interrupted: {out} keeps its last checkpoint ({out / 'checkpoints' / 'last'}); continue it " in (
+        result.output
+    )
+    assert "--resume" in result.output
+    monkeypatch.setattr(training, "_train_epoch", real)
+    resumed = training.train(spec_path, out=out, epochs=2, resume=True, log=lambda _: None)
+    assert resumed.epochs_done == 2  # the lock went with the interrupted run
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export"])
+def test_a_run_folder_without_a_checkpoint_says_so(run, spec_path, tmp_path, command):
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "checkpoints" / "last")
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    extra = {"eval": (), "predict": (tmp_path / "x.png",), "export": ("--out", tmp_path / "e")}[command]
+    result = invoke(command, spec_path, *extra, "--checkpoint", out)
+    assert_one_line_error(result, f"run {out} has no checkpoint yet", "--resume", alone=False)
+
+
+def test_eval_predict_and_load_take_the_checkpoint_a_kill_left_mid_swap(run, spec_path, tmp_path):
+    import shutil
+
+    import torch
+
+    import annify
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "checkpoints" / "last").rename(out / "checkpoints" / ".old-last")  # killed between the renames
+    result = invoke("eval", spec_path, "--checkpoint", out)
+    assert result.exit_code == 0, result.output
+    net = annify.load(spec_path, out)
+    expected = annify.load(run / "config.yaml", run / "checkpoints" / "last" / "model.safetensors")
+    x = torch.randn(2, 3, 8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(net.eval()(x), expected.eval()(x), strict=True))
+
+
+def test_load_and_eval_take_a_run_folder_as_the_cli_does(run, spec_path):
+    import annify
+
+    net = annify.load(spec_path, run)  # the spec says 32×32; the run's resolved spec (8×8 digits) is used
+    assert tuple(net.spec.input_size) == (3, 8, 8)
+    result = invoke("eval", run)  # used to say "is a directory"
+    assert result.exit_code == 0, result.output
+    assert "val err" in result.output or "val" in result.output
+
+
+def test_resume_into_another_network_names_the_tensor_and_both_shapes(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    other = tmp_path / "other.yaml"
+    other.write_text(tiny_spec().replace("stages.1.2.add", "stages.2.0.add"))  # 32 channels, not 16
+    (out / "config.yaml").write_text(other.read_text())  # so only the weights disagree
+    from annify.convert import ConvertError
+    from annify.train import train
+
+    with pytest.raises(ConvertError) as caught:
+        train(other, out=out, epochs=1, resume=True, log=lambda _: None)
+    message = str(caught.value)
+    assert "0 missing" not in message and "(e.g. [])" not in message
+    assert (
+        "does not fit this spec: 5 of the wrong shape (e.g. heads.1.fc.weight: (10, 16) in the checkpoint, "
+        "(10, 32) in the network)" in message
+    )
+    assert "pass that spec, or the run folder" in message
