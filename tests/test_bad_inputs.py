@@ -422,3 +422,90 @@ def test_resume_into_another_network_names_the_tensor_and_both_shapes(run, tmp_p
         "(10, 32) in the network)" in message
     )
     assert "pass that spec, or the run folder" in message
+
+
+# --- paths that dead-ended ------------------------------------------------------------------------
+
+
+class OwnNet(__import__("torch").nn.Module):
+    """A user's own classifier for 3×8×8 digits: three conv units, then pool and a linear layer."""
+
+    def __init__(self):
+        from helpers import ConvBNReLU
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.units = nn.Sequential(ConvBNReLU(8), ConvBNReLU(8), ConvBNReLU(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+def test_a_network_converted_from_your_own_module_trains_from_python_and_the_cli_says_how(tmp_path):
+    import torch
+
+    import annify
+    from annify.spec import dump
+    from annify.train import train
+
+    torch.manual_seed(0)
+    module = OwnNet()
+    _, spec, _ = annify.convert(module, every=1, input_size=(3, 8, 8))
+    assert spec.model == "module:OwnNet" and len(spec.heads) == 3
+    path = tmp_path / "own.yaml"
+    path.write_text(dump(spec))
+    result = train(path, model=module, out=tmp_path / "r", epochs=3, stop_after=1, log=lambda _: None)
+    assert result.epochs_done == 1 and len(result.table) == 3
+    assert result.net.trunk_state_dict()["fc.weight"].data_ptr() == module.fc.weight.data_ptr()  # shared
+    resumed = train(path, model=OwnNet(), out=tmp_path / "r", epochs=3, resume=True, log=lambda _: None)
+    assert resumed.epochs_done == 3
+    assert max(r["val_error"] for r in resumed.table) < 0.9  # it learned: 10 classes, chance is 0.9
+    cli = invoke("train", path, "--epochs", "1", "--out", tmp_path / "cli")
+    assert_one_line_error(cli, "module of your own (module:OwnNet)", "train.train(spec, model=")
+
+
+def test_a_long_run_states_its_duration_after_its_first_steps(spec_path, tmp_path, monkeypatch):
+    import annify.train as training
+
+    monkeypatch.setattr(training, "ESTIMATE_AFTER_S", 0.0)
+    monkeypatch.setattr(training, "LONG_JOB_S", 0.0)  # every run counts as long here
+    monkeypatch.setattr(training, "CHECK_EVERY_S", 0.0)
+    lines = []
+    training.train(spec_path, out=tmp_path / "r", epochs=2, log=lines.append)
+    estimates = [line for line in lines if line.startswith("estimate: about ")]
+    assert len(estimates) == 1, lines  # once, from the first steps, before the first epoch line
+    assert "for 2 epochs of" in estimates[0] and "--epochs N or --train-subset N" in estimates[0]
+    assert lines.index(estimates[0]) < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
+
+
+def test_eann_states_the_epochs_it_will_train_before_training(tmp_path, monkeypatch):
+    import annify.train as training
+    from annify.eann import run_eann
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", stop)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_eann(["cifar_resnet_n2_c16", "cifar_resnet_n4_c16"], out=tmp_path, log=lines.append)
+    assert lines[0].startswith("training 2 members for 300 epochs each on digits (the paper's recipe; pass ")
+    assert "--epochs N for a shorter run" in lines[0]
+
+
+def test_the_documented_early_exit_module_path_works(tiny_net, tiny_input):
+    import annify
+
+    assert annify.early_exit.fit_thresholds is not None  # README: annify.early_exit.early_exit(...)
+    everyone_last = [2.0] * (tiny_net.num_outputs - 1) + [0.0]
+    logits, exit_at, _ = annify.early_exit.early_exit(tiny_net.eval(), tiny_input, everyone_last)
+    again, _, _ = annify.early_exit(tiny_net, tiny_input, everyone_last)  # the old spelling still works
+    assert torch_equal(logits, again) and exit_at.tolist() == [tiny_net.num_outputs - 1] * len(tiny_input)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
