@@ -171,6 +171,9 @@ def eval_(spec, checkpoint, data, batch_size, device, workers):
     if Path(spec).is_dir():
         spec, checkpoint = Path(spec) / CONFIG, checkpoint or spec
     if checkpoint is None:
+        from annify.spec import load_spec
+
+        load_spec(spec)  # a missing or malformed spec is the first thing to fix
         raise click.UsageError("pass --checkpoint (a run folder, a checkpoint folder or a .safetensors file)")
     rows = evaluate_checkpoint(
         spec, checkpoint, data=data, batch_size=batch_size, device=device, workers=workers

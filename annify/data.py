@@ -370,6 +370,7 @@ def _mnist_root(kind: str, path: str) -> Path:
     The source folder is only read (a system folder stays untouched); the cache is keyed by the
     source's resolved path and written atomically, so a kill never leaves a half-written file.
     """
+    import errno
     import gzip
     import hashlib
     import os
@@ -404,6 +405,16 @@ def _mnist_root(kind: str, path: str) -> Path:
             os.replace(tmp, dest)
         except (OSError, EOFError) as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+                errno.EROFS,
+                errno.EACCES,
+            ):
+                raise DataError(
+                    f"{kind}: cannot unpack {src} into annify's cache {raw} ({err.strerror}); free space there, "
+                    "or set ANNIFY_CACHE to a folder with room"
+                ) from None  # the cache is the problem, not the data set
             if isinstance(err, OSError) and err.filename:
                 raise
             raise DataError(

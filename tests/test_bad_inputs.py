@@ -509,3 +509,48 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+# --- a full disk is named where it is ---------------------------------------------------------------
+
+
+def test_a_full_cache_disk_is_not_blamed_on_the_data_set(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from test_data_memory import write_idx
+
+    from annify.data import build_datasets
+    from annify.errors import DataError
+
+    write_idx(tmp_path / "fm", n_train=20, n_test=10)
+    monkeypatch.setenv("ANNIFY_CACHE", str(tmp_path / "cache"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    with pytest.raises(
+        DataError, match="cannot unpack .* into annify's cache .*No space left on device.*ANNIFY_CACHE"
+    ):
+        build_datasets(f"fashion-mnist:{tmp_path / 'fm'}")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"),
+     RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0")],
+)  # fmt: skip
+def test_export_on_a_full_disk_names_the_folder(run, spec_path, tmp_path, monkeypatch, error):
+    import torch
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch.jit, "save", full)
+    out = tmp_path / "export"
+    result = invoke("export", spec_path, "--checkpoint", run, "--format", "torchscript", "--out", out)
+    assert_one_line_error(
+        result, f"cannot write the export into {out} (", "free disk space there", alone=False
+    )
+    assert not list(out.iterdir())  # the staging folder went too
