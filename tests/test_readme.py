@@ -62,4 +62,3 @@ def test_readme_python_snippet_runs_as_written(snippet, tmp_path, monkeypatch):
     namespace = reader_names(_write_specs_the_snippet_reads(snippet))
     with torch.no_grad():
         exec(compile(snippet, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
-
