@@ -123,8 +123,9 @@ def train(
     out = Path(out)
     _check_out(out)
     world, rank, dev, owns_group = _start_distributed(device)
-    held = run_dir.lock(out) if rank == 0 else None  # one process writes a run folder at a time
+    held = None
     try:
+        held = run_dir.lock(out) if rank == 0 else None  # one process writes a run folder at a time
         if model is None and model_source(spec.model)[0] == "module":
             raise TrainError(
                 f"{spec.name} was converted from a module of your own ({spec.model}), which a spec never "

@@ -554,3 +554,21 @@ def test_export_on_a_full_disk_names_the_folder(run, spec_path, tmp_path, monkey
         result, f"cannot write the export into {out} (", "free disk space there", alone=False
     )
     assert not list(out.iterdir())  # the staging folder went too
+
+
+def test_an_error_raised_in_a_data_loader_worker_keeps_its_own_line():
+    from torch._utils import ExceptionWrapper
+
+    from annify._cli_common import _one_line
+    from annify.errors import DataError
+
+    try:
+        raise DataError("imagefolder: cannot read image 'a/x.jpg' (truncated); remove or replace the file")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what torch sends back
+    with pytest.raises(DataError) as caught:
+        wrapped.reraise()
+    assert str(caught.value).startswith("Caught DataError in DataLoader worker process 0")
+    assert _one_line(caught.value) == (
+        "imagefolder: cannot read image 'a/x.jpg' (truncated); remove or replace the file"
+    )
