@@ -52,13 +52,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name in ("weighting", "early_exit"):
+    if name in ("weighting", *_CALLABLE):
         return importlib.import_module(f"annify.{name}")
     raise AttributeError(f"module 'annify' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "weighting", "early_exit"})
+    return sorted({*globals(), *_EXPORTS, "weighting", *_CALLABLE})
 
 
 class _Package(types.ModuleType):
@@ -72,17 +72,20 @@ class _Package(types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return
-        if name == "early_exit" and isinstance(value, types.ModuleType):
+        if name in _CALLABLE and isinstance(value, types.ModuleType):
             value.__class__ = _CallableModule
         super().__setattr__(name, value)
 
 
-class _CallableModule(types.ModuleType):
-    """``annify.early_exit`` is the module (``annify.early_exit.fit_thresholds``, as documented), and
-    calling it still calls its ``early_exit`` function, which ``annify.early_exit(...)`` always meant."""
+# Stage modules that share their name with their main function: ``annify.early_exit`` and
+# ``annify.train`` are the modules (``annify.early_exit.fit_thresholds``, ``annify.train.train``, as
+# documented), and calling one calls that function (``annify.early_exit(...)``, ``annify.train(...)``).
+_CALLABLE = ("early_exit", "train")
 
+
+class _CallableModule(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        return self.early_exit(*args, **kwargs)
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _Package
@@ -150,5 +153,6 @@ __all__ = [
     "spec_name",
     "tap_points",
     "trace",
+    "train",
     "weighting",
 ]

@@ -502,6 +502,7 @@ def test_the_documented_early_exit_module_path_works(tiny_net, tiny_input):
     everyone_last = [2.0] * (tiny_net.num_outputs - 1) + [0.0]
     logits, exit_at, _ = annify.early_exit.early_exit(tiny_net.eval(), tiny_input, everyone_last)
     again, _, _ = annify.early_exit(tiny_net, tiny_input, everyone_last)  # the old spelling still works
+    assert annify.train.train.__module__ == "annify.train" and callable(annify.train)  # same for train
     assert torch_equal(logits, again) and exit_at.tolist() == [tiny_net.num_outputs - 1] * len(tiny_input)
 
 
