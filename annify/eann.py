@@ -530,7 +530,8 @@ def run_eann(
         from annify.config import resolve_settings
 
         each = resolve_settings(specs[0].train, {"epochs": epochs})["epochs"]
-        default = " (the paper's recipe; pass --epochs N for a shorter run)" if epochs is None else ""
+        paper = epochs is None and "epochs" not in specs[0].train
+        default = " (the paper's recipe; pass --epochs N for a shorter run)" if paper else ""
         log(
             f"training {len(specs)} members for {each} epochs each on {source}{default}; each member's first "
             "steps print an estimate of its time"

@@ -152,7 +152,7 @@ def train(
             last = _find_checkpoint(out / "checkpoints", "last")
             log(
                 f"interrupted: {out} keeps its last checkpoint ({last}); continue it with the same command "
-                "and --resume"
+                "and --resume (annify demo resumes by itself)"
                 if last is not None
                 else f"interrupted before the first checkpoint of {out}; run the same command again to start over"
             )
