@@ -466,8 +466,11 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
     row = {**row, "val_error": val.errors, "val_loss": val.losses}
     score = sum(val.errors) / len(val.errors)
     if run.rank == 0:
-        with open(run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(run.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk, most often: the checkpoint kept is the one to resume from
+            raise _unwritable(run.out / "metrics.jsonl", e, run.ckpt_root) from None
         run.say(_epoch_line(row, run.cfg["epochs"]))
         state = {
             "epoch": epoch + 1,
@@ -719,18 +722,7 @@ def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
                     os.fsync(f.fileno())
             except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
                 # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
-                text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
-                why = text.splitlines()[0] if text else type(e).__name__
-                previous = _find_checkpoint(dest.parent, "last")  # what --resume continues from
-                kept = (
-                    f"the last good checkpoint {previous} is kept"
-                    if previous
-                    else "no checkpoint was written yet"
-                )
-                raise CheckpointError(
-                    f"cannot write checkpoint {dest / name} ({why}); {kept}; free disk space and continue "
-                    "with --resume"
-                ) from None
+                raise _unwritable(dest / name, e, dest.parent, "checkpoint ") from None
         old = dest.with_name(f".old-{dest.name}")
         if dest.exists():  # else an earlier kill left the previous one in ``old``: keep it until the swap
             shutil.rmtree(old, ignore_errors=True)
@@ -740,6 +732,17 @@ def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unwritable(path: Path, e: Exception, ckpt_root: Path, what: str = "") -> CheckpointError:
+    """The one line for a run file that could not be written: why, and the checkpoint a resume takes."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
+    why = text.splitlines()[0] if text else type(e).__name__
+    previous = _find_checkpoint(ckpt_root, "last")  # what --resume continues from
+    kept = f"the last good checkpoint {previous} is kept" if previous else "no checkpoint was written yet"
+    return CheckpointError(
+        f"cannot write {what}{path} ({why}); {kept}; free disk space and continue with --resume"
+    )
 
 
 def _weights_writer(net: nn.Module) -> Callable[[Path], None]:

@@ -573,3 +573,27 @@ def test_an_error_raised_in_a_data_loader_worker_keeps_its_own_line():
     assert _one_line(caught.value) == (
         "imagefolder: cannot read image 'a/x.jpg' (truncated); remove or replace the file"
     )
+
+
+def test_a_full_disk_while_appending_the_metrics_keeps_the_last_good_checkpoint(
+    spec_path, tmp_path, monkeypatch
+):
+    import builtins
+    import errno
+
+    real_open, calls = builtins.open, {"n": 0}
+
+    def full_on_second_append(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_on_second_append)
+    out = tmp_path / "r"
+    result = invoke("train", spec_path, "--epochs", "2", "--out", out)
+    assert_one_line_error(
+        result, f"cannot write {out / 'metrics.jsonl'} (No space left on device)",
+        f"the last good checkpoint {out / 'checkpoints' / 'last'} is kept", alone=False,
+    )  # fmt: skip
