@@ -36,8 +36,15 @@ def friendly(fn):
 
 def _one_line(e: BaseException) -> str:
     """The first line of an error's message; an OSError from the system names its path and the fix."""
+    import errno
+
     if isinstance(e, OSError) and e.strerror and e.filename:
-        text = f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
+        fix = (
+            "free disk space there"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the path and its permissions"
+        )
+        text = f"cannot use {e.filename}: {e.strerror}; {fix}"
     else:
         text = str(e).strip()
     lines = text.splitlines()

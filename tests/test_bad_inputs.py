@@ -597,3 +597,37 @@ def test_a_full_disk_while_appending_the_metrics_keeps_the_last_good_checkpoint(
         result, f"cannot write {out / 'metrics.jsonl'} (No space left on device)",
         f"the last good checkpoint {out / 'checkpoints' / 'last'} is kept", alone=False,
     )  # fmt: skip
+
+
+def test_a_full_disk_while_writing_a_spec_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from annify.spec import atomic_write
+
+    target = tmp_path / "tiny.yaml"
+    target.write_text("old\n")
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, "new\n")
+    assert caught.value.filename == str(target) and target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.yaml"]  # no temporary file left
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    from annify._cli_common import _one_line
+
+    assert _one_line(caught.value) == f"cannot use {target}: No space left on device; free disk space there"
