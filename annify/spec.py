@@ -274,7 +274,7 @@ def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
         os.replace(tmp, p)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a write that failed (a full disk): name the file it was for
+        if e.filename is None and e.strerror:  # a write that failed (a full disk): name the file it was for
             raise OSError(e.errno, e.strerror, str(p)) from None
         raise
     except BaseException:
