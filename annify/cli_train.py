@@ -6,6 +6,7 @@ import click
 import yaml
 
 from annify._cli_common import cpu_options, device_options, friendly
+from annify.config import DEFAULTS, INIT_DEFAULTS
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
 SOURCES = (
@@ -37,14 +38,50 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.option(
     "--hparam", multiple=True, help="Weight-scheme hyperparameter KEY=VALUE, e.g. gamma=0.07 (repeatable)."
 )
-@click.option("--epochs", type=int, help="Epochs (default: the spec's, else 300).")
+@click.option(
+    "--epochs",
+    type=int,
+    help=f"Epochs (default: the spec's, else {DEFAULTS['epochs']}; with --init {INIT_DEFAULTS['epochs']}).",
+)
 @click.option("--batch-size", type=int, help="Images per step and process (default: the spec's, else 64).")
-@click.option("--lr", type=float, help="Initial learning rate (default: the spec's, else 0.1).")
+@click.option(
+    "--lr",
+    type=float,
+    help=f"Initial learning rate of the trunk (default: the spec's, else {DEFAULTS['lr']}; "
+    f"with --init {INIT_DEFAULTS['lr']}).",
+)
 @click.option("--seed", type=int, help="Seed of initialization, data order and augmentation (default: 0).")
 @click.option("--out", help="Run folder (default: runs/<spec file name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
-@click.option("--init", help="Start the trunk from 'timm' (its pretrained weights) or a state dict file.")
-@click.option("--freeze-trunk", is_flag=True, default=None, help="Train the added heads only.")
+@click.option(
+    "--init",
+    help="Start from the network you have: 'timm' (its pretrained weights), a run folder, a checkpoint folder "
+    "or a .safetensors/.pth file; it is measured beside every output, and a trained start has its own "
+    "defaults (annify.config.INIT_DEFAULTS).",
+)
+@click.option(
+    "--freeze-trunk",
+    is_flag=True,
+    default=None,
+    help="Train the added heads only (the last output stays exact).",
+)
+@click.option("--head-lr", type=click.FloatRange(0), help="The added heads' learning rate (default: --lr).")
+@click.option(
+    "--head-epochs",
+    type=float,
+    help="Train the heads alone on the frozen trunk first: N epochs, or a fraction < 1 of --epochs (two-phase).",
+)
+@click.option(
+    "--teacher",
+    type=click.Choice(["original", "last"]),
+    help="With --distill GAMMA, what outputs also learn from: original (the --init network; every output) or "
+    "last (the last output; the earlier ones). Default: original with --init, else last.",
+)
+@click.option(
+    "--bn-recalibrate",
+    type=click.IntRange(0),
+    help="Recompute BatchNorm statistics on N training images after each epoch (default 2048; 0: off).",
+)
 @click.option(
     "--head-local/--no-head-local",
     default=None,
@@ -85,7 +122,7 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
-    head_local, distill, distill_temperature, train_subset, loader, compile_, amp, channels_last, device,
+    head_lr, head_epochs, teacher, bn_recalibrate, head_local, distill, distill_temperature, train_subset, loader, compile_, amp, channels_last, device,
     workers,
 ):  # fmt: skip
     """Train the anytime network SPEC and write a run folder.
@@ -105,7 +142,7 @@ def train(
     """
     from pathlib import Path
 
-    from annify.evaluate import format_table
+    from annify.evaluate import format_table, kept_and_gained
     from annify.train import train as run_train
 
     result = run_train(
@@ -121,6 +158,10 @@ def train(
         seed=seed,
         init=init,
         freeze_trunk=freeze_trunk,
+        head_lr=head_lr,
+        head_epochs=None if head_epochs is None else (int(head_epochs) if head_epochs >= 1 else head_epochs),
+        teacher=teacher,
+        bn_recalibrate=bn_recalibrate,
         head_local=head_local,
         distill=distill,
         distill_temperature=distill_temperature,
@@ -135,7 +176,9 @@ def train(
         log=click.echo,
     )
     if result.rank == 0:
-        click.echo(format_table(result.table))
+        click.echo(format_table(result.table + ([result.original] if result.original else [])))
+        if result.original:
+            click.echo(kept_and_gained(result.table, result.original))
         click.echo(f"wrote {result.out} ({result.epochs_done} epochs, {result.seconds:.1f} s)")
 
 

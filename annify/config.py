@@ -17,7 +17,9 @@ from annify.errors import SpecError
 
 __all__ = [
     "DEFAULTS",
+    "INIT_DEFAULTS",
     "TrainConfig",
+    "head_epochs",
     "head_local_for",
     "resolve_settings",
     "run_label",
@@ -44,8 +46,22 @@ class TrainConfig:
     weight_hparams: dict = field(default_factory=lambda: {})  # e.g. {gamma: 0.05}
     head: int | None = None  # for weights=opt: the output trained (1-based); default the last
     seed: int = 0
-    init: str | None = None  # "timm" (the model's pretrained weights) or a state dict file
-    freeze_trunk: bool = False  # train the added heads only
+    # the network you have: "timm" (its pretrained weights), a run folder (plain or anytime), a checkpoint
+    # folder, or a .safetensors/.pth state dict; it starts the trunk and the last output, and is measured
+    # beside every output as "original" (annify.init)
+    init: str | None = None
+    freeze_trunk: bool = False  # train the added heads only (the last output stays the original's exactly)
+    head_lr: float | None = None  # the added heads' learning rate (None: lr)
+    # the first epochs (an int) or fraction of the epochs (a float < 1) train only the heads, on the frozen
+    # trunk; then everything trains (two-phase)
+    head_epochs: int | float = 0
+    # with distill > 0, what the outputs learn from besides the labels: "original", a frozen copy of the
+    # --init network, for every output, the last too; "last" (or None), the last output, for the earlier ones
+    teacher: str | None = None
+    # after each epoch, BatchNorm statistics are recomputed on this many training images (0: off): with
+    # few steps the running averages lag the weights (1 epoch of 2,000 Fashion-MNIST images: last output
+    # 80 % error with them, 58 % recomputed)
+    bn_recalibrate: int = 2048
     # weights scale only what each head sends into the trunk (weighting.HeadLocal); None: on for adaloss,
     # off otherwise (the Fashion-MNIST reproduction, BENCHMARKS.md §6b, is the evidence)
     head_local: bool | None = None
@@ -60,6 +76,24 @@ class TrainConfig:
 
 
 DEFAULTS: dict[str, Any] = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+
+# A trained start (``init`` set) has defaults of its own, chosen on the Fashion-MNIST study of
+# benchmarks/bench_trained_start.py (BENCHMARKS.md, "From a trained network"); a spec's train: section
+# and the arguments still win over them.
+INIT_DEFAULTS: dict[str, Any] = {
+    "epochs": 8,
+    "lr": 0.01,
+    "head_lr": 0.1,
+    "head_epochs": 0.5,
+    "teacher": "original",
+    "distill": 0.5,
+}
+
+
+def head_epochs(cfg: dict) -> int:
+    """The number of heads-only epochs a run's settings ask for (a fraction of the epochs rounds)."""
+    he = cfg["head_epochs"]
+    return round(he * cfg["epochs"]) if isinstance(he, float) else int(he)
 
 
 def head_local_for(weights: str, head_local: bool | None) -> bool:
@@ -96,11 +130,32 @@ def _resolve(spec_train: dict, overrides: dict) -> tuple[dict, list[str]]:
     errors += [
         f"unknown setting '{k}' (known: {', '.join(DEFAULTS)})" for k in overrides if k not in DEFAULTS
     ]
-    cfg = {**DEFAULTS, **{k: v for k, v in spec_train.items() if k in DEFAULTS}}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in spec_train.items() if k in DEFAULTS}
+    given.update({k: v for k, v in overrides.items() if v is not None and k in DEFAULTS})
+    cfg = {**DEFAULTS, **(INIT_DEFAULTS if given.get("init") is not None else {}), **given}
     for key in ("epochs", "batch_size"):
         if not (isinstance(cfg[key], int) and cfg[key] >= 1):
             errors.append(f"{key} must be a positive integer, got {cfg[key]!r}")
+    b = cfg["bn_recalibrate"]
+    if not (isinstance(b, int) and not isinstance(b, bool) and b >= 0):
+        errors.append(f"bn_recalibrate must be a non-negative integer (images), got {b!r}")
+    he = cfg["head_epochs"]
+    if isinstance(he, bool) or not (
+        (isinstance(he, int) and he >= 0) or (isinstance(he, float) and 0.0 <= he < 1.0)
+    ):
+        errors.append(f"head_epochs must be a number of epochs or a fraction in [0, 1), got {he!r}")
+    elif isinstance(cfg["epochs"], int) and head_epochs(cfg) > cfg["epochs"]:
+        errors.append(f"head_epochs ({he}) must not exceed epochs ({cfg['epochs']})")
+    if cfg["head_lr"] is not None and not (isinstance(cfg["head_lr"], (int, float)) and cfg["head_lr"] >= 0):
+        errors.append(f"head_lr must be a non-negative number, got {cfg['head_lr']!r}")
+    if cfg["teacher"] not in (None, "last", "original"):
+        errors.append(
+            f"teacher must be 'original' (the --init network) or 'last' (the last output), got {cfg['teacher']!r}"
+        )
+    elif cfg["teacher"] == "original" and cfg["init"] is None:
+        errors.append("teacher 'original' is the --init network: pass --init too")
+    if isinstance(he, (int, float)) and he > 0 and cfg["init"] is None:
+        errors.append("head_epochs trains heads on a frozen trunk, which needs a trained one: pass --init")
     for key in ("lr", "momentum", "weight_decay", "decay_rate"):
         if not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
             errors.append(f"{key} must be a non-negative number, got {cfg[key]!r}")
@@ -147,9 +202,10 @@ def _resolve(spec_train: dict, overrides: dict) -> tuple[dict, list[str]]:
         errors.append(f"train_subset must be a positive integer (images), got {subset!r}")
     if cfg["head_local"] and cfg["weights"] == "adaloss_grad":
         errors.append("adaloss_grad measures each head's trunk gradient, which head_local rescales; pick one")
-    if cfg["freeze_trunk"] and cfg["weights"] == "adaloss_grad":
+    if (cfg["freeze_trunk"] or cfg["head_epochs"]) and cfg["weights"] == "adaloss_grad":
         errors.append(
-            "adaloss_grad balances gradients on the shared trunk, which freeze_trunk leaves without any"
+            "adaloss_grad balances gradients on the shared trunk, which freeze_trunk and head_epochs "
+            "leave without any"
         )
     if not errors:
         cfg["milestones"] = list(cfg["milestones"])

@@ -39,6 +39,7 @@ EANN_MEMBERS = ("cifar_resnet_n2_c16", "cifar_resnet_n4_c16", "cifar_resnet_n8_c
 MAX_OUTPUTS = 12  # a model with more blocks gets this many outputs, spaced by cost
 PAPER_ADALOSS = {"weights": "adaloss", "head_local": False, "distill": 0.0}
 CONST = {"weights": "const", "head_local": False, "distill": 0.0}
+PLAIN = {"weights": "opt", "head_local": False, "distill": 0.0}  # a network trained the usual way
 
 
 def demo_variants() -> dict[str, dict]:
@@ -86,8 +87,12 @@ def demo(
     atomic_write(spec_path, dump(spec, f"annify train {spec_path}\n{spec.name} for {data} (annify demo)"))
     log(f"converted {model} for {data} ({how}): {len(spec.heads)} outputs -> {spec_path}")
 
-    tables: dict[str, list[dict]] = {}
     common = dict(data=data, epochs=epochs, seed=seed, train_subset=train_subset, resume=True, log=log)
+    story = from_a_trained_network(spec_path, out, common, log)
+    atomic_write(out / "trained_start.txt", story + "\n")
+    log(story)
+
+    tables: dict[str, list[dict]] = {}
     variants = demo_variants()
     for label, settings in variants.items():
         log(f"training with {label} for {epochs} epochs ...")
@@ -125,6 +130,42 @@ def _foreign_results(out: Path) -> list[str]:
 
     names = [n for n in (*RESULTS, "eann.json", "eann.png") if (out / n).exists()]
     return [n for n in names if n != "anytime.png" or not (out / "comparison.txt").exists()]
+
+
+def from_a_trained_network(spec_path: Path, out: Path, common: dict, log: Callable[[str], object]) -> str:
+    """The path most users walk: a plain network trained as usual, then made anytime from it.
+
+    The plain network is ``spec_path``'s model trained on its last output alone (``weights="opt"``);
+    ``annify train --init`` then adds the outputs with the trained-start defaults
+    (``annify.config.INIT_DEFAULTS``). Returns the side-by-side table and its sentence.
+    """
+    from annify.config import INIT_DEFAULTS
+    from annify.evaluate import kept_and_gained
+
+    log(f"training a plain network (its own classifier only) for {common['epochs']} epochs ...")
+    train(spec_path, out=out / "plain", **common, **PLAIN)
+    log(f"making it anytime with --init {out / 'plain'} (the trained-start recipe) ...")
+    result = train(
+        spec_path, out=out / "anytime-from-plain", **{**common, "epochs": None}, init=str(out / "plain")
+    )
+    original, rows = result.original, result.table
+    lines: list[tuple] = [("output", "flops", "fraction", "original test err %", "anytime test err %")]
+    for r in rows:
+        mine = "-" if r is not rows[-1] else f"{100 * original['test_error']:.2f}"
+        lines.append(
+            (
+                r["output"],
+                format_flops(r["flops"]),
+                f"{r['fraction']:.3f}",
+                mine,
+                f"{100 * r['test_error']:.2f}",
+            )
+        )
+    recipe = ", ".join(f"{k} {v}" for k, v in {**INIT_DEFAULTS, "epochs": epochs}.items())
+    return (
+        f"From a trained network ({recipe}):\n" + format_rows(lines, left=()) + "\n"
+        f"In words: {kept_and_gained(rows, original)}."
+    )
 
 
 def _demo_spec(model: str, size: tuple[int, int, int], num_classes: int, kwargs: dict):

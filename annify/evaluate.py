@@ -269,6 +269,19 @@ def format_table(rows: list[dict]) -> str:
     return format_rows(lines)
 
 
+def kept_and_gained(rows: Sequence[dict], original: dict, split: str = "test") -> str:
+    """One sentence: what a trained start kept (last output vs the original) and gained (earlier outputs)."""
+    last, orig = rows[-1][f"{split}_error"], original[f"{split}_error"]
+    first = rows[0]
+    change = 100 * (last - orig)
+    kept = "kept" if change <= 0.2 else "lost"
+    return (
+        f"{kept} the original network: its last output errs {100 * last:.2f} % on {split} against the "
+        f"original's {100 * orig:.2f} % ({change:+.2f} points); gained {len(rows) - 1} earlier outputs, "
+        f"the first at {first['fraction']:.0%} of the cost erring {100 * first[f'{split}_error']:.2f} %"
+    )
+
+
 def relative_to_opt(errors: Sequence[float], opt_errors: Sequence[float]) -> list[float]:
     """Relative increase of error over OPT, in percent, per output (the paper's Table 1).
 
@@ -291,17 +304,23 @@ def nearest_outputs(
 
 
 def plot_anytime(
-    tables: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str | None = None
+    tables: dict[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    marks: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """Error (%) against cumulative FLOPs, one line per table, log-scale FLOPs; written atomically.
 
     Args:
         tables: label -> [(flops, error as a fraction), ...] in output order.
+        marks: label -> one (flops, error) point drawn as a star (the original network a run started from).
     """
     fig, ax = figure(title=title)
     for label, points in tables.items():
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    for label, (x, y) in (marks or {}).items():
+        ax.plot([x], [100 * y], marker="*", markersize=14, linestyle="none", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs (fvcore, cumulative)")
     ax.set_ylabel("top-1 error (%)")

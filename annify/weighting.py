@@ -36,6 +36,7 @@ __all__ = [
     "available",
     "distill_losses",
     "get",
+    "objectives",
     "per_head_grad_norms",
     "register",
     "scale_grad",
@@ -238,9 +239,19 @@ class AdaLoss(WeightScheme):
         gamma: mixture weight of the uniform weights (paper: 0.05; 0 is pure AdaLoss, 1 is CONST).
         momentum: EMA momentum m (paper: 0.9).
         period: optimizer steps between weight refreshes, ``e`` in the paper (paper: 1).
+        final_extra: added to the last output's ratio ``min_j l_hat_j / l_hat_K`` before the weights are
+            divided by their largest and mixed with gamma, as the authors' code does
+            (``AdaptiveLossWeight``, default 0.5 there); 0 (annify's default) is the paper's Eq. 7.
     """
 
-    def __init__(self, num_heads: int, gamma: float = 0.05, momentum: float = 0.9, period: int = 1) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        gamma: float = 0.05,
+        momentum: float = 0.9,
+        period: int = 1,
+        final_extra: float = 0.0,
+    ) -> None:
         super().__init__(num_heads)
         if not 0.0 <= gamma <= 1.0:
             raise SpecError(f"gamma must be in [0, 1], got {gamma}")
@@ -248,7 +259,10 @@ class AdaLoss(WeightScheme):
             raise SpecError(f"momentum must be in [0, 1), got {momentum}")
         if not isinstance(period, int) or period < 1:
             raise SpecError(f"period must be a positive int, got {period!r}")
+        if not (isinstance(final_extra, (int, float)) and final_extra >= 0.0):
+            raise SpecError(f"final_extra must be a non-negative number, got {final_extra!r}")
         self.gamma, self.momentum, self.period = gamma, momentum, period
+        self.final_extra = float(final_extra)
         self.ema: Tensor | None = None  # float32, K entries; None until the first update
         self.step = 0
 
@@ -268,6 +282,9 @@ class AdaLoss(WeightScheme):
         if self.step % self.period == 0:
             safe = torch.nan_to_num(self.ema, nan=_BIG, posinf=_BIG, neginf=_EPS).clamp(_EPS, _BIG).double()
             ratio = safe.min() / safe  # exactly 1 at the smallest expected loss
+            if self.final_extra:
+                ratio = torch.cat([ratio[:-1], ratio[-1:] + self.final_extra])
+                ratio = ratio / ratio.max()
             weights = torch.where(ratio == 1.0, 1.0, (1.0 - self.gamma) * ratio + self.gamma)
             self._weights = weights.to(torch.float32)
 
@@ -425,17 +442,37 @@ def distill_losses(outs: Sequence[Tensor], y: Tensor, gamma: float, temperature:
     output's softmax at temperature T, detached (a teacher, never pulled towards the students).
     The last output keeps its plain cross-entropy. ``gamma = 0`` is plain cross-entropy everywhere.
     """
+    return objectives(outs, y, gamma, temperature)[0]
+
+
+def objectives(
+    outs: Sequence[Tensor],
+    y: Tensor,
+    gamma: float = 0.0,
+    temperature: float = 1.0,
+    teacher: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(each output's objective, each output's cross-entropy), two (K,) tensors.
+
+    Without ``teacher``: ``distill_losses``. With ``teacher`` (a frozen network's logits, e.g. the
+    original network a run started from): every output, the last included, learns
+    ``(1 - gamma) * CE_i + gamma * T^2 * KL(p_teacher,T || p_i,T)``. A weight scheme observes the
+    cross-entropies (what it balances), and its weights multiply the objectives.
+    """
     import torch.nn.functional as F
 
     ce = torch.stack([F.cross_entropy(o.float(), y) for o in outs])
-    if gamma == 0.0 or len(outs) == 1:
-        return ce
+    if gamma == 0.0 or (len(outs) == 1 and teacher is None):
+        return ce, ce
     t = float(temperature)
-    teacher = F.log_softmax(outs[-1].detach().float() / t, dim=1)
+    students = outs if teacher is not None else outs[:-1]
+    target = (outs[-1] if teacher is None else teacher).detach().float()
+    target = F.log_softmax(target / t, dim=1)
     kl = torch.stack(
         [
-            F.kl_div(F.log_softmax(o.float() / t, dim=1), teacher, reduction="batchmean", log_target=True)
-            for o in outs[:-1]
+            F.kl_div(F.log_softmax(o.float() / t, dim=1), target, reduction="batchmean", log_target=True)
+            for o in students
         ]
     )
-    return torch.cat([(1.0 - gamma) * ce[:-1] + gamma * t * t * kl, ce[-1:]])
+    mixed = (1.0 - gamma) * ce[: len(students)] + gamma * t * t * kl
+    return (mixed if teacher is not None else torch.cat([mixed, ce[-1:]])), ce

@@ -30,6 +30,14 @@ def test_demo_trains_every_variant_and_compares_them(tmp_path):
     assert lines[-1].startswith(f"In words: over all 9 outputs the default ({labels[0]})")
     assert (tmp_path / "anytime.png").stat().st_size > 0
     assert (tmp_path / "cifar_resann_n3_c8.yaml").is_file()
+    story = (tmp_path / "trained_start.txt").read_text().splitlines()  # the existing-network path first
+    assert story[0].startswith("From a trained network (") and "original test err %" in story[1]
+    original = json.loads((tmp_path / "anytime-from-plain" / "original.json").read_text())
+    assert story[-2].split()[-2] == f"{100 * original['test_error']:.2f}"  # the last row: original, anytime
+    assert story[-1].startswith("In words: kept the original network") or story[-1].startswith(
+        "In words: lost"
+    )
+    assert story[-1] in result.output
     eann = json.loads((tmp_path / "eann" / "eann.json").read_text())
     assert [m["name"] for m in eann["members"]][:3] == [
         "cifar_resann_n2_c16",

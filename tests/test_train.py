@@ -167,7 +167,7 @@ def test_nan_stops_and_keeps_last_checkpoint(spec_path, tmp_path, monkeypatch):
         net = build(spec, model)
 
         def hook(module, args, output):
-            if module.training:
+            if module.training and torch.is_grad_enabled():  # a training step, not BN recalibration
                 calls["n"] += 1
                 if calls["n"] == STEPS_PER_EPOCH + 3:  # epoch 2, step 3
                     return output * float("nan")
@@ -217,9 +217,9 @@ def _syncs_in_epochs(monkeypatch, spec_path, out, check_every_s, **settings) -> 
         finally:
             calls["inside"] = False
 
-    def counted_update(*args):
+    def counted_update(*args, **kwargs):
         steps["n"] += 1
-        return update(*args)
+        return update(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "_train_epoch", counted_epoch)
     monkeypatch.setattr(train_module, "weighted_update", counted_update)
