@@ -33,7 +33,6 @@ _EXPORTS = {
     "EANNRuntime": "annify.runtime",
     "keep_freed_memory": "annify.cpu",
     "budget_curve": "annify.early_exit",
-    "early_exit": "annify.early_exit",
     "early_exit_stream": "annify.early_exit",
     "HeadSpec": "annify.spec",
     "Spec": "annify.spec",
@@ -53,13 +52,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name == "weighting":
-        return importlib.import_module("annify.weighting")
+    if name in ("weighting", *_CALLABLE):
+        return importlib.import_module(f"annify.{name}")
     raise AttributeError(f"module 'annify' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "weighting"})
+    return sorted({*globals(), *_EXPORTS, "weighting", *_CALLABLE})
 
 
 class _Package(types.ModuleType):
@@ -73,7 +72,20 @@ class _Package(types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):
             return
+        if name in _CALLABLE and isinstance(value, types.ModuleType):
+            value.__class__ = _CallableModule
         super().__setattr__(name, value)
+
+
+# Stage modules that share their name with their main function: ``annify.early_exit`` and
+# ``annify.train`` are the modules (``annify.early_exit.fit_thresholds``, ``annify.train.train``, as
+# documented), and calling one calls that function (``annify.early_exit(...)``, ``annify.train(...)``).
+_CALLABLE = ("early_exit", "train")
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _Package
@@ -141,5 +153,6 @@ __all__ = [
     "spec_name",
     "tap_points",
     "trace",
+    "train",
     "weighting",
 ]

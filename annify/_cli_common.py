@@ -36,11 +36,23 @@ def friendly(fn):
 
 def _one_line(e: BaseException) -> str:
     """The first line of an error's message; an OSError from the system names its path and the fix."""
+    import errno
+
     if isinstance(e, OSError) and e.strerror and e.filename:
-        text = f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
+        fix = (
+            "free disk space there"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the path and its permissions"
+        )
+        text = f"cannot use {e.filename}: {e.strerror}; {fix}"
     else:
         text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    lines = text.splitlines()
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # torch re-raises a worker's error with the worker's traceback as its message: its last line is
+        # "annify.errors.DataError: <the message>"
+        return lines[-1].partition(": ")[2] or lines[-1]
+    return lines[0] if lines else type(e).__name__
 
 
 def finite_positive(ctx, param, value: float | None) -> float | None:
@@ -91,7 +103,7 @@ checkpoint_option = click.option(
 def device_options(fn):
     """``--device`` and ``--workers``, shared by the commands that run a network over a dataset."""
     fn = click.option(
-        "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
+        "--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader worker processes."
     )(fn)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(fn)
 

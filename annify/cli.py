@@ -20,7 +20,9 @@ def main() -> None:
 
 model_options = [
     click.option("--input-size", help="C,H,W to trace and cost at (default: the model's pretrained config)."),
-    click.option("--num-classes", type=int, help="Classes for every output (default: the model's)."),
+    click.option(
+        "--num-classes", type=click.IntRange(1), help="Classes for every output (default: the model's)."
+    ),
     click.option("--in-chans", type=int, help="Input channels passed to timm.create_model."),
 ]
 
@@ -229,9 +231,10 @@ def convert(
     show_default=True,
     help="Also build an EANN of ResANNs of doubling depth.",
 )
+@click.option("--force", is_flag=True, help="Replace results in --out that are not a demo's.")
 @cpu_options
 @friendly
-def demo(out, model, data, train_subset, epochs, seed, eann):
+def demo(out, model, data, train_subset, epochs, seed, eann, force):
     """The main job: convert a CIFAR-style ResANN (or --model) for the data, train it with annify's default
     weighting, with CONST and with the paper's AdaLoss, print the anytime tables side by side with
     a sentence on what they show, and plot them; then train an EANN of three ResANNs of doubling
@@ -250,7 +253,7 @@ def demo(out, model, data, train_subset, epochs, seed, eann):
 
     run_demo(
         out, model=model, epochs=epochs, data=data, train_subset=train_subset, seed=seed,
-        eann=EANN_MEMBERS if eann else (), log=click.echo,
+        eann=EANN_MEMBERS if eann else (), log=click.echo, force=force,
     )  # fmt: skip
 
 

@@ -37,6 +37,9 @@ from annify.cli_train import SCHEMES, SOURCES
 )
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
+@click.option(
+    "--force", is_flag=True, help="Replace the EANN results (eann.json, eann.png) already in --out."
+)
 @device_options
 @cpu_options
 @friendly
@@ -53,6 +56,7 @@ def eann(
     train_subset,
     out,
     resume,
+    force,
     device,
     workers,
 ):
@@ -93,6 +97,7 @@ def eann(
         lr=lr,
         device=device,
         resume=resume,
+        force=force,
         workers=workers,
         train_subset=train_subset,
         log=click.echo,

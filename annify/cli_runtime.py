@@ -59,7 +59,13 @@ def _resolve(spec, checkpoint, mean, std):
 def _read_labels(path: str | None) -> list[str] | None:
     if path is None:
         return None
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(
+            f"--labels {path} is not a text file; give a UTF-8 text file with one class name per line"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @click.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import yaml
 
-from annify._cli_common import checkpoint_option, cpu_options, device_options, friendly
+from annify._cli_common import cpu_options, device_options, friendly
 from annify.config import DEFAULTS, INIT_DEFAULTS
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
@@ -183,8 +183,12 @@ def train(
 
 
 @click.command("eval")
-@click.argument("spec", type=click.Path(dir_okay=False))
-@checkpoint_option
+@click.argument("spec", type=click.Path())
+@click.option(
+    "--checkpoint",
+    help="Weights: a run folder, a checkpoint folder or a .safetensors file (default: SPEC, when it is a run "
+    "folder).",
+)
 @click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch.")
 @device_options
@@ -196,11 +200,24 @@ def eval_(spec, checkpoint, data, batch_size, device, workers):
     Columns: output, the node its head reads, cumulative FLOPs (fvcore), fraction of the whole
     network's FLOPs, top-1 error (%) on the validation and test splits.
 
+    SPEC may be a run folder: its config.yaml, and its last checkpoint unless --checkpoint says otherwise.
+
     \b
     Example: annify eval runs/digits/config.yaml --checkpoint runs/digits/checkpoints/last
+    Example: annify eval runs/digits
     """
-    from annify.evaluate import evaluate_checkpoint, format_table
+    from pathlib import Path
 
+    from annify.evaluate import evaluate_checkpoint, format_table
+    from annify.run_dir import CONFIG
+
+    if Path(spec).is_dir():
+        spec, checkpoint = Path(spec) / CONFIG, checkpoint or spec
+    if checkpoint is None:
+        from annify.spec import load_spec
+
+        load_spec(spec)  # a missing or malformed spec is the first thing to fix
+        raise click.UsageError("pass --checkpoint (a run folder, a checkpoint folder or a .safetensors file)")
     rows = evaluate_checkpoint(
         spec, checkpoint, data=data, batch_size=batch_size, device=device, workers=workers
     )

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import timm
 import torch
@@ -45,6 +45,8 @@ __all__ = [
 
 # Automatic placement leaves out tap points past this fraction of the trunk's cost.
 FINAL_FRACTION = 0.99
+# The most targets --flops-period may make (past the tap points, each takes the nearest one left).
+MAX_PERIODS = 1000
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
@@ -331,6 +333,12 @@ def choose(
             )
         inner = blocks[:-1]  # the last block feeds the model's own classifier
         picked = [t.node for t in inner if t.index >= start and (t.index - start) % every == 0]
+        if not picked:
+            raise ConvertError(
+                f"--every {every} --start {start} places no head: {_arch(traced)} has {len(blocks)} blocks and "
+                f"the last feeds its own classifier, so heads go after blocks 1 to {len(inner)}; "
+                f"give a --start (and --every) within that range"
+            )
         return picked, {"every": every, "start": start}
     if at:
         known = _tensor_nodes(traced)
@@ -374,6 +382,13 @@ def choose(
         placement = {"heads": heads}
     else:
         period = flops_period * total if flops_period <= 1 else flops_period
+        wanted = math.ceil(total * 0.999 / period) - 1  # the multiples of the period below the total
+        if wanted > MAX_PERIODS:  # bounded before any list is made: a tiny period means billions of them
+            raise ConvertError(
+                f"--flops-period {flops_period:g} asks for {wanted:,} outputs (one per {period:.3g} FLOPs of "
+                f"{total:.3g}), but {_arch(traced)} has {len(inner)} tap points; give a fraction of the total "
+                f"cost such as 0.25, or a period in FLOPs of at least {total / (len(inner) + 1):.3g}"
+            )
         ks = [k for k in range(1, int(total // period) + 1) if period * k < total * 0.999]
         fractions = [k * flops_period for k in ks] if flops_period <= 1 else []
         absolute = [k * period for k in ks] if flops_period > 1 else []
@@ -617,10 +632,24 @@ def load(
 ) -> AnytimeNet:
     """Load the anytime network a spec (a file, or a ``Spec``) describes, with weights from ``checkpoint``.
 
-    ``checkpoint`` is a ``.safetensors`` file or a checkpoint folder holding ``model.safetensors``.
+    ``checkpoint`` is what the command line's ``--checkpoint`` takes: a run folder (its last
+    checkpoint; the network is then the run's resolved spec, refitted to its data, which its weights
+    fit), a checkpoint folder holding ``model.safetensors``, or a ``.safetensors`` file.
     ``model`` is the module to rebuild from, needed for a spec of a module of your own (see ``build``).
     """
-    net = build(spec if isinstance(spec, Spec) else load_spec(spec), model)
+    from annify.run_dir import CONFIG, find_run
+
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    run = find_run(checkpoint) if checkpoint is not None else None
+    if run is not None:
+        resolved = load_spec(run / CONFIG)
+        if resolved.model != spec.model:
+            raise SpecError(
+                f"{checkpoint} is a checkpoint of {resolved.model} (run {run}), but the spec describes "
+                f"{spec.model}; pass the run's own {run / CONFIG}"
+            )
+        spec = resolved
+    net = build(spec, model)
     if checkpoint is not None:
         load_weights(net, checkpoint)
     return net
@@ -631,12 +660,13 @@ def load_weights(net: nn.Module, checkpoint: str | os.PathLike) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    p = Path(checkpoint)
-    if p.is_dir():
-        p = p / "model.safetensors"
+    from annify.run_dir import weights_file
+
+    p = weights_file(checkpoint)
     if not p.is_file():
         raise ConvertError(
-            f"checkpoint '{checkpoint}' not found (expected a .safetensors file or a folder with model.safetensors)"
+            f"checkpoint '{checkpoint}' not found (expected a run folder, a .safetensors file or a folder with "
+            "model.safetensors)"
         )
     try:
         state = load_file(str(p))
@@ -647,10 +677,17 @@ def load_weights(net: nn.Module, checkpoint: str | os.PathLike) -> None:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        what = (
-            f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}), "
-            f"{len(wrong)} of the wrong shape (e.g. {wrong[:1]})"
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                 ((missing, "missing"), (unexpected, "unexpected")) if keys]  # fmt: skip
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                f"{tuple(own[k].shape)} in the network)"
+            )
+        raise ConvertError(
+            f"checkpoint '{p}' does not fit this spec: {', '.join(parts)}; it was saved from another spec "
+            "(class count, input size, heads): pass that spec, or the run folder"
         )
-        raise ConvertError(f"checkpoint '{p}' does not fit this spec: {what}")
     with torch.no_grad():
         net.load_state_dict(state, strict=True)

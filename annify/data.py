@@ -370,6 +370,7 @@ def _mnist_root(kind: str, path: str) -> Path:
     The source folder is only read (a system folder stays untouched); the cache is keyed by the
     source's resolved path and written atomically, so a kill never leaves a half-written file.
     """
+    import errno
     import gzip
     import hashlib
     import os
@@ -404,6 +405,16 @@ def _mnist_root(kind: str, path: str) -> Path:
             os.replace(tmp, dest)
         except (OSError, EOFError) as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+                errno.EROFS,
+                errno.EACCES,
+            ):
+                raise DataError(
+                    f"{kind}: cannot unpack {src} into annify's cache {raw} ({err.strerror}); free space there, "
+                    "or set ANNIFY_CACHE to a folder with room"
+                ) from None  # the cache is the problem, not the data set
             if isinstance(err, OSError) and err.filename:
                 raise
             raise DataError(
@@ -640,15 +651,47 @@ def _timm_split_datasets(train, val, test, input_size, augment, mean, std, kind,
     return {"train": train, "val": val, "test": test}
 
 
+class _ImageFiles(Dataset):
+    """(image, class) pairs from a timm reader, each image read by ``image_mode`` (as ``predict`` reads it).
+
+    timm's ImageDataset converts with PIL's ``convert('RGB')`` (which clips 16-bit and float images)
+    and skips an unreadable file with a log line naming only its index; here a file that cannot be
+    read is a ``DataError`` naming it.
+    """
+
+    def __init__(self, reader, channels: int, label: str) -> None:
+        self.reader, self.channels, self.label, self.transform = reader, channels, label, None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        file, target = self.reader[index][:2]
+        name = self.reader.filename(index, absolute=True)
+        try:
+            with file, Image.open(file) as im:
+                im = image_mode(im, self.channels, name)
+        except OSError as e:  # truncated or corrupt files; PIL's UnidentifiedImageError is one
+            raise DataError(
+                f"{self.label}: cannot read image '{name}' ({e}); remove or replace the file"
+            ) from None
+        return (self.transform(im) if self.transform is not None else im), target
+
+
 def _imagefolder_datasets(path, input_size, augment):
     info = _folder_info(path)
     root, label = Path(info.name.partition(":")[2]), "imagefolder"
-    # search_split=False: the split folders are given, so a class named "train" cannot be mistaken for one
-    train = _timm_dataset(label, "", root / "train", "train", None, False)
+
+    def split(name: str, folder: str, classes=None) -> _ImageFiles:
+        # search_split=False: the split folders are given, so a class named "train" cannot be mistaken for one
+        return _ImageFiles(_timm_dataset(label, "", root / folder, name, classes, False).reader, 3, label)
+
+    train = split("train", "train")
     classes = _class_map(train)
-    val = _timm_dataset(label, "", root / "val", "validation", classes, False)
-    has_test = (root / "test").is_dir()
-    test = _timm_dataset(label, "", root / "test", "test", classes, False) if has_test else None
+    val = split("validation", "val", classes)
+    test = split("test", "test", classes) if (root / "test").is_dir() else None
     return _timm_split_datasets(train, val, test, input_size, augment, info.mean, info.std, label)
 
 
@@ -752,6 +795,12 @@ def _subset(ds: Dataset, count: int, source: str) -> Dataset:
     n = len(ds)
     if not 1 <= count <= n:
         raise DataError(f"train_subset={count} is not between 1 and the {n} training images of {source}")
+    classes = len(ds.labels.unique()) if isinstance(ds, TensorImageDataset) else len(_class_map(ds) or ())
+    if count < classes:
+        raise DataError(
+            f"train_subset={count} is fewer than the {classes} classes of {source}, so some classes would get "
+            f"no training image; give at least {classes} (e.g. --train-subset {10 * classes})"
+        )
     if count == n:
         return ds
     if isinstance(ds, TensorImageDataset):
@@ -891,15 +940,21 @@ def data_config(spec) -> dict:
     return resolve_data_config(args, model=create_model(spec.model, spec.num_classes, **spec.model_kwargs))
 
 
-def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+def _per_channel(values: Sequence[float], channels: int, given: str | None = None) -> tuple[float, ...]:
+    """One value per channel: ``values`` as they are, or one repeated. A model's own 3-channel config
+    (``given`` None) is averaged for a 1-channel input; values a user gives (``given``: the option)
+    must be one or one per channel."""
     values = tuple(float(v) for v in values)
     if len(values) == channels:
         return values
     if len(values) == 1:
         return values * channels
-    if channels == 1:
+    if channels == 1 and given is None:
         return (sum(values) / len(values),)
-    raise InferenceError(f"{len(values)} normalization values for a {channels}-channel input")
+    raise InferenceError(
+        f"{given or 'normalization'} has {len(values)} values but the network takes {channels}-channel "
+        f"images; give one value per channel ({channels}) or one for all"
+    )
 
 
 def image_transform(spec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
@@ -914,15 +969,62 @@ def image_transform(spec, mean: Sequence[float] | None = None, std: Sequence[flo
     if channels not in (1, 3):
         raise InferenceError(f"images can feed 1- or 3-channel inputs, this spec takes {channels}")
     cfg = data_config(spec)
+    for option, values in (("--mean", mean), ("--std", std)):
+        bad = [v for v in values or () if not math.isfinite(v) or (option == "--std" and v <= 0)]
+        if bad:
+            need = "positive numbers (each channel's spread)" if option == "--std" else "finite numbers"
+            raise InferenceError(f"{option} must be {need}, got {bad[0]:g}")
     return create_transform(
         input_size=tuple(spec.input_size),
         interpolation=cfg["interpolation"],
         crop_pct=cfg["crop_pct"],
         crop_mode=cfg["crop_mode"],
-        mean=_per_channel(mean if mean is not None else cfg["mean"], channels),
-        std=_per_channel(std if std is not None else cfg["std"], channels),
+        mean=_per_channel(
+            cfg["mean"] if mean is None else mean, channels, None if mean is None else "--mean"
+        ),
+        std=_per_channel(cfg["std"] if std is None else std, channels, None if std is None else "--std"),
         is_training=False,
     )
+
+
+def image_mode(im, channels: int, name: str = "image"):
+    """A PIL image as the ``L`` (1 channel) or ``RGB`` (3 channels) image a network reads, without squashing it.
+
+    PIL's own ``convert`` clips what it cannot map: a 16-bit gray PNG's values above 255 all become
+    255, and a float image in [0, 1] becomes black. Here 16-bit images are scaled (÷257), float images
+    in [0, 1] are scaled by 255 (in [0, 255] kept; any other range is refused), palette images are
+    mapped through their palette, CMYK goes through PIL's conversion to RGB, and transparency is
+    composited on white. ``predict`` and image-folder training both read images through this.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "P":  # through the palette, keeping its transparency as alpha
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        im = Image.fromarray(np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8), "L")
+    elif mode in ("I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > (65535 if mode == "I" else 255):
+            raise DataError(
+                f"cannot read image '{name}': its {'32-bit integer' if mode == 'I' else 'float'} pixels range "
+                f"from {low:g} to {high:g}, which is no image range annify knows (0..1, 0..255"
+                f"{', 0..65535' if mode == 'I' else ''}); save it as an 8- or 16-bit PNG"
+            )
+        scale = 255.0 if mode == "F" and high <= 1.0 else 1 / 257 if high > 255 else 1.0
+        im = Image.fromarray(np.round(values * scale).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    if im.mode not in ("1", "L", "RGB", "RGBA", "CMYK", "YCbCr", "RGBX"):
+        raise DataError(
+            f"cannot read image '{name}': PIL mode {mode} is not one annify converts (gray, RGB, CMYK, palette, "
+            "16-bit, float, with or without alpha); convert it to RGB first"
+        )
+    return im.convert("L" if channels == 1 else "RGB")
 
 
 def load_image(
@@ -930,8 +1032,8 @@ def load_image(
 ) -> torch.Tensor:
     """Read an image file as the spec's input: C×H×W, resized, center-cropped and normalized.
 
-    The image is converted to the spec's channel count (L or RGB) and passed through ``transform``
-    (``image_transform(spec, mean, std)`` when not given; pass one to read many images).
+    The image is converted to the spec's channel count by ``image_mode`` and passed through
+    ``transform`` (``image_transform(spec, mean, std)`` when not given; pass one to read many images).
     """
     from PIL import Image, UnidentifiedImageError
     from PIL.Image import DecompressionBombError
@@ -940,7 +1042,7 @@ def load_image(
     channels = spec.input_size[0]
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = image_mode(im, channels, str(path))
     except FileNotFoundError:
         raise InferenceError(f"cannot read image '{path}': no such file") from None
     except UnidentifiedImageError:
@@ -949,6 +1051,8 @@ def load_image(
         raise InferenceError(
             f"cannot read image '{path}': too many pixels for PIL's decompression-bomb limit; downscale it first"
         ) from None
+    except DataError as e:
+        raise InferenceError(str(e)) from None
     except (OSError, ValueError) as e:
         raise InferenceError(f"cannot read image '{path}': {e}") from None
     return transform(im)

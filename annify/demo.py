@@ -27,6 +27,7 @@ from pathlib import Path
 from annify.convert import ConvertError, convert, fit_input_size
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
+from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows
 from annify.spec import atomic_write, dump
@@ -60,14 +61,22 @@ def demo(
     seed: int = 0,
     eann: Sequence[str] = EANN_MEMBERS,
     log: Callable[[str], object] = print,
+    force: bool = False,
 ) -> dict[str, list[dict]]:
     """Convert ``model`` for ``data``, train it each way (``demo_variants``), print and plot the comparison.
 
     Returns label -> anytime table (rows with output, node, flops, fraction, val_error, test_error).
     Writes ``out/<spec>.yaml``, one run folder per variant under ``out/``, ``out/comparison.txt`` and
     ``out/anytime.png``; with ``eann`` members (empty to skip), ``out/eann/`` (eann.json, eann.png).
+    A folder holding results other than a demo's (a training run's, an EANN's) is refused unless ``force``.
     """
     out = Path(out)
+    foreign = _foreign_results(out)
+    if foreign and not force:
+        raise TrainError(
+            f"{out} holds results that are not a demo's ({', '.join(foreign)}), which the demo would replace; "
+            "choose another --out, or pass --force to replace them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     info = data_info(data)
     size, kwargs, how = fit_input_size(
@@ -109,6 +118,18 @@ def demo(
         log(eann_verdict(run.summary))
         log(f"wrote {run.out / 'eann.json'} and {run.out / 'eann.png'}")
     return tables
+
+
+def _foreign_results(out: Path) -> list[str]:
+    """Files at the top of ``out`` that a demo does not write: another command's results.
+
+    A demo writes its spec, comparison.txt and anytime.png there (anytime.png after comparison.txt)
+    and its runs in subfolders, which it resumes.
+    """
+    from annify.run_dir import RESULTS
+
+    names = [n for n in (*RESULTS, "eann.json", "eann.png") if (out / n).exists()]
+    return [n for n in names if n != "anytime.png" or not (out / "comparison.txt").exists()]
 
 
 def from_a_trained_network(spec_path: Path, out: Path, common: dict, log: Callable[[str], object]) -> str:

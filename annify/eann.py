@@ -448,6 +448,7 @@ def run_eann(
     resume: bool = False,
     workers: int = 0,
     train_subset: int | None = None,
+    force: bool = False,
     log: Callable[[str], Any] = print,
 ) -> EANNRun:
     """Assemble an EANN from timm model names or spec files, in the order given (smallest first).
@@ -469,7 +470,8 @@ def run_eann(
     final output stands in for its plain network's, costed as the plain network (no added heads).
 
     Writes ``out/eann.json`` (``schedule_to_json`` plus ``data``, ``runs``, ``linear_networks``,
-    ``inflation_uniform`` and ``cost_convention``) and ``out/eann.png``.
+    ``inflation_uniform`` and ``cost_convention``) and ``out/eann.png``; a folder already holding them
+    is refused unless ``resume`` (continue that EANN) or ``force`` (replace them).
     """
     # imported here so torch and the data sources load only when the stage runs; the module, so that
     # tests can replace training.train
@@ -486,6 +488,17 @@ def run_eann(
             f"{len(members)} members but {len(checkpoints)} checkpoints; give one --checkpoints per member, in order"
         )
     out = Path(out)
+    held = [name for name in ("eann.json", "eann.png") if (out / name).exists()]
+    if held and not (resume or force):
+        raise EANNError(
+            f"{out} already holds an EANN's results ({', '.join(held)}); pass --resume to continue it, "
+            "--force to replace them, or choose another --out"
+        )
+    twice = next((m for i, m in enumerate(members) if m in members[:i]), None)
+    if twice is not None:
+        raise EANNError(
+            f"member {twice} is given twice; an EANN's members are networks of growing cost, each once"
+        )
 
     # ---------------------------------------------------------------- the members' specs, fitted to the data
     given = [_member_spec(m) for m in members]  # (spec, read from a file)
@@ -506,8 +519,23 @@ def run_eann(
     names = _unique_names([s.name for s in specs])
     totals = [spec.heads[-1].flops for spec, _ in given]  # known for converted members and costed specs
     growing_known = all(t is not None for t in totals)
-    if growing_known and any(b <= a for a, b in zip(totals, totals[1:])):
-        log("note: the members do not grow in cost; an EANN runs them in the order given, smallest first")
+    for i, (a, b) in enumerate(zip(totals, totals[1:]) if growing_known else ()):
+        if b <= a:
+            raise EANNError(
+                f"member {i + 2} ({names[i + 1]}, {b:.3g} FLOPs) costs no more than member {i + 1} ({names[i]}, "
+                f"{a:.3g} FLOPs); an EANN runs its members smallest first, each costlier than the one before: "
+                "reorder them"
+            )
+    if not checkpoints:
+        from annify.config import resolve_settings
+
+        each = resolve_settings(specs[0].train, {"epochs": epochs})["epochs"]
+        paper = epochs is None and "epochs" not in specs[0].train
+        default = " (the paper's recipe; pass --epochs N for a shorter run)" if paper else ""
+        log(
+            f"training {len(specs)} members for {each} epochs each on {source}{default}; each member's first "
+            "steps print an estimate of its time"
+        )
 
     # ---------------------------------------------------------------- train or load, then evaluate
     tables, linear, runs = [], [], []

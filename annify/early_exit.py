@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from annify.cost import exit_flops
+from annify.errors import InferenceError
 from annify.report import format_sci
 from annify.rewrite import AnytimeNet
 
@@ -226,6 +227,11 @@ class _Exits:
         k_out = net.num_outputs
         if len(thresholds) != k_out:
             raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
+        if any(math.isnan(float(t)) for t in thresholds):  # nan >= nothing: it would silently mean "never"
+            raise InferenceError(
+                f"thresholds {list(thresholds)} hold nan; give each output a confidence in [0, 1] "
+                "(math.inf where no sample may exit), e.g. from fit_thresholds"
+            )
         self.net, self.thresholds, self.pool = net, list(thresholds), pool
         self.temps = list(temperatures) if temperatures is not None else [1.0] * k_out
         # a max softmax is at most 1: above that no sample can exit, so the head is skipped

@@ -182,6 +182,21 @@ def _write(job: _Job, fmt: str, stage: Path, name: str, check: bool, shared: _Sh
     }  # fmt: skip
 
 
+def _refuse_unwritable(e: OSError | RuntimeError, folder: Path) -> None:
+    """Re-raise a failed write (a full disk: an OSError, or torch's zip writer's RuntimeError) as a
+    one-line ExportError naming the folder; any other RuntimeError is a bug and keeps its traceback."""
+    if (
+        isinstance(e, RuntimeError)
+        and "PytorchStreamWriter" not in str(e)
+        and "inline_container" not in str(e)
+    ):
+        raise e
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    raise ExportError(
+        f"cannot write the export into {folder} ({why}); free disk space there or choose another --out"
+    ) from None
+
+
 def _describe(names: list[str], tensors, batched: list[bool]) -> list[dict]:
     """Names and shapes for the manifest, with "batch" for a dynamic batch dimension."""
     return [
@@ -295,7 +310,10 @@ def export(
             files = []
             for job in jobs:
                 for fmt in formats:
-                    files.append(_write(job, fmt, stage, name, check, shared))
+                    try:
+                        files.append(_write(job, fmt, stage, name, check, shared))
+                    except (OSError, RuntimeError) as e:
+                        _refuse_unwritable(e, folder)
         weights = shared.path.name if shared.path.exists() else None
         for entry in [*files, *([{"path": weights}] if weights else [])]:
             os.replace(stage / entry["path"], folder / entry["path"])
@@ -333,7 +351,10 @@ def export(
         ),
         "files": files,
     }
-    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    try:
+        atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    except OSError as e:
+        _refuse_unwritable(e, folder)
     written = {f["path"] for f in files} | ({weights} if weights else set())
     for stale in previous - written:  # files of the earlier export of this network that no longer exist
         (folder / stale).unlink(missing_ok=True)

@@ -17,13 +17,14 @@ the commands that read images then need ``--mean`` and ``--std``, never a silent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from annify.errors import InferenceError, SpecError
+from annify.errors import InferenceError, SpecError, TrainError
 from annify.spec import Spec, load_spec
 
 __all__ = [
@@ -33,7 +34,10 @@ __all__ = [
     "WEIGHTS",
     "Resolved",
     "find_run",
+    "RunLock",
+    "find_checkpoint",
     "foreign_results",
+    "lock",
     "normalization",
     "resolve",
     "weights_file",
@@ -45,11 +49,89 @@ RESULTS = (CONFIG, DATA, "metrics.jsonl", "anytime.json", "anytime.csv", "anytim
 _LAST = Path("checkpoints") / "last"
 
 
+LOCK = ".lock"  # held (fcntl.flock) by the one process writing the run folder
+
+
+class RunLock:
+    """A run folder held by this process (``lock``); ``release`` lets it go (a killed process lets go too)."""
+
+    def __init__(self, out: Path, fd: int, created: bool) -> None:
+        self.out, self.fd, self.created = out, fd, created
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        (self.out / LOCK).unlink(missing_ok=True)  # before unlocking: a waiting process then finds a new file
+        os.close(self.fd)
+        self.fd = -1
+        if self.created:  # a run that stopped before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+
+def lock(out: str | os.PathLike) -> RunLock:
+    """Hold the run folder ``out`` (created if needed) for this process: a second process gets a one-line
+    ``TrainError`` naming the holder, instead of racing it for the same checkpoints and files.
+
+    The lock is an ``fcntl.flock`` on ``out/.lock``, which the system lets go when the process ends,
+    however it ends; a lock file left by a killed process is taken over.
+    """
+    import fcntl
+
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainError(
+                f"{out} is in use by another annify process (pid {holder}); wait for it to finish, or "
+                "choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(out / LOCK).st_ino
+        except FileNotFoundError:  # the holder let go and removed it between our open and our lock
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return RunLock(out, fd, created)
+
+
+def find_checkpoint(root: str | os.PathLike, name: str = "last") -> Path | None:
+    """``root/name``, or the previous one that a kill left mid-swap (``.old-name``, see train's ``_write_folder``)."""
+    root = Path(root)
+    for folder in (root / name, root / f".old-{name}"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
 def weights_file(checkpoint: str | os.PathLike) -> Path:
-    """The weights file of a run folder (its last checkpoint), a checkpoint folder or a file."""
+    """The weights file of a run folder (its last checkpoint), a checkpoint folder or a file.
+
+    A checkpoint that a kill left mid-swap is found under its previous name (``find_checkpoint``), as
+    ``annify train --resume`` finds it; a run folder with no checkpoint yet is a one-line error.
+    """
     p = Path(checkpoint)
-    if (p / _LAST / WEIGHTS).is_file():
-        return p / _LAST / WEIGHTS
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / CONFIG).is_file()):  # a run folder
+        last = find_checkpoint(p / "checkpoints", _LAST.name)
+        if last is None:
+            raise InferenceError(
+                f"run {p} has no checkpoint yet: train it (annify train SPEC --out {p}), or continue an "
+                "interrupted run with --resume"
+            )
+        return last / WEIGHTS
+    if not p.exists() and p.parent.name == "checkpoints":  # checkpoints/last, mid-swap
+        found = find_checkpoint(p.parent, p.name)
+        if found is not None:
+            return found / WEIGHTS
     return p / WEIGHTS if p.is_dir() else p
 
 

@@ -205,13 +205,50 @@ def parse(data: Any, source: str = "spec") -> Spec:
     )
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for plain data: a key given twice and an alias (``*name``) are errors.
+
+    A second ``heads:`` would otherwise silently replace the first (the last wins), and aliases let a
+    few lines expand into billions of nodes (an "alias bomb"); a spec needs neither.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(
+                f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; a spec is plain data: "
+                "write the value out in full"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        where = f"on line {line}" if seen[key] == line else f"(lines {seen[key]} and {line})"
+                        raise _Refused(f"key '{key}' appears twice {where}; keep one of them")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+class _Refused(Exception):
+    """What ``_SpecLoader`` refuses (turned into a ``SpecError`` naming the file)."""
+
+
 def load_spec(path: str | os.PathLike) -> Spec:
     """Read and validate a spec file."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file '{p}' does not exist; write one with `annify convert MODEL --out DIR`")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_SpecLoader)  # a SafeLoader
+    except _Refused as e:
+        raise SpecError(f"{p}: {e}") from None
     except UnicodeDecodeError:
         raise SpecError(
             f"{p} is not a text file (a spec is YAML); pass the .yaml spec, not weights"
@@ -235,6 +272,11 @@ def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None and e.strerror:  # a write that failed (a full disk): name the file it was for
+            raise OSError(e.errno, e.strerror, str(p)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -253,6 +295,13 @@ _COMMENTS = {
     "train": "training settings for `annify train` (defaults: SGD lr 0.1, momentum 0.9, wd 1e-4, lr/10 at 1/2 and 3/4)",
     "heads": "one entry per output, in order; the last is the model's own classifier (node: model)",
 }
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value out in full, never as an alias (``_SpecLoader`` refuses aliases)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def dump(spec: Spec, header: str = "") -> str:
@@ -281,13 +330,17 @@ def dump(spec: Spec, header: str = "") -> str:
         if key == "heads":
             lines.append("heads:")
             for i, h in enumerate(value):
-                body = yaml.safe_dump([h], sort_keys=False, default_flow_style=None, width=200).rstrip()
+                body = yaml.dump(
+                    [h], Dumper=_PlainDumper, sort_keys=False, default_flow_style=None, width=200
+                ).rstrip()
                 lines.append(f"  # output {i + 1}")
                 lines.extend("  " + line for line in body.splitlines())
         else:
             if key in ("input_size", "model_kwargs", "placement"):
-                inline = yaml.safe_dump(value, default_flow_style=True, width=200).strip()
+                inline = yaml.dump(value, Dumper=_PlainDumper, default_flow_style=True, width=200).strip()
                 lines.append(f"{key}: {inline}")
             else:
-                lines.append(yaml.safe_dump({key: value}, sort_keys=False, width=200).rstrip())
+                lines.append(
+                    yaml.dump({key: value}, Dumper=_PlainDumper, sort_keys=False, width=200).rstrip()
+                )
     return "\n".join(lines) + "\n"

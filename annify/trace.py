@@ -215,13 +215,24 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], train_graph: bool 
     return traced
 
 
+# The largest image (C·H·W values) traced: a network's activations are many times its input, twice
+# over (a batch of 2), and fvcore counts it again.
+MAX_INPUT_VALUES = 3 * 2048 * 2048
+
+
 def _propagate_shapes(traced: Traced) -> dict[str, tuple[int, ...] | None]:
     model = traced.model
     was_training = model.training
     model.eval()
     gm = fx.GraphModule(model, traced.eval_graph)
-    example = torch.zeros(2, *traced.input_size)
+    values = math.prod(traced.input_size)
+    if values > MAX_INPUT_VALUES:  # every activation grows with it: refused before anything is allocated
+        raise TraceError(
+            f"input size {'×'.join(map(str, traced.input_size))} is {values:,} values an image, more than the "
+            f"{MAX_INPUT_VALUES:,} annify traces at (3×2048×2048 fits); give a smaller --input-size"
+        )
     try:  # ShapeProp prints a failing node's traceback itself: keep it for the error, off the screen
+        example = torch.zeros(2, *traced.input_size)
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example)
     except Exception as e:  # any op may refuse the shape; say which node, in one line

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from annify import run_dir, trained_start, weighting
@@ -59,7 +60,7 @@ from annify.evaluate import (
     resolve_device,
     save_table,
 )
-from annify.spec import Spec, SpecError, atomic_write, dump, load_spec
+from annify.spec import Spec, SpecError, atomic_write, dump, load_spec, model_source
 
 __all__ = [
     "DEFAULTS",
@@ -99,6 +100,7 @@ def train(
     loader: str = "auto",
     stop_after: int | None = None,
     log: Callable[[str], Any] = print,
+    model: nn.Module | None = None,
     **settings: Any,
 ) -> RunResult:
     """Train an anytime network and write its run folder (see the module docstring).
@@ -112,6 +114,8 @@ def train(
     writes the files. ``resume`` continues from ``out/checkpoints/last`` with the same settings (it
     starts afresh, with a note, when there is none). ``stop_after`` ends the run once that many
     epochs are done, as a time-limited job would. ``loader``: see ``annify.data.make_batches``.
+    ``model`` is the module a ``module:CLASS`` spec was converted from (``annify.convert(module)``),
+    passed again (a spec never names code to import); its classifier must already fit the data.
     """
     started = time.perf_counter()
     # ---------------------------------------------------------------- setup
@@ -120,9 +124,16 @@ def train(
     out = Path(out)
     _check_out(out)
     world, rank, dev, owns_group = _start_distributed(device)
+    held = None
     try:
+        held = run_dir.lock(out) if rank == 0 else None  # one process writes a run folder at a time
+        if model is None and model_source(spec.model)[0] == "module":
+            raise TrainError(
+                f"{spec.name} was converted from a module of your own ({spec.model}), which a spec never "
+                "imports; train it from Python: annify.train.train(spec, model=YourModule(...), out=...)"
+            )
         run = _setup(
-            spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log
+            spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log, model
         )
         # ------------------------------------------------------------ loop: train, evaluate on val, save
         val: Evaluation | None = None
@@ -138,7 +149,19 @@ def train(
         table = _finish(run, val)
         seconds = time.perf_counter() - started
         return RunResult(out, run.spec, run.net, done, table, seconds, rank, run.original)
+    except KeyboardInterrupt:
+        if rank == 0:
+            last = _find_checkpoint(out / "checkpoints", "last")
+            log(
+                f"interrupted: {out} keeps its last checkpoint ({last}); continue it with the same command "
+                "and --resume (annify demo resumes by itself)"
+                if last is not None
+                else f"interrupted before the first checkpoint of {out}; run the same command again to start over"
+            )
+        raise
     finally:
+        if held is not None:
+            held.release()
         if owns_group:
             dist.destroy_process_group()
 
@@ -197,7 +220,7 @@ def _start_distributed(device: str) -> tuple[int, int, torch.device, bool]:
 
 
 def _setup(
-    spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log
+    spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log, model=None
 ) -> _Run:
     """Run folder, data, network, optimizer, weight scheme and resume state, in that order."""
     say = log if rank == 0 else (lambda *_: None)
@@ -230,7 +253,7 @@ def _setup(
     say(f"data: {cfg['data']}, {len(datasets['train'])} train / {len(datasets['val'])} val / "
         f"{len(datasets['test'])} test images, {describe_batches(batches['train'], workers)}")  # fmt: skip
     torch.manual_seed(cfg["seed"])
-    net = build(spec)
+    net = build(spec, model)
     costs = count(net, spec.input_size)  # at the size actually trained
     spec = replace(with_costs(spec, costs), train=dict(cfg))
     net.describe(spec)  # its costs at the trained size: cost.exit_flops(result.net) reads them
@@ -241,7 +264,7 @@ def _setup(
     if (
         cfg["teacher"] == "original" and cfg["distill"]
     ):  # from the source itself, so a resumed run has the same teacher
-        source = build(spec)
+        source = build(spec, model)
         trained_start.load_init(source, spec, cfg["init"], lambda *_: None)
         teacher = trained_start.teacher_from(source).to(dev)
         if use_cl:
@@ -337,6 +360,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     distill = (cfg["distill"], cfg["distill_temperature"])
     watch = _EpochLosses(net.num_outputs, run.dev)
     steps, images, tic = 0, 0, time.perf_counter()
+    estimate = epoch == run.start_epoch and run.rank == 0  # once, from this call's first steps
     bar = tqdm(
         run.train_batches,
         desc=f"epoch {epoch + 1}/{cfg['epochs']}",
@@ -355,8 +379,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         watch.add(losses, steps)
         if watch.due(steps):
             _check(watch.read(steps), run, epoch, bar)
+            if estimate and time.perf_counter() - tic >= ESTIMATE_AFTER_S:
+                estimate = _say_estimate(run, epoch, steps, time.perf_counter() - tic)
     mean = _check(watch.read(steps), run, epoch, bar)  # also waits for the last step
     seconds = time.perf_counter() - tic
+    if estimate:
+        _say_estimate(run, epoch, steps, seconds)
     if cfg["bn_recalibrate"]:
         recalibrate_bn(net, run.train_batches, cfg["bn_recalibrate"], run.dev, run.amp, run.channels_last)
     if run.world > 1:  # DDP syncs buffers before each forward; the last forward's BN updates differ
@@ -370,6 +398,30 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         "images_per_s": round(images / seconds, 1),
         "time_s": round(seconds, 3),
     }
+
+
+ESTIMATE_AFTER_S = 10.0  # the run's duration is estimated from the steps of its first seconds
+LONG_JOB_S = 120.0  # and said when the rest takes longer than this
+
+
+def _say_estimate(run: _Run, epoch: int, steps: int, seconds: float) -> bool:
+    """Say how long the rest of the run will take, from the time its first ``steps`` took; returns False."""
+    per_step = seconds / max(steps, 1)
+    per_epoch = len(run.train_batches)
+    left = per_step * (per_epoch * (run.cfg["epochs"] - epoch) - steps)
+    if left >= LONG_JOB_S:
+        run.say(
+            f"estimate: about {_duration(left)} more for {run.cfg['epochs'] - epoch} epochs of {per_epoch} steps "
+            f"({per_step:.3g} s a step, evaluation not counted); --epochs N or --train-subset N shortens it"
+        )
+    return False
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 CHECK_EVERY_S = 2.0  # seconds between the host's looks at the losses (progress bar, finiteness)
@@ -441,8 +493,11 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
     row = {**row, "val_error": val.errors, "val_loss": val.losses}
     score = sum(val.errors) / len(val.errors)
     if run.rank == 0:
-        with open(run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(run.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk, most often: the checkpoint kept is the one to resume from
+            raise _unwritable(run.out / "metrics.jsonl", e, run.ckpt_root) from None
         run.say(_epoch_line(row, run.cfg["epochs"]))
         state = {
             "epoch": epoch + 1,
@@ -753,12 +808,7 @@ def _set_rng_state(state: dict) -> None:
 # -------------------------------------------------------------------- checkpoints and run files
 
 
-def _find_checkpoint(root: Path, name: str) -> Path | None:
-    """``root/name``, or the previous one a kill left mid-swap (see ``_write_folder``)."""
-    for folder in (root / name, root / f".old-{name}"):
-        if folder.is_dir():
-            return folder
-    return None
+_find_checkpoint = run_dir.find_checkpoint  # root/name, or the previous one a kill left mid-swap
 
 
 def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
@@ -773,9 +823,13 @@ def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         for name, write in files.items():
-            write(tmp / name)
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+            try:
+                write(tmp / name)
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
+                # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
+                raise _unwritable(dest / name, e, dest.parent, "checkpoint ") from None
         old = dest.with_name(f".old-{dest.name}")
         if dest.exists():  # else an earlier kill left the previous one in ``old``: keep it until the swap
             shutil.rmtree(old, ignore_errors=True)
@@ -785,6 +839,17 @@ def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unwritable(path: Path, e: Exception, ckpt_root: Path, what: str = "") -> CheckpointError:
+    """The one line for a run file that could not be written: why, and the checkpoint a resume takes."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
+    why = text.splitlines()[0] if text else type(e).__name__
+    previous = _find_checkpoint(ckpt_root, "last")  # what --resume continues from
+    kept = f"the last good checkpoint {previous} is kept" if previous else "no checkpoint was written yet"
+    return CheckpointError(
+        f"cannot write {what}{path} ({why}); {kept}; free disk space and continue with --resume"
+    )
 
 
 def _weights_writer(net: nn.Module) -> Callable[[Path], None]:

@@ -53,20 +53,23 @@ def init_state(source: str, spec: Spec) -> dict[str, torch.Tensor]:
 
 
 def _weights_path(p: Path) -> Path:
-    """A run folder's last checkpoint (the mid-swap one a kill may leave too), a checkpoint folder's file."""
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for folder in (p / "checkpoints" / "last", p / "checkpoints" / ".old-last", p):
-            if (folder / "model.safetensors").is_file():
-                return folder / "model.safetensors"
+    """The weights file of a run folder, a checkpoint folder or a file (``run_dir.weights_file``)."""
+    from annify.errors import InferenceError
+    from annify.run_dir import weights_file
+
+    if not p.exists() and not (p.parent.name == "checkpoints" and p.parent.is_dir()):
         raise TrainError(
-            f"--init {p}: no model.safetensors in it (nor in its checkpoints/last); pass a run folder, "
-            "a checkpoint folder or a weights file"
+            f"--init {p}: no such file or folder; pass 'timm', a run folder, a checkpoint folder or a file"
         )
-    raise TrainError(
-        f"--init {p}: no such file or folder; pass 'timm', a run folder, a checkpoint folder or a file"
-    )
+    try:
+        path = weights_file(p)
+    except InferenceError as e:
+        raise TrainError(f"--init {p}: {e}") from None
+    if not path.is_file():
+        raise TrainError(
+            f"--init {p}: no model.safetensors in it; pass a run folder, a checkpoint folder or a weights file"
+        )
+    return path
 
 
 def load_init(net: nn.Module, spec: Spec, source: str, say: Callable) -> bool:

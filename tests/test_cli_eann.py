@@ -188,11 +188,13 @@ def test_members_of_different_input_sizes(tmp_path, no_training):
 
 def test_members_trained_for_other_data(trained, tmp_path, no_training):
     out, _ = trained
-    spec = yaml.safe_load((out / "members" / NAMES[0] / "config.yaml").read_text())
-    spec["num_classes"] = 5
-    five = tmp_path / "five.yaml"
-    five.write_text(yaml.safe_dump(spec))
-    result = invoke(five, five, "--checkpoints", tmp_path, "--checkpoints", tmp_path, "--out", tmp_path / "o")
+    fives = []
+    for i, name in enumerate(NAMES[:2]):
+        spec = yaml.safe_load((out / "members" / name / "config.yaml").read_text())
+        spec["num_classes"] = 5
+        fives.append(tmp_path / f"five{i}.yaml")
+        fives[-1].write_text(yaml.safe_dump(spec))
+    result = invoke(*fives, "--checkpoints", tmp_path, "--checkpoints", tmp_path, "--out", tmp_path / "o")
     assert_one_line_error(result, "the members predict 5 classes but digits has 10", "--data", alone=False)
 
 

@@ -95,7 +95,9 @@ def test_start_and_every(tiny_traced):
 
 
 def test_the_last_block_never_gets_a_head(tiny_traced):
-    assert choose(*tiny_traced, start=9, every=1)[0] == []
+    assert choose(*tiny_traced, start=8, every=1)[0] == ["stages.2.1.add"]
+    with pytest.raises(ConvertError, match="places no head: .* heads go after blocks 1 to 8"):
+        choose(*tiny_traced, start=9, every=1)  # the 9th feeds the classifier: no head to give
 
 
 def test_heads_n_spaces_outputs_evenly_by_cost(make_tiny):

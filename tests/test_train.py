@@ -164,8 +164,8 @@ def test_resume_after_sigkill(spec_path, reference, tmp_path):
 def test_nan_stops_and_keeps_last_checkpoint(spec_path, tmp_path, monkeypatch):
     calls = {"n": 0}
 
-    def poisoned_build(spec):
-        net = build(spec)
+    def poisoned_build(spec, model=None):
+        net = build(spec, model)
 
         def hook(module, args, output):
             if module.training and torch.is_grad_enabled():  # a training step, not BN recalibration

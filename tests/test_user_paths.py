@@ -154,18 +154,17 @@ def test_eval_on_data_with_another_class_count_names_the_data(run, tmp_path):
     )
 
 
-def test_eann_note_on_member_order_comes_before_training(tmp_path):
+def test_eann_members_of_decreasing_cost_are_refused_before_training(tmp_path):
     lines = []
     from annify.eann import run_eann
+    from annify.errors import EANNError
 
-    with pytest.raises(
-        ValueError, match="epochs must be a positive integer, got 0"
-    ):  # stops the first member
+    with pytest.raises(EANNError, match="member 2 .* costs no more than member 1 .*: reorder them"):
         run_eann(
             ["cifar_resnet_n4_c16", "cifar_resnet_n2_c16"], out=tmp_path / "e", epochs=0, log=lines.append
         )
-    assert lines and lines[0].startswith("note: the members do not grow in cost")
-    assert "training into" in lines[1]  # the note came before any member trained
+    assert not any("training into" in line for line in lines)  # refused before any member trained
+    assert not (tmp_path / "e").exists()
 
 
 def test_run_folder_files_are_json(run):
