@@ -58,6 +58,17 @@ RECIPES = {  # label -> train settings beside init (every one explicit)
     "two_phase_kd": {**_FT, "weights": "adaloss", "head_local": True, "distill": 0.5, "teacher": "original",
                      "head_epochs": 0.5},
 }  # fmt: skip
+# the second round: the trunk at the from-scratch lr, the original as teacher holding the last output
+_FAST = {**_FT, "lr": 0.1, "head_epochs": 0}
+RECIPES |= {
+    "joint_const_lr0.1": {**_FAST, "weights": "const", "head_local": False, "distill": 0.0, "teacher": "last"},
+    "joint_const_kd": {**_FT, "weights": "const", "head_local": False, "distill": 0.5, "teacher": "original",
+                       "head_epochs": 0},
+    "joint_const_kd_lr0.1": {**_FAST, "weights": "const", "head_local": False, "distill": 0.5,
+                             "teacher": "original"},
+    "joint_adaloss_kd_lr0.1": {**_FAST, "weights": "adaloss", "head_local": True, "distill": 0.5,
+                               "teacher": "original"},
+}  # fmt: skip
 SCRATCH = {"weights": "const", "head_local": False, "distill": 0.0, "bn_recalibrate": 2048}
 CONFIGS = {
     "cpu": dict(data="fashion-mnist", model="cifar_resnet_n3_c8", train_subset=4000, base_epochs=8, epochs=4, seeds=5),
