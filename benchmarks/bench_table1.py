@@ -32,6 +32,9 @@ Usage::
     PYTHONPATH=. python benchmarks/bench_table1.py --config full           # all 55,000 images, wider, longer (GPU)
     PYTHONPATH=. python benchmarks/bench_table1.py --config digits         # the earlier digits run
     PYTHONPATH=. python benchmarks/bench_table1.py --quick                 # 1-minute smoke run on digits
+    PYTHONPATH=. python benchmarks/bench_table1.py --config converged --jobs 2     # 40 epochs on 1,000 images
+    PYTHONPATH=. python benchmarks/bench_table1.py --compare benchmarks/results/table1_converged15 \
+        benchmarks/results/table1_converged                                 # the epochs x scheme table
 """
 
 from __future__ import annotations
@@ -538,6 +541,22 @@ def _clean(x):
 # -------------------------------------------------------------------- main
 
 
+def compare(folders: list[str]) -> str:
+    """The epochs x scheme table: each scheme's relative increase over OPT (test) at the four targets, and
+    its final AdaLoss weight spread, for results folders of runs that differ in epochs (``--compare``)."""
+    rows = []
+    for folder in folders:
+        data = json.loads((Path(folder) / "table1.json").read_text())
+        info, agg = data["info"], data["aggregate"]
+        m = agg["metrics"]["test"]
+        for scheme in agg["schemes"]:
+            w = agg["weights"][scheme]["mean"]
+            cells = [f"{v:+.1f}" for v in m[scheme]["rel_of_means"]]
+            rows.append([str(info["epochs"]), scheme, *cells, f"{100 * m[scheme]['anytime']:.2f}",
+                         f"{min(w):.2f}–{max(w):.2f}"])  # fmt: skip
+    return table(["epochs", "scheme", *TARGET_LABELS, "anytime %", "final weights"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -562,7 +581,16 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: digits, n3_c8, 1 seed, 3 epochs, results in --out"
     )
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RESULTS",
+        help="print the epochs x scheme table of finished results folders",
+    )
     args = ap.parse_args()
+    if args.compare:
+        print(compare(args.compare))
+        return
     preset = dict(CONFIGS["digits" if args.quick else args.config])
     if args.quick:
         preset.update(model="cifar_resnet_n3_c8", epochs=3, seeds="1")

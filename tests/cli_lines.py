@@ -37,7 +37,7 @@ from annify.cli import main
 from annify.data import DEBIAN_FASHION_MNIST
 
 ROOT = Path(__file__).resolve().parents[1]
-CHEAP = {"--epochs": "1", "--train-subset": "8"}  # 8: the size of the smallest stand-in (ImageNet)
+CHEAP = {"--epochs": "1", "--train-subset": "20"}  # 20: the digits' 10 classes twice; the ImageNet stand-in
 RUNNERS = {  # how each command runs: "cli" in process, "server" as a process answering /healthz
     "convert": "cli",
     "inspect": "cli",
@@ -83,7 +83,7 @@ def make_workdir(folder: Path) -> Path:
     Image.new("RGB", (40, 30), color=(120, 30, 200)).save(folder / "image.png")
     write_cifar(folder / "data", "cifar10", n_train=100, n_test=40)
     write_idx(rerooted(folder, DEBIAN_FASHION_MNIST), n_train=120, n_test=40)
-    for split, per_class in (("train", 4), ("val", 2)):
+    for split, per_class in (("train", 10), ("val", 2)):
         for c, label in enumerate(("cat", "dog")):
             classes = rerooted(folder, "/data/imagenet") / split / label
             classes.mkdir(parents=True)

@@ -4,7 +4,7 @@ Each example is checked twice in the default suite: it parses (the command exist
 it takes and every value has the right type; click does the checking, as it would for a user), and it
 runs, in the order a user would (convert and inspect, train, then eval, predict and export of that run,
 the EANNs, the demo), in a fresh clone in a scratch folder, made cheap as ``tests/cli_lines.py`` says
-(``--epochs 1``, ``--train-subset 8``, tiny stand-ins for the data and images a fresh machine lacks).
+(``--epochs 1``, ``--train-subset 20``, tiny stand-ins for the data and images a fresh machine lacks).
 """
 
 from __future__ import annotations

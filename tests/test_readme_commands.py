@@ -2,7 +2,7 @@
 
 Every line is run in README's order in one fresh clone in a scratch folder (every file git tracks, so a
 stale file committed where a command writes breaks it here too), as ``tests/cli_lines.py`` says: the options that set how long a command runs are made small
-(``--epochs 1``, ``--train-subset 8``), data a fresh machine lacks (Debian's Fashion-MNIST, an ImageNet
+(``--epochs 1``, ``--train-subset 20``), data a fresh machine lacks (Debian's Fashion-MNIST, an ImageNet
 folder) is a tiny stand-in of the same kind, ``torchrun`` lines run under torchrun, a server must answer
 ``/healthz``. A line whose command has no rule fails. The commands the product is known by must be in
 the list.
