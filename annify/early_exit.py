@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -222,8 +223,12 @@ class _Exits:
     costs at batch 64 (BENCHMARKS.md §13d).
     """
 
-    def __init__(self, net: AnytimeNet, thresholds: Sequence[float], temperatures, pool: int):
+    def __init__(self, net: AnytimeNet, thresholds, temperatures, pool: int):
         k_out = net.num_outputs
+        if isinstance(thresholds, (str, os.PathLike)):  # a thresholds.json, or a run folder holding one
+            from annify.calibrate import read_thresholds
+
+            thresholds = read_thresholds(thresholds).thresholds
         if len(thresholds) != k_out:
             raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
         self.net, self.thresholds, self.pool = net, list(thresholds), pool
@@ -327,7 +332,7 @@ def _has_batch(v, b: int) -> bool:
 def early_exit(
     net: AnytimeNet,
     x: torch.Tensor,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | str | os.PathLike,
     temperatures: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Classify a batch, each sample exiting at its first output confident enough; skips real compute.
@@ -338,7 +343,9 @@ def early_exit(
     are), so later segments run on the undecided samples only. A channels-last batch stays
     channels-last. An output whose threshold is above 1 (``math.inf``: ``fit_thresholds`` gives it
     to outputs before the first one allowed to exit) can let no sample go, so its head is not run,
-    and the FLOPs returned leave it out: they are the work each sample was given.
+    and the FLOPs returned leave it out: they are the work each sample was given. ``thresholds`` may
+    also be the ``thresholds.json`` of ``annify calibrate`` (or the run folder holding it): thresholds
+    with a guarantee on the risk they cost (``annify.calibrate``).
 
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
@@ -358,7 +365,7 @@ def early_exit(
 def early_exit_stream(
     net: AnytimeNet,
     batches: Iterable[torch.Tensor],
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | str | os.PathLike,
     temperatures: Sequence[float] | None = None,
     pool: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

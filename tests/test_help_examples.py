@@ -26,7 +26,7 @@ from PIL import Image
 from annify.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["convert", "inspect", "train", "eval", "predict", "export", "eann", "demo"]
+ORDER = ["convert", "inspect", "train", "eval", "calibrate", "predict", "export", "serve", "eann", "demo"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
