@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import cpu_options, friendly
+from annify._cli_common import checkpoint_option, cpu_options, friendly
+from annify.cli_runtime import _read_labels, with_normalization
 from annify.report import format_flops
 
 
@@ -76,4 +77,74 @@ def calibrate(run, epsilon, delta, risk, method, batch_size):
     click.echo(f"wrote {path}")
 
 
-COMMANDS = [calibrate]
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@checkpoint_option
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface)."
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option(
+    "--policy", default="anytime", show_default=True,
+    help="anytime: each request stops at its deadline, budget or calibrated exit; full: every image runs "
+    "the whole network; exit:K: every image stops at output K (1-based).",
+)  # fmt: skip
+@click.option(
+    "--early-exit", is_flag=True,
+    help="Requests exit by the run's thresholds.json (`annify calibrate`) unless they send X-Early-Exit: 0.",
+)  # fmt: skip
+@click.option(
+    "--max-queue", default=256, show_default=True, type=click.IntRange(1),
+    help="Images admitted and not yet answered; more get 503 with Retry-After.",
+)  # fmt: skip
+@click.option(
+    "--max-batch", default=64, show_default=True, type=click.IntRange(1), help="Images per segment call."
+)
+@click.option(
+    "--max-images", default=64, show_default=True, type=click.IntRange(1), help="Images per request."
+)
+@click.option("--max-body-mb", default=8.0, show_default=True, type=float, help="Request size limit (MiB).")
+@click.option(
+    "--labels", type=click.Path(exists=True, dir_okay=False),
+    help="Text file with one class name per line (default: class indices).",
+)  # fmt: skip
+@with_normalization
+@cpu_options
+@friendly
+def serve(
+    spec,
+    checkpoint,
+    host,
+    port,
+    policy,
+    early_exit,
+    max_queue,
+    max_batch,
+    max_images,
+    max_body_mb,
+    labels,
+    mean,
+    std,
+):
+    """Serve SPEC over HTTP: POST /predict answers every request by its deadline with the best output ready.
+
+    Send an image as the body (or several as multipart files) with X-Deadline-Ms, X-Budget-Flops or
+    X-Early-Exit: 1. Images of all requests are batched together segment by segment; each answer
+    gives the class, top-k probabilities, the output used, FLOPs, latency and deadline_hit. GET
+    /healthz, GET /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in flight finish first.
+    Binds 127.0.0.1 unless --host says otherwise; the server keeps no state between requests, so
+    replicas scale out behind any HTTP load balancer. Ask it with, e.g.,
+    curl -H 'X-Deadline-Ms: 5' -H 'Content-Type: image/png' --data-binary @digit.png localhost:8000/predict
+
+    Example: annify serve specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --port 8000
+    """
+    from annify.serve import serve as run_serve
+
+    run_serve(
+        spec, checkpoint, host=host, port=port, policy=policy, early_exit=early_exit, max_queue=max_queue,
+        max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images, mean=mean,
+        std=std, labels=_read_labels(labels), log=click.echo,
+    )  # fmt: skip
+
+
+COMMANDS = [calibrate, serve]

@@ -98,6 +98,8 @@ def workdir(tmp_path_factory):
 def test_example_runs_as_written(name, argv, workdir, monkeypatch):
     if "fashion-mnist" in argv and not FASHION.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    if name == "serve":
+        pytest.skip("a server runs until stopped; tests/test_serve.py starts one and speaks HTTP to it")
     monkeypatch.chdir(workdir)
     if argv[0] == "torchrun":
         torchrun = Path(sys.executable).parent / "torchrun"
