@@ -138,7 +138,10 @@ def serve(
 
     Example: annify serve specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --port 8000
     """
-    from annify.serve import serve as run_serve
+    try:
+        from annify.serve import serve as run_serve
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"annify serve needs {e.name}: pip install 'annify[serve]'") from None
 
     run_serve(
         spec, checkpoint, host=host, port=port, policy=policy, early_exit=early_exit, max_queue=max_queue,

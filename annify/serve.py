@@ -374,6 +374,7 @@ def create_app(
         Histogram,
         generate_latest,
     )
+    from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
     registry = CollectorRegistry()  # one per app: several servers in one process keep their own counts
@@ -425,8 +426,11 @@ def create_app(
                 form = await request.form(
                     max_files=max_images, max_fields=max_images, max_part_size=max_body_bytes
                 )
-            except MultiPartException as e:
-                raise _BadRequest(413 if "Too many" in str(e) else 400, f"bad multipart body: {e}") from None
+            except (MultiPartException, HTTPException) as e:  # starlette wraps the first in the second
+                message = str(getattr(e, "detail", e))
+                raise _BadRequest(
+                    413 if "Too many" in message else 400, f"bad multipart body: {message}"
+                ) from None
             blobs = [await f.read() for _, f in form.multi_items() if not isinstance(f, str)]
         else:
             body = bytearray()
