@@ -10,7 +10,7 @@ the last output, or its deadline; at the deadline it gets the latest output it h
 stops early when the next segment's measured time would overrun its deadline: work that cannot
 finish in time is not started, which leaves the time to images that can. ``policy`` ``full`` (every
 image to the last output, deadlines only measured) and ``exit:K`` (every image stops at output K) are
-the baselines the load test compares against.
+the baselines the load test compares against; they run no head but the one of the output they answer with.
 
 ``create_app`` puts it behind HTTP with FastAPI on uvicorn: a well-kept ASGI stack whose request
 parsing (multipart uploads with size limits), lifespan hooks and graceful shutdown (uvicorn finishes
@@ -116,7 +116,9 @@ class Scheduler:
         if self.thresholds is not None and len(self.thresholds) != self.k:
             raise InferenceError(f"{len(self.thresholds)} thresholds for a network of {self.k} outputs")
         self.max_queue, self.max_batch, self.clock = max_queue, max_batch, clock
-        self.flops = exit_flops(net)
+        # per output, what stopping there costs: a fixed policy runs no other head
+        heads = None if self.fixed is None else [j == self.fixed for j in range(self.k)]
+        self.flops = exit_flops(net, heads)
         self.batched = _batched_carry(net)
         self.seconds = [0.0] * self.k  # per segment call, an exponential moving average
         self.busy, self.answered = 0.0, 0  # worker seconds and images answered (Retry-After's estimate)
@@ -222,11 +224,17 @@ class Scheduler:
                 for p, (v, flag) in enumerate(zip(state, flags, strict=True))
             )
         ids = [i for _, c in chunks for i in c]
+        head = self.fixed is None or j == self.fixed  # a fixed policy needs its own output's head only
         start = self.clock()
         with _inference(self.net):
-            state, logits = self.net.run_segment(j, state)
+            state, logits = self.net.run_segment(j, state, head=head)
         took = self.clock() - start
         self.seconds[j] = took if self.seconds[j] == 0 else 0.8 * self.seconds[j] + 0.2 * took
+        if not head:
+            with self.lock:
+                self.busy += took
+                self.waiting[j + 1].append((state, ids))
+            return True
         logits = logits.float()
         conf = torch.softmax(logits, dim=-1).amax(dim=-1).tolist()
         now, keep = self.clock(), []

@@ -80,6 +80,28 @@ def test_scheduler_early_exit_pools_the_undecided_and_matches_early_exit(net, mo
     assert batches[0] == 16 and batches == sorted(batches, reverse=True) and batches[-1] < 16
 
 
+@pytest.mark.parametrize(("policy", "output"), [("full", 4), ("exit:2", 1)])
+def test_fixed_policies_run_only_the_head_they_answer_with(net, monkeypatch, policy, output):
+    heads, real = [], net.run_segment
+    monkeypatch.setattr(
+        net, "run_segment", lambda j, state, head=True: heads.append(head) or real(j, state, head)
+    )
+    s = Scheduler(net, policy=policy)
+    req = s.submit(images(3), deadline_ms=1e-6, budget_flops=1.0)  # neither applies to a fixed policy
+    run_all(s)
+    assert heads == [j == output for j in range(output + 1)]
+    want = exit_flops(net, [j == output for j in range(5)])[output]
+    assert [(a.exit, a.flops, a.deadline_hit) for a in req.future.result(timeout=0)] == [
+        (output, want, False)
+    ] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            req.future.result()[0].logits, net(images(3))[output][0], rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(InferenceError, match="unknown policy 'exit:9'"):
+        Scheduler(net, policy="exit:9")
+
+
 def test_scheduler_budget_stops_at_the_latest_affordable_output(net):
     s = Scheduler(net)
     flops = exit_flops(net)
