@@ -3,8 +3,9 @@
 ``Scheduler`` (no HTTP in it, so it is tested on its own) runs the network segment by segment on one
 thread and batches the images of many requests together at every segment, as ``early_exit_stream``
 pools undecided samples: images waiting for segment j from different requests share one call. The
-segment to run next is the one holding the image with the earliest deadline (the deepest on a tie, so
-requests finish and new arrivals gather into larger batches at segment 0). Each image stops at the
+deepest segment with images waiting runs next (so a cohort of images moves through the network
+together while new arrivals gather at segment 0), unless an image without any output yet would miss
+its deadline (see ``Scheduler._pick``). Each image stops at the
 first of: its calibrated exit (``annify calibrate``'s thresholds), the output its FLOP budget affords,
 the last output, or its deadline; at the deadline it gets the latest output it has. An image also
 stops early when the next segment's measured time would overrun its deadline: work that cannot
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import io
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +73,7 @@ class Request:
     def __init__(self, n: int, deadline: float | None, target: int, thresholds: Sequence[float] | None):
         self.deadline, self.target, self.thresholds = deadline, target, thresholds
         self.answers: list[Answer | None] = [None] * n
-        self.best: list[tuple[torch.Tensor, int] | None] = [None] * n
+        self.best: list[tuple[torch.Tensor, int, int] | None] = [None] * n  # (batch logits, row, output)
         self.left = n
         self.cut = False  # the deadline passed: every image answers with its first output ready
         self.future: Future = Future()
@@ -127,7 +129,6 @@ class Scheduler:
         self.lock = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.on_answer: Callable[[Request], None] | None = None  # metrics hook, on the worker thread
 
     # --- the client side ------------------------------------------------------------------------
 
@@ -157,15 +158,19 @@ class Scheduler:
         thresholds = self.thresholds if early_exit and self.fixed is None else None
         req = Request(x.shape[0], deadline, target, thresholds)
         with self.lock:
-            if self.stopping:
-                raise Overloaded(1)
-            if self.pending + x.shape[0] > self.max_queue:
-                per_image = self.busy / self.answered if self.answered else 0.0
-                raise Overloaded(max(1, math.ceil(self.pending * per_image)))
+            self.check_room(x.shape[0])
             self.pending += x.shape[0]
             self.waiting[0].append(((x,), [(req, i) for i in range(x.shape[0])]))
             self.lock.notify()
         return req
+
+    def check_room(self, n: int = 1) -> None:
+        """Raise ``Overloaded`` (with a Retry-After estimate) unless ``n`` more images fit in the queue."""
+        if self.stopping:
+            raise Overloaded(1)
+        if self.pending + n > self.max_queue:
+            per_image = self.busy / self.answered if self.answered else 0.0
+            raise Overloaded(max(1, math.ceil(self.pending * per_image)))
 
     def cut(self, req: Request) -> None:
         """The request's deadline passed: answer every image with the latest output it has; those with
@@ -174,7 +179,8 @@ class Scheduler:
             req.cut = True
             for i, best in enumerate(req.best):
                 if best is not None and req.answers[i] is None:
-                    self._answer(req, i, *best, deadline_hit=True)
+                    logits, r, j = best
+                    self._answer(req, i, logits[r], j, deadline_hit=True)
 
     # --- the worker -----------------------------------------------------------------------------
 
@@ -236,20 +242,21 @@ class Scheduler:
                 self.waiting[j + 1].append((state, ids))
             return True
         logits = logits.float()
-        conf = torch.softmax(logits, dim=-1).amax(dim=-1).tolist()
+        if any(req.thresholds is not None for req, _ in ids):
+            conf = torch.softmax(logits, dim=-1).amax(dim=-1).tolist()
         now, keep = self.clock(), []
         with self.lock:
             answered = 0
             for r, (req, i) in enumerate(ids):
                 if req.answers[i] is not None:  # answered at its deadline while this segment ran
                     continue
-                req.best[i] = (logits[r].clone(), j)
+                req.best[i] = (logits, r, j)  # rows are taken only when answered: no copy per segment
                 done = j >= req.target or (req.thresholds is not None and conf[r] >= req.thresholds[j])
                 if done or req.cut:
-                    self._answer(req, i, logits[r].clone(), j, deadline_hit=not done)
+                    self._answer(req, i, logits[r], j, deadline_hit=not done)
                     answered += 1
                 elif req.deadline is not None and now + self.seconds[j + 1] > req.deadline:
-                    self._answer(req, i, logits[r].clone(), j, deadline_hit=True)  # it cannot finish in time
+                    self._answer(req, i, logits[r], j, deadline_hit=True)  # it cannot finish in time
                     answered += 1
                 else:
                     keep.append(r)
@@ -266,21 +273,28 @@ class Scheduler:
         return True
 
     def _pick(self) -> tuple[int | None, list]:
-        """The segment whose waiting images hold the earliest deadline (deepest on a tie), and up to
-        ``max_batch`` of its images (whole chunks); images already answered are dropped first."""
-        best, best_key = None, None
+        """The segment to run next and up to ``max_batch`` of its images (whole chunks); images answered
+        already are dropped first.
+
+        The deepest segment with images waiting goes first: images furthest along finish, and new
+        arrivals gather into one batch at segment 0 meanwhile, so a cohort moves through the segments
+        together at a batch worth running (one image per call costs several times more per image).
+        Segment 0 goes first instead when an image waiting there, with no output yet, would otherwise
+        miss its deadline: it needs its first answer before anything else.
+        """
         for j in range(self.k):
             self.waiting[j] = [c for c in (self._live(j, c) for c in self.waiting[j]) if c is not None]
-            if not self.waiting[j]:
-                continue
-            deadlines = [
-                req.deadline for _, ids in self.waiting[j] for req, _ in ids if req.deadline is not None
-            ]
-            key = (min(deadlines, default=math.inf), -j)
-            if best_key is None or key < best_key:
-                best, best_key = j, key
-        if best is None:
+        live = [j for j in range(self.k) if self.waiting[j]]
+        if not live:
             return None, []
+        best = live[-1]
+        if best != 0 and self.waiting[0]:
+            latest = self.clock() + self.seconds[best] + self.seconds[0]  # when it would end if it waited
+            deadlines = (
+                req.deadline for _, ids in self.waiting[0] for req, _ in ids if req.deadline is not None
+            )
+            if any(d < latest for d in deadlines):
+                best = 0
         taken, count = [], 0
         while self.waiting[best] and (not taken or count + len(self.waiting[best][0][1]) <= self.max_batch):
             chunk = self.waiting[best].pop(0)
@@ -310,8 +324,6 @@ class Scheduler:
         self.pending -= 1
         if req.left == 0 and not req.future.done():
             req.future.set_result(list(req.answers))
-            if self.on_answer is not None:
-                self.on_answer(req)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -458,6 +470,7 @@ def create_app(
     @app.post("/predict")
     async def predict(request: HTTPRequest):
         try:
+            scheduler.check_room()  # a full queue sheds before the body is read and decoded: cheaply
             deadline_ms = _number(request.headers, "X-Deadline-Ms")
             budget = _number(request.headers, "X-Budget-Flops")
             flag = request.headers.get("X-Early-Exit")
@@ -577,6 +590,9 @@ def serve(
         raise InferenceError("--early-exit needs the run's thresholds.json; run `annify calibrate RUN` first")
     scheduler = Scheduler(net, policy, thresholds, max_queue, max_batch)
     scheduler.warm_up(res.spec.input_size)
+    # The scheduler thread runs Python between torch kernels; with the interpreter's default 5 ms
+    # switch interval the event loop would wait that long for the GIL at every step of a request.
+    sys.setswitchinterval(0.0005)
     app = create_app(
         scheduler, image_transform(res.spec, res.mean, res.std), res.spec.input_size[0], max_body_bytes, max_images,
         labels=labels, early_exit_default=early_exit,

@@ -142,6 +142,23 @@ def test_scheduler_skips_a_segment_that_cannot_finish_by_the_deadline(net):
     assert (answer.exit, answer.deadline_hit) == (1, True)
 
 
+def test_scheduler_runs_the_deepest_segment_unless_a_first_output_is_due(net, monkeypatch):
+    calls = record_segments(monkeypatch, net)
+    clock = [0.0]
+    s = Scheduler(net, clock=lambda: clock[0])
+    s.seconds = [0.01] * 5
+    s.submit(images(2))
+    s.step(), s.step()  # that cohort waits for segment 2
+    s.submit(images(1))  # no deadline: it waits at segment 0 while the cohort goes on
+    s.step()
+    urgent = s.submit(images(1), deadline_ms=15)  # segment 2 then 0 would end at 20 ms: too late
+    s.step()
+    assert [j for j, _ in calls] == [0, 1, 2, 0] and calls[-1][1] == 2  # both newcomers, together
+    assert urgent.future.done() is False and urgent.best[0][2] == 0  # it has its first output
+    run_all(s)
+    assert calls[4:] == [(3, 2), (4, 2), (1, 2), (2, 2), (3, 2), (4, 2)]  # the cohort first, then the newcomers
+
+
 def test_scheduler_sheds_load_beyond_its_queue(net):
     s = Scheduler(net, max_queue=3)
     s.submit(images(2))
