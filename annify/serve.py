@@ -187,7 +187,7 @@ class Scheduler:
     def warm_up(self, input_size: Sequence[int]) -> None:
         """Run one image through every segment before serving: the first requests do not pay for
         warm-up, and every segment has a measured time for the deadline checks."""
-        req = Request(1, None, self.k - 1, None)
+        req = Request(1, None, self.k - 1 if self.fixed is None else self.fixed, None)
         with self.lock:
             self.pending += 1
             self.waiting[0].append(((torch.zeros(1, *input_size),), [(req, 0)]))
