@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import checkpoint_option, cpu_options, friendly
+from annify._cli_common import checkpoint_option, cpu_options, finite_positive, friendly
 from annify.cli_runtime import _read_labels, with_normalization
 from annify.report import format_flops
 
@@ -103,6 +103,11 @@ def calibrate(run, epsilon, delta, risk, method, batch_size):
 @click.option(
     "--max-images", default=64, show_default=True, type=click.IntRange(1), help="Images per request."
 )
+@click.option(
+    "--guard-ms", default=5.0, show_default=True, type=float, callback=finite_positive,
+    help="Stop computing this long (at most a fifth of the deadline) before a deadline, to send the answer "
+    "in time; raise it where the network or the clients add delay.",
+)  # fmt: skip
 @click.option("--max-body-mb", default=8.0, show_default=True, type=float, help="Request size limit (MiB).")
 @click.option(
     "--labels", type=click.Path(exists=True, dir_okay=False),
@@ -121,6 +126,7 @@ def serve(
     max_queue,
     max_batch,
     max_images,
+    guard_ms,
     max_body_mb,
     labels,
     mean,
@@ -145,8 +151,8 @@ def serve(
 
     run_serve(
         spec, checkpoint, host=host, port=port, policy=policy, early_exit=early_exit, max_queue=max_queue,
-        max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images, mean=mean,
-        std=std, labels=_read_labels(labels), log=click.echo,
+        max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images,
+        guard_ms=guard_ms, mean=mean, std=std, labels=_read_labels(labels), log=click.echo,
     )  # fmt: skip
 
 

@@ -366,9 +366,6 @@ def _decode(blob: bytes, index: int, preprocess, channels: int, max_pixels: int)
     return preprocess(im)
 
 
-GUARD_MS = 3.0  # at most this much of a deadline is kept for writing and sending the answer
-
-
 def create_app(
     scheduler: Scheduler,
     preprocess: Callable,
@@ -378,14 +375,15 @@ def create_app(
     max_pixels: int = 4096 * 4096,
     labels: Sequence[str] | None = None,
     early_exit_default: bool = False,
+    guard_ms: float = 5.0,
 ):
     """The FastAPI app: ``POST /predict``, ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
     ``POST /predict`` takes one image as the body (``Content-Type: image/png``, ``image/jpeg``, ...)
     or several as ``multipart/form-data`` files (a batch), and the headers ``X-Deadline-Ms``,
     ``X-Budget-Flops``, ``X-Early-Exit`` (1/0: calibrated exit thresholds) and ``X-Top-K``. The
-    deadline counts from when the request's body has arrived; computing stops a tenth of it (at most
-    ``GUARD_MS``) earlier, for the answer to be sent in time. The scheduler starts and stops with the
+    deadline counts from when the request's body has arrived; computing stops ``guard_ms`` (at most a
+    fifth of the deadline) earlier, for the answer to be written and sent in time. The scheduler starts and stops with the
     app's lifespan: at shutdown, the requests in flight are finished first.
     """
     from fastapi import FastAPI
@@ -491,9 +489,9 @@ def create_app(
                     [_decode(b, i, preprocess, channels, max_pixels) for i, b in enumerate(blobs)]
                 )
             )
-            # the scheduler stops a little before the deadline (a tenth of it, at most GUARD_MS), so the
-            # answer is written and sent by then rather than cut exactly at it and late by its sending
-            cut_ms = None if deadline_ms is None else deadline_ms - min(GUARD_MS, deadline_ms / 10)
+            # the scheduler stops a little before the deadline, so the answer is written and sent by
+            # then rather than cut exactly at it and late by its own sending
+            cut_ms = None if deadline_ms is None else deadline_ms - min(guard_ms, deadline_ms / 5)
             req = scheduler.submit(x, cut_ms, budget, early, arrived=arrived)
         except _BadRequest as e:
             return error(e.status, str(e))
@@ -568,6 +566,7 @@ def serve(
     max_batch: int = 64,
     max_body_bytes: int = 8 << 20,
     max_images: int = 64,
+    guard_ms: float = 5.0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     labels: Sequence[str] | None = None,
@@ -602,7 +601,7 @@ def serve(
     sys.setswitchinterval(0.0005)
     app = create_app(
         scheduler, image_transform(res.spec, res.mean, res.std), res.spec.input_size[0], max_body_bytes, max_images,
-        labels=labels, early_exit_default=early_exit,
+        labels=labels, early_exit_default=early_exit, guard_ms=guard_ms,
     )  # fmt: skip
     log(
         f"serving {res.spec.name} ({net.num_outputs} outputs, policy {policy}"
