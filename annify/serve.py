@@ -40,7 +40,7 @@ import torch
 from starlette.requests import Request as HTTPRequest  # FastAPI resolves the handlers' annotations here
 
 from annify.cost import exit_flops
-from annify.early_exit import _batched_carry, _has_batch, _inference, _take
+from annify.early_exit import _batched_carry, _has_batch, _inference, _pooled, _take
 from annify.errors import InferenceError
 from annify.report import format_sci
 from annify.rewrite import AnytimeNet
@@ -223,12 +223,7 @@ class Scheduler:
             if j is None:
                 return False
         flags = [True] if j == 0 else self.batched[j - 1]
-        state = chunks[0][0]
-        if len(chunks) > 1:  # values without the batch dimension are the same in every chunk
-            state = tuple(
-                torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, len(chunks[0][1])) else v
-                for p, (v, flag) in enumerate(zip(state, flags, strict=True))
-            )
+        state = _pooled(chunks, flags)
         ids = [i for _, c in chunks for i in c]
         head = self.fixed is None or j == self.fixed  # a fixed policy needs its own output's head only
         start = self.clock()
