@@ -227,8 +227,12 @@ class Scheduler:
         ids = [i for _, c in chunks for i in c]
         head = self.fixed is None or j == self.fixed  # a fixed policy needs its own output's head only
         start = self.clock()
-        with _inference(self.net):
-            state, logits = self.net.run_segment(j, state, head=head)
+        try:
+            with _inference(self.net):
+                state, logits = self.net.run_segment(j, state, head=head)
+        except Exception as e:  # a failing batch fails its requests; the worker serves on
+            self._fail(ids, e)
+            return True
         took = self.clock() - start
         self.seconds[j] = took if self.seconds[j] == 0 else 0.8 * self.seconds[j] + 0.2 * took
         if not head:
@@ -312,6 +316,17 @@ class Scheduler:
             for v, flag in zip(state, flags, strict=True)
         )
         return state, [ids[r] for r in kept]
+
+    def _fail(self, ids: list[tuple[Request, int]], error: Exception) -> None:
+        """The segment call for these images raised: their requests get the error."""
+        with self.lock:
+            for req, i in ids:
+                if req.answers[i] is None:
+                    req.answers[i] = Answer(torch.empty(0), -1, 0.0, False)  # answered: its work is dropped
+                    req.left -= 1
+                    self.pending -= 1
+                if not req.future.done():
+                    req.future.set_exception(error)
 
     def _answer(self, req: Request, i: int, logits, exit_at: int, deadline_hit: bool) -> None:
         req.answers[i] = Answer(logits, exit_at, self.flops[exit_at], deadline_hit)
@@ -495,16 +510,21 @@ def create_app(
         except Overloaded as e:
             return error(503, str(e), headers={"Retry-After": str(e.retry_after)})
         future = asyncio.wrap_future(req.future)
-        if req.deadline is not None:
-            try:
-                answers = await asyncio.wait_for(
-                    asyncio.shield(future), max(0.0, req.deadline - scheduler.clock())
-                )
-            except asyncio.TimeoutError:
-                scheduler.cut(req)
+        try:
+            if req.deadline is not None:
+                try:
+                    answers = await asyncio.wait_for(
+                        asyncio.shield(future), max(0.0, req.deadline - scheduler.clock())
+                    )
+                except asyncio.TimeoutError:
+                    scheduler.cut(req)
+                    answers = await future
+            else:
                 answers = await future
-        else:
-            answers = await future
+        except Exception as e:  # the network raised on this request's batch
+            return error(
+                500, f"inference failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
         elapsed = scheduler.clock() - arrived
         late = deadline_ms is not None and elapsed * 1000 > deadline_ms
         requests.labels("200").inc()

@@ -158,7 +158,34 @@ def test_scheduler_runs_the_deepest_segment_unless_a_first_output_is_due(net, mo
     assert [j for j, _ in calls] == [0, 1, 2, 0] and calls[-1][1] == 2  # both newcomers, together
     assert urgent.future.done() is False and urgent.best[0][2] == 0  # it has its first output
     run_all(s)
-    assert calls[4:] == [(3, 2), (4, 2), (1, 2), (2, 2), (3, 2), (4, 2)]  # the cohort first, then the newcomers
+    assert calls[4:] == [
+        (3, 2),
+        (4, 2),
+        (1, 2),
+        (2, 2),
+        (3, 2),
+        (4, 2),
+    ]  # the cohort first, then the newcomers
+
+
+def test_a_failing_segment_fails_its_requests_and_the_worker_serves_on(net, monkeypatch):
+    real = net.run_segment
+
+    def broken(j, state, head=True):
+        if j == 2 and state[0].shape[0] == 3:
+            raise RuntimeError("out of memory")
+        return real(j, state, head)
+
+    monkeypatch.setattr(net, "run_segment", broken)
+    s = Scheduler(net)
+    failed = s.submit(images(3))
+    run_all(s)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failed.future.result(timeout=0)
+    assert s.pending == 0
+    fine = s.submit(images(1))
+    run_all(s)
+    assert fine.future.result(timeout=0)[0].exit == 4
 
 
 def test_scheduler_sheds_load_beyond_its_queue(net):
