@@ -348,3 +348,32 @@ def test_http_shutdown_finishes_requests_in_flight(serve, net, monkeypatch):
     assert server.scheduler.thread is not None and not server.scheduler.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         post(server.url)
+
+
+def test_serve_command_binds_loopback_by_default_and_refuses_bad_settings_in_one_line(tiny, tmp_path):
+    from click.testing import CliRunner
+    from helpers import assert_one_line_error
+    from safetensors.torch import save_file
+
+    from annify.cli import main
+    from annify.spec import dump
+
+    net, spec, _ = tiny
+    (tmp_path / "tiny.yaml").write_text(dump(spec))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    command = main.get_command(None, "serve")
+    assert next(p for p in command.params if p.name == "host").default == "127.0.0.1"
+    base = [
+        "serve",
+        str(tmp_path / "tiny.yaml"),
+        "--checkpoint",
+        str(tmp_path),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.25",
+    ]
+    result = CliRunner().invoke(main, [*base, "--early-exit"])
+    assert_one_line_error(result, "--early-exit needs the run's thresholds.json")
+    result = CliRunner().invoke(main, [*base, "--policy", "exit:9"])
+    assert_one_line_error(result, "unknown policy 'exit:9'; use anytime, full or exit:K with K from 1 to 5")
