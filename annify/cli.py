@@ -261,7 +261,7 @@ def _register_stage_commands() -> None:
     """Commands of the later stages live beside their library code; missing ones are skipped."""
     import importlib
 
-    for module in ("annify.cli_train", "annify.cli_runtime", "annify.cli_eann"):
+    for module in ("annify.cli_train", "annify.cli_runtime", "annify.cli_eann", "annify.cli_deploy"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -56,6 +56,17 @@ def _resolve(spec, checkpoint, mean, std):
     return net, res
 
 
+def _calibrated(res) -> dict | None:
+    """The run's ``thresholds.json`` (checked to fit its weights) as a dict, if it has one."""
+    import json as json_
+
+    from annify.calibrate import FILE, read_thresholds
+
+    if res.run is None or not (res.run / FILE).is_file():
+        return None
+    return json_.loads(read_thresholds(res.run, res.weights).to_json())
+
+
 def _read_labels(path: str | None) -> list[str] | None:
     if path is None:
         return None
@@ -84,6 +95,11 @@ def _read_labels(path: str | None) -> list[str] | None:
     callback=finite_positive,
     help="Wall-clock deadline per image: the latest output ready by then.",
 )
+@click.option(
+    "--early-exit",
+    is_flag=True,
+    help="Exit at the first output confident enough, by the run's thresholds.json (`annify calibrate`).",
+)
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to print.")
 @click.option(
     "--labels",
@@ -94,24 +110,38 @@ def _read_labels(path: str | None) -> list[str] | None:
 @with_normalization
 @cpu_options
 @friendly
-def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, as_json, mean, std):
+def predict(
+    spec, images, checkpoint, budget_flops, deadline_ms, early_exit, topk, labels, as_json, mean, std
+):
     """Classify IMAGE files with the anytime network SPEC, within a FLOP budget or a deadline.
 
     Each image is resized, center-cropped and normalized for the spec's model, then run segment by
-    segment. Without --budget-flops or --deadline-ms every output is computed and the last is used.
+    segment. Without --budget-flops or --deadline-ms every output is computed and the last is used;
+    with --early-exit each image stops at its first output confident enough (calibrated thresholds).
     The deadline is checked between segments, after one untimed warm-up pass; an image whose first
     output was not ready in time still gets it, marked LATE. Prints the top-k classes, the output
     used (1-based) and the FLOPs spent per image; --json gives the 0-based output_index.
 
+    \b
     Example: annify predict specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --budget-flops 2e6 digit.png
+    Example: annify predict specs/cifar_resann_n7_c16.yaml --checkpoint runs/digits --early-exit digit.png
     """
     import torch
 
     from annify.data import image_transform, load_image
     from annify.runtime import AnytimeRunner
 
+    if early_exit and (budget_flops is not None or deadline_ms is not None):
+        raise click.UsageError("--early-exit stops by confidence: drop --budget-flops and --deadline-ms")
     names = _read_labels(labels)
     net, res = _resolve(spec, checkpoint, mean, std)
+    exit_thresholds = None
+    if early_exit:
+        from annify.calibrate import read_thresholds
+
+        if res.run is None:
+            raise click.UsageError("--early-exit reads the run's thresholds.json: --checkpoint a run folder")
+        exit_thresholds = read_thresholds(res.run, res.weights).thresholds
     runner = AnytimeRunner(net)
     if budget_flops is not None:
         runner.select(budget_flops)  # fail on a budget below the first output before reading images
@@ -122,7 +152,10 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
             pass
     rows = []
     for path, x in zip(images, inputs, strict=True):
-        result = runner.run(x.unsqueeze(0), budget_flops=budget_flops, deadline_ms=deadline_ms)
+        if exit_thresholds is not None:
+            result = _exit_early(net, x.unsqueeze(0), exit_thresholds)
+        else:
+            result = runner.run(x.unsqueeze(0), budget_flops=budget_flops, deadline_ms=deadline_ms)
         probs = torch.softmax(result.logits[0].float(), dim=-1)
         top = probs.topk(min(topk, probs.numel()))
         rows.append(
@@ -153,6 +186,21 @@ def predict(spec, images, checkpoint, budget_flops, deadline_ms, topk, labels, a
             f"{row['image']}: {classes} | output {row['output_index'] + 1}/{row['num_outputs']}, "
             f"{format_flops(row['flops'])} FLOPs, {row['elapsed_ms']:.1f} ms{late}"
         )
+
+
+def _exit_early(net, x, thresholds):
+    """``annify.early_exit`` on one image, as the ``AnytimeResult`` the printing code reads."""
+    import time
+
+    from annify.early_exit import early_exit
+    from annify.runtime import AnytimeResult
+
+    start = time.perf_counter()
+    logits, exit_at, flops = early_exit(net, x, thresholds)
+    elapsed = (time.perf_counter() - start) * 1000
+    k = int(exit_at[0])
+    computed = 1 + sum(t <= 1 for t in thresholds[:k])  # a threshold above 1 skips its head
+    return AnytimeResult(logits, k, None, float(flops[0]), elapsed, outputs_computed=computed)
 
 
 @click.command("export")
@@ -189,7 +237,7 @@ def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     net, res = _resolve(spec, checkpoint, mean, std)
     manifest = export(
         net, folder, formats=FORMATS if fmt == "all" else (fmt,), check=not no_check,
-        preprocessing={"mean": res.mean, "std": res.std},
+        preprocessing={"mean": res.mean, "std": res.std}, early_exit=_calibrated(res),
     )  # fmt: skip
     for f in manifest["files"]:
         checked = "" if f["max_abs_diff"] is None else f"  max diff {f['max_abs_diff']:.1e}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -223,8 +224,12 @@ class _Exits:
     costs at batch 64 (BENCHMARKS.md §15c).
     """
 
-    def __init__(self, net: AnytimeNet, thresholds: Sequence[float], temperatures, pool: int):
+    def __init__(self, net: AnytimeNet, thresholds, temperatures, pool: int):
         k_out = net.num_outputs
+        if isinstance(thresholds, (str, os.PathLike)):  # a thresholds.json, or a run folder holding one
+            from annify.calibrate import read_thresholds
+
+            thresholds = read_thresholds(thresholds).thresholds
         if len(thresholds) != k_out:
             raise ValueError(f"{k_out} outputs but {len(thresholds)} thresholds")
         if any(math.isnan(float(t)) for t in thresholds):  # nan >= nothing: it would silently mean "never"
@@ -269,12 +274,7 @@ class _Exits:
         self.waiting[j] = []
         ids = [i for _, c in chunks for i in c]
         flags = [True] if j == 0 else self.batched[j - 1]
-        state = chunks[0][0]
-        if len(chunks) > 1:  # values without the batch dimension are the same in every chunk
-            state = tuple(
-                torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, len(chunks[0][1])) else v
-                for p, (v, flag) in enumerate(zip(state, flags, strict=True))
-            )
+        state = _pooled(chunks, flags)
         state, logits = net.run_segment(j, state, head=self.runs[j])
         if not self.runs[j]:
             self.waiting[j + 1].append((state, ids))
@@ -330,10 +330,22 @@ def _has_batch(v, b: int) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
 
 
+def _pooled(chunks: list[tuple[tuple, list]], flags: Sequence[bool]) -> tuple:
+    """The carried state of several chunks (state, sample ids) as one batch: the values that have the
+    batch dimension (``flags``) concatenated, the others (the same in every chunk) taken once."""
+    state = chunks[0][0]
+    if len(chunks) == 1:
+        return state
+    return tuple(
+        torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, len(chunks[0][1])) else v
+        for p, (v, flag) in enumerate(zip(state, flags, strict=True))
+    )
+
+
 def early_exit(
     net: AnytimeNet,
     x: torch.Tensor,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | str | os.PathLike,
     temperatures: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Classify a batch, each sample exiting at its first output confident enough; skips real compute.
@@ -344,7 +356,9 @@ def early_exit(
     are), so later segments run on the undecided samples only. A channels-last batch stays
     channels-last. An output whose threshold is above 1 (``math.inf``: ``fit_thresholds`` gives it
     to outputs before the first one allowed to exit) can let no sample go, so its head is not run,
-    and the FLOPs returned leave it out: they are the work each sample was given.
+    and the FLOPs returned leave it out: they are the work each sample was given. ``thresholds`` may
+    also be the ``thresholds.json`` of ``annify calibrate`` (or the run folder holding it): thresholds
+    with a guarantee on the risk they cost (``annify.calibrate``).
 
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
@@ -364,7 +378,7 @@ def early_exit(
 def early_exit_stream(
     net: AnytimeNet,
     batches: Iterable[torch.Tensor],
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | str | os.PathLike,
     temperatures: Sequence[float] | None = None,
     pool: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

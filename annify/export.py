@@ -262,6 +262,7 @@ def export(
     formats: tuple[str, ...] | list[str] = FORMATS,
     check: bool = True,
     preprocessing: dict | None = None,
+    early_exit: dict | None = None,
 ) -> dict:
     """Export every truncated network and every segment of ``net``; returns the manifest.
 
@@ -274,6 +275,8 @@ def export(
             exceeds 1: float32 rounding grows with it); a mismatch raises ``ExportError``.
         preprocessing: what the inputs must be normalised with (``mean``, ``std`` per channel),
             recorded in the manifest beside ``input_size`` so a deployment feeds the files right.
+        early_exit: calibrated exit thresholds (``annify calibrate``'s thresholds.json as a dict),
+            recorded as the manifest's ``early_exit`` so a serving loop over the segments can use them.
     """
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -351,6 +354,8 @@ def export(
         ),
         "files": files,
     }
+    if early_exit is not None:
+        manifest["early_exit"] = early_exit
     try:
         atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     except OSError as e:

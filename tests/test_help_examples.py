@@ -15,7 +15,7 @@ import click
 import pytest
 from cli_lines import annify_args, commands, make_workdir, run_line
 
-ORDER = ["convert", "inspect", "train", "eval", "predict", "export", "eann", "demo"]
+ORDER = ["convert", "inspect", "train", "eval", "calibrate", "predict", "export", "serve", "eann", "demo"]
 
 
 def _examples() -> list[tuple[str, list[str]]]:
