@@ -54,6 +54,13 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.option("--out", help="Run folder (default: runs/<spec file name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option(
+    "--module",
+    "module_ref",
+    metavar="FILE_OR_PACKAGE:CALLABLE",
+    help="For a spec converted from a module of your own (model: module:NAME): the callable, named by you "
+    "here (a spec never names code), that builds it, e.g. my_net.py:MyNet or mypkg.nets:make_net.",
+)
+@click.option(
     "--init",
     help="Start from the network you have: 'timm' (its pretrained weights), a run folder, a checkpoint folder "
     "or a .safetensors/.pth file; it is measured beside every output, and a trained start has its own "
@@ -122,8 +129,8 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @friendly
 def train(
     spec, data, weights, head, hparam, epochs, batch_size, lr, seed, out, resume, init, freeze_trunk,
-    head_lr, head_epochs, teacher, bn_recalibrate, head_local, distill, distill_temperature, train_subset, loader, compile_, amp, channels_last, device,
-    workers,
+    module_ref, head_lr, head_epochs, teacher, bn_recalibrate, head_local, distill, distill_temperature,
+    train_subset, loader, compile_, amp, channels_last, device, workers,
 ):  # fmt: skip
     """Train the anytime network SPEC and write a run folder.
 
@@ -147,6 +154,7 @@ def train(
 
     result = run_train(
         spec,
+        model=None if module_ref is None else _own_module(module_ref),
         out=out or Path("runs") / Path(spec).stem,
         data=data,
         epochs=epochs,
@@ -180,6 +188,38 @@ def train(
         if result.original:
             click.echo(kept_and_gained(result.table, result.original))
         click.echo(f"wrote {result.out} ({result.epochs_done} epochs, {result.seconds:.1f} s)")
+
+
+def _own_module(ref: str):
+    """The module that ``FILE_OR_PACKAGE:CALLABLE`` builds (called with no arguments), imported as the user asked."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from torch import nn
+
+    where, sep, name = ref.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise click.BadParameter(f"expected FILE_OR_PACKAGE:CALLABLE such as my_net.py:MyNet, got '{ref}'")
+    try:
+        if where.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if spec is None or not Path(where).is_file():
+                raise FileNotFoundError(f"no such file {where}")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # a package beside the command, as `python -m` finds it
+            mod = importlib.import_module(where)
+        model = getattr(mod, name)()
+    except Exception as e:  # the user's code: any failure is theirs to see, in one line
+        raise click.BadParameter(f"{ref}: {type(e).__name__}: {e}", param_hint="--module") from None
+    if not isinstance(model, nn.Module):
+        raise click.BadParameter(
+            f"{ref}() returned {type(model).__name__}, not a torch nn.Module", param_hint="--module"
+        )
+    return model
 
 
 @click.command("eval")

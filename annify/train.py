@@ -130,7 +130,8 @@ def train(
         if model is None and model_source(spec.model)[0] == "module":
             raise TrainError(
                 f"{spec.name} was converted from a module of your own ({spec.model}), which a spec never "
-                "imports; train it from Python: annify.train.train(spec, model=YourModule(...), out=...)"
+                "imports; name the code that builds it yourself: annify train SPEC --module my_net.py:MyNet, or from "
+                "Python annify.train.train(spec, model=YourModule(...), out=...)"
             )
         run = _setup(
             spec, cfg, out, resume, dev, rank, world, amp, channels_last, compile, loader, workers, log, model

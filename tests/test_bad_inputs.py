@@ -1,6 +1,8 @@
 """Issue 20: every bad or unusual input a user tried gets one line naming the problem and the fix, or the
 right result; never a hang, a silent change of the data, or a lost file."""
 
+import json
+
 import pytest
 from click.testing import CliRunner
 from helpers import assert_one_line_error, tiny_spec
@@ -463,7 +465,54 @@ def test_a_network_converted_from_your_own_module_trains_from_python_and_the_cli
     assert resumed.epochs_done == 3
     assert max(r["val_error"] for r in resumed.table) < 0.9  # it learned: 10 classes, chance is 0.9
     cli = invoke("train", path, "--epochs", "1", "--out", tmp_path / "cli")
-    assert_one_line_error(cli, "module of your own (module:OwnNet)", "train.train(spec, model=")
+    assert_one_line_error(
+        cli, "module of your own (module:OwnNet)", "--module my_net.py:MyNet", "train.train(spec, model="
+    )
+
+
+OWN_NET_PY = """
+import torch
+from torch import nn
+
+class OwnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.units = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                     for _ in range(3)])
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+"""
+
+
+def test_the_cli_trains_a_network_converted_from_your_own_module(tmp_path, monkeypatch):
+    import importlib.util
+
+    import annify
+    from annify.spec import dump
+
+    (tmp_path / "own_net.py").write_text(OWN_NET_PY)
+    spec_ = importlib.util.spec_from_file_location("own_net", tmp_path / "own_net.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    _, spec, _ = annify.convert(mod.OwnNet(), heads=3, input_size=(3, 8, 8))
+    (tmp_path / "own.yaml").write_text(dump(spec))
+    monkeypatch.chdir(tmp_path)
+    for ref in ("own_net.py:OwnNet", "own_net:OwnNet"):  # a file, or a module beside the command
+        out = tmp_path / ref.replace(":", "_")
+        result = invoke("train", "own.yaml", "--module", ref, "--epochs", "1", "--out", out)
+        assert result.exit_code == 0, result.output
+        assert len(json.loads((out / "anytime.json").read_text())) == len(spec.heads)
+    bad = invoke(
+        "train", "own.yaml", "--module", "own_net.py:Missing", "--epochs", "1", "--out", tmp_path / "x"
+    )
+    assert (
+        bad.exit_code == 2
+        and "own_net.py:Missing: AttributeError" in bad.output
+        and "Traceback" not in bad.output
+    )
 
 
 def test_a_long_run_states_its_duration_after_its_first_steps(spec_path, tmp_path, monkeypatch):
