@@ -215,16 +215,26 @@ def plot(study: dict, summary: dict, path: Path) -> None:
     fig, ax = figure(title=f"from a trained {study['config']['model']} ({study['config']['data']}, "
                      f"{study['config']['seeds']} seeds)")  # fmt: skip
     xs = study["fractions"]
+    colors = iter(__import__("matplotlib").colormaps["tab20"].colors)
     for label, r in summary["rows"].items():
         if label == "base":
             continue
-        ax.plot(xs, [100 * v for v in r["per_output_test"]], marker="o", label=label)
+        style = "--" if label in ("heads_only", "scratch_const") else "-"
+        ax.plot(
+            xs,
+            [100 * v for v in r["per_output_test"]],
+            style,
+            marker="o",
+            ms=3,
+            color=next(colors),
+            label=label,
+        )
     ax.plot([1.0], [100 * statistics.fmean(summary["original"]["test"])], marker="*", markersize=16,
             linestyle="none", color="black", label="original")  # fmt: skip
     ax.set_xlabel("cost fraction (cumulative FLOPs / the network's)")
     ax.set_ylabel("test error % (mean over seeds)")
     ax.set_yscale("log")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper right", ncol=2)
     save_figure(fig, path)
 
 
