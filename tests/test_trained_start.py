@@ -280,5 +280,7 @@ def test_cli_init_prints_the_original_beside_every_output(base, spec_path, tmp_p
     assert "original  model (own classifier)" in res.output
     assert "the original network: its last output errs" in res.output
     cfg = (out / "config.yaml").read_text()  # the trained-start defaults, the spec's lr winning over them
-    assert "teacher: original" in cfg and "head_lr: 0.1" in cfg and "distill: 0.5" in cfg and "lr: 0.05" in cfg
+    assert (
+        "teacher: original" in cfg and "head_lr: 0.1" in cfg and "distill: 0.5" in cfg and "lr: 0.05" in cfg
+    )
     assert (out / "anytime.png").is_file()
