@@ -637,18 +637,11 @@ def load(
     fit), a checkpoint folder holding ``model.safetensors``, or a ``.safetensors`` file.
     ``model`` is the module to rebuild from, needed for a spec of a module of your own (see ``build``).
     """
-    from annify.run_dir import CONFIG, find_run
+    from annify.run_dir import run_spec
 
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    run = find_run(checkpoint) if checkpoint is not None else None
-    if run is not None:
-        resolved = load_spec(run / CONFIG)
-        if resolved.model != spec.model:
-            raise SpecError(
-                f"{checkpoint} is a checkpoint of {resolved.model} (run {run}), but the spec describes "
-                f"{spec.model}; pass the run's own {run / CONFIG}"
-            )
-        spec = resolved
+    if checkpoint is not None:
+        spec = run_spec(spec, checkpoint)[0]
     net = build(spec, model)
     if checkpoint is not None:
         load_weights(net, checkpoint)

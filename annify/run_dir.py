@@ -176,6 +176,21 @@ def normalization(run: Path) -> tuple[list[float], list[float]] | None:
         ) from None
 
 
+def run_spec(given: Spec, checkpoint: str | os.PathLike, named: str = "the spec") -> tuple[Spec, Path | None]:
+    """(the network ``checkpoint``'s weights fit, its run folder): a run's own resolved ``config.yaml``
+    (refitted to its data), or ``given`` for weights outside a run; another model is a one-line error."""
+    run = find_run(checkpoint)
+    if run is None:
+        return given, None
+    spec = load_spec(run / CONFIG)
+    if spec.model != given.model:
+        raise SpecError(
+            f"{checkpoint} is a checkpoint of {spec.model} (run {run}), but {named} describes "
+            f"{given.model}; pass the run's own {run / CONFIG}"
+        )
+    return spec, run
+
+
 @dataclass
 class Resolved:
     """What a command needs from ``SPEC --checkpoint C``."""
@@ -203,22 +218,16 @@ def resolve(
     if (mean is None) != (std is None):
         raise InferenceError("pass --mean and --std together (one value per input channel, or one for all)")
     given = load_spec(spec_path)
-    weights, run = weights_file(checkpoint), find_run(checkpoint)
-    spec, note = given, None
-    if run is not None:
-        spec = load_spec(run / CONFIG)
-        if spec.model != given.model:
-            raise SpecError(
-                f"{checkpoint} is a checkpoint of {spec.model} (run {run}), but {spec_path} describes "
-                f"{given.model}; pass the run's own {run / CONFIG}"
-            )
-        if (spec.num_classes, tuple(spec.input_size), spec.model_kwargs, spec.taps) != (
-            given.num_classes, tuple(given.input_size), given.model_kwargs, given.taps
-        ):  # fmt: skip
-            note = (
-                f"note: using the run's resolved spec {run / CONFIG} ({spec.num_classes} classes at "
-                f"{'×'.join(map(str, spec.input_size))}), which its weights fit"
-            )
+    weights = weights_file(checkpoint)
+    spec, run = run_spec(given, checkpoint, str(spec_path))
+    note = None
+    if run is not None and (spec.num_classes, tuple(spec.input_size), spec.model_kwargs, spec.taps) != (
+        given.num_classes, tuple(given.input_size), given.model_kwargs, given.taps
+    ):  # fmt: skip
+        note = (
+            f"note: using the run's resolved spec {run / CONFIG} ({spec.num_classes} classes at "
+            f"{'×'.join(map(str, spec.input_size))}), which its weights fit"
+        )
     if mean is None and run is not None:
         stats = normalization(run)
         mean, std = stats if stats else (None, None)

@@ -655,22 +655,6 @@ def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
         net.train()
 
 
-def output_losses(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    amp: bool = False,
-    distill: float = 0.0,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Every output's training loss, a (K,) tensor; the forward under bf16 autocast when ``amp``.
-
-    Cross-entropy, or with ``distill`` > 0 the distillation objective of the earlier outputs
-    (``annify.weighting.distill_losses``).
-    """
-    return output_objectives(model, x, y, amp, distill, temperature)[0]
-
-
 def output_objectives(
     model: nn.Module,
     x: torch.Tensor,

@@ -66,7 +66,7 @@ def main() -> None:
     from annify.convert import convert
     from annify.data import TensorBatches, build_datasets, build_loaders, data_info
     from annify.evaluate import fit_to_data
-    from annify.train import output_losses, weighted_update
+    from annify.train import output_objectives, weighted_update
 
     dev = torch.device(args.device)
     d = data_info(source)
@@ -106,7 +106,7 @@ def main() -> None:
         def run():
             for x, y in batches:
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                weighted_update(output_losses(net, x, y), scheme, opt, [])
+                weighted_update(output_objectives(net, x, y)[0], scheme, opt, [])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
 

@@ -62,7 +62,7 @@ def tiny_epoch(tmp: Path):
     from annify.data import build_datasets, make_batches
     from annify.evaluate import fit_to_data
     from annify.spec import load_spec
-    from annify.train import _EpochLosses, _optimizer, output_losses, weighted_update
+    from annify.train import _EpochLosses, _optimizer, output_objectives, weighted_update
 
     (tmp / "tiny.yaml").write_text(SPEC)
     spec, _ = fit_to_data(load_spec(tmp / "tiny.yaml"), "digits")
@@ -79,7 +79,7 @@ def tiny_epoch(tmp: Path):
         watch = _EpochLosses(net.num_outputs, torch.device("cpu"))
         for step, (x, y) in enumerate(batches, 1):
             local.set(scheme.weights)
-            losses = output_losses(net, x, y)
+            losses = output_objectives(net, x, y)[0]
             weighted_update(losses, scheme, optimizer, trunk, local)
             watch.add(losses, step)
         watch.read(step)

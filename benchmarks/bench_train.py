@@ -88,7 +88,7 @@ def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, m
     ``model`` is what the forward calls (``torch.compile(net)`` with ``--compile``, as the trainer
     does); parameters, hooks and the optimizer belong to ``net``."""
     from annify import weighting
-    from annify.train import _EpochLosses, output_losses, weighted_update
+    from annify.train import _EpochLosses, output_objectives, weighted_update
 
     optimizer = _optimizer(net)
     trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
@@ -99,7 +99,7 @@ def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, m
     def step() -> None:
         if local is not None:
             local.set(scheme.weights)
-        losses = output_losses(net if model is None else model, x, y, amp)  # (K,)
+        losses = output_objectives(net if model is None else model, x, y, amp)[0]  # (K,)
         weighted_update(losses, scheme, optimizer, trunk, local)
         steps[0] += 1
         watch.add(losses, steps[0])
@@ -113,7 +113,7 @@ def before_step(net, x, y):
     """The trainer's step at commit 818ca72: per-tensor SGD, head-local AdaLoss on the CPU, and every
     step the losses copied to the host, checked for finiteness, summed and formatted for the bar."""
     from annify import weighting
-    from annify.train import output_losses
+    from annify.train import output_objectives
 
     optimizer = _optimizer(net, fused=False)
     scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
@@ -122,7 +122,7 @@ def before_step(net, x, y):
     def step() -> None:
         nonlocal loss_sum
         local.set(scheme.weights)
-        losses = output_losses(net, x, y)  # (K,)
+        losses = output_objectives(net, x, y)[0]  # (K,)
         mean = losses.detach().float().cpu()
         if not torch.isfinite(mean).all():
             raise FloatingPointError("loss is not finite")

@@ -131,3 +131,21 @@ def zoo():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory):
+    """A tiny spec file (``helpers.tiny_spec()``), once per test module; modules may define their own."""
+    from helpers import spec_file
+
+    return spec_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run(spec_path, tmp_path_factory):
+    """A run folder: ``spec_path`` trained one epoch on the digits, once per test module."""
+    from annify.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(spec_path, out=out, epochs=1, log=lambda _: None)
+    return out

@@ -37,6 +37,13 @@ train: {train}
 """
 
 
+def spec_file(tmp_path_factory, text: str | None = None):
+    """A spec file (``tiny_spec()`` unless ``text``) in a fresh temporary folder: a module fixture's body."""
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(tiny_spec() if text is None else text)
+    return path
+
+
 def assert_one_line_error(result, *fragments: str, alone: bool = True) -> None:
     """Exit code 1, an ``Error: ...`` line holding every fragment, no traceback.
 

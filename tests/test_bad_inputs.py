@@ -199,20 +199,7 @@ def test_nan_early_exit_thresholds_are_refused(tiny_net, tiny_input):
 # --- nothing already written is lost --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def spec_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(tiny_spec())
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(spec_path, tmp_path_factory):
-    from annify.train import train
-
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(spec_path, out=out, epochs=1, log=lambda _: None)
-    return out
+# spec_path and run (a one-epoch run of it): tests/conftest.py
 
 
 def test_eann_never_replaces_an_eann_already_in_out(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import tiny_spec
+from helpers import spec_file, tiny_spec
 from safetensors.torch import load_file, save_file
 
 import annify.train as train_module
@@ -30,9 +30,7 @@ STEPS_PER_EPOCH = 10  # digits' 1,167 training images in batches of 128
 
 @pytest.fixture(scope="module")
 def spec_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return spec_file(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")

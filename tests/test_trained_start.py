@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import tiny_spec
+from helpers import spec_file, tiny_spec
 from safetensors.torch import save_file
 
 from annify import trained_start, weighting
@@ -26,9 +26,7 @@ FAST = {"epochs": 1, "bn_recalibrate": 256}  # a trained start's recipe, made sh
 
 @pytest.fixture(scope="module")
 def spec_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return spec_file(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")

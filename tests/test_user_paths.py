@@ -13,19 +13,7 @@ from annify.spec import SpecError, load_spec
 from annify.train import resolve_settings, train
 from annify.weighting import get
 
-
-@pytest.fixture(scope="module")
-def spec_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(tiny_spec())
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(spec_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(spec_path, out=out, epochs=1, log=lambda _: None)
-    return out
+# spec_path and run (a one-epoch run of it): tests/conftest.py
 
 
 def invoke(*args):
@@ -344,7 +332,7 @@ def test_train_config_is_the_one_list_of_settings():
     assert recipe == DEFAULTS
     assert TrainConfig() == TrainConfig(**recipe)
     how_it_runs = {"spec", "out", "resume", "loader", "compile_", "amp", "channels_last", "device", "workers"}
-    how_it_runs |= {"threads", "cpu_memory"}
+    how_it_runs |= {"threads", "cpu_memory", "module_ref"}  # the code that builds a module: spec
     options = {p.name for p in main.get_command(click.Context(main), "train").params} - how_it_runs
     assert options - {"hparam"} <= set(recipe), "a training setting outside TrainConfig"
     config = TrainConfig.resolve({"epochs": 5, "lr": 0.5}, {"lr": 0.01, "weights": None})
