@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {f.name: getattr(TrainConfig(), f.name) for f in fiel
 # A trained start (``init`` set) has defaults of its own, chosen on the Fashion-MNIST study of
 # benchmarks/bench_trained_start.py (BENCHMARKS.md, "From a trained network"); a spec's train: section
 # and the arguments still win over them.
-INIT_DEFAULTS: dict[str, Any] = {  # joint_adaloss_kd_lr0.1 there: chosen on validation over 10 recipes
+INIT_DEFAULTS: dict[str, Any] = {  # joint_adaloss_kd_lr0.1 there: chosen on validation over 12 recipes
     "epochs": 4,
     "lr": 0.1,
     "head_lr": 0.1,
