@@ -1,12 +1,15 @@
-"""The main job, end to end: convert, train the default way and the two baselines, compare in words.
+"""The main job, end to end: the path most users walk first, then the weightings compared, then an EANN.
 
 A CIFAR-style ResANN (the paper's pre-activation ResNet, a head after every residual unit) is
 converted for the data (scikit-learn's bundled digits by default; Fashion-MNIST when asked and
-installed), trained from the same seed with annify's default weighting, with CONST and with the
-paper's AdaLoss (Eq. 7, weights on the whole loss), and the anytime tables are printed side by
-side, summed up in one sentence and plotted. Then an EANN of three ResANNs of doubling depth
-(n = 2, 4, 8 units per stage, depth ratio b ≈ 2) is trained with the default weighting and its
-schedule and cost inflation are printed beside Proposition 4.1, with a sentence on why they differ.
+installed). First the trained-network path: the plain network is trained as usual (its own
+classifier only), then made anytime from it with ``annify train --init`` and the trained-start
+defaults; original and anytime are printed side by side with a sentence on what was kept and gained
+(``trained_start.txt``). Then, from scratch and from the same seed, annify's default weighting, CONST
+and the paper's AdaLoss (Eq. 7, weights on the whole loss): the anytime tables side by side, summed
+up in one sentence and plotted. Then an EANN of three ResANNs of doubling depth (n = 2, 4, 8 units
+per stage, depth ratio b ≈ 2) trained with the default weighting, its schedule and cost inflation
+printed beside Proposition 4.1, with a sentence on why they differ.
 
 Any timm model can stand in for the ResANN (``model``): it is fitted to the data's image size by
 ``annify.convert.fit_input_size`` (kept, rebuilt at it with ``img_size``, or the images resized to

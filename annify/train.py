@@ -262,14 +262,19 @@ def _setup(
     if cfg["init"] is not None and last is None:  # a resumed run reads its checkpoint instead
         has_original = trained_start.load_init(net, spec, cfg["init"], say)
     teacher = None
-    if (
-        cfg["teacher"] == "original" and cfg["distill"]
-    ):  # from the source itself, so a resumed run has the same teacher
-        source = build(spec, model)
-        trained_start.load_init(source, spec, cfg["init"], lambda *_: None)
-        teacher = trained_start.teacher_from(source).to(dev)
-        if use_cl:
-            teacher.to(memory_format=torch.channels_last)
+    if cfg["teacher"] == "original" and cfg["distill"]:
+        source, teaches = net, has_original  # a fresh run: the network just loaded is the original
+        if last is not None:  # a resumed one: the original again, from its source
+            source = build(spec, model)
+            teaches = trained_start.load_init(source, spec, cfg["init"], lambda *_: None)
+        if teaches:
+            teacher = trained_start.teacher_from(source, model).to(dev)
+            if use_cl:
+                teacher.to(memory_format=torch.channels_last)
+        elif last is None:
+            say(
+                "note: no original network on this data (its classifier was skipped), so nothing to distil from"
+            )
     net.to(dev)
     if use_cl:
         net.to(memory_format=torch.channels_last)
@@ -529,16 +534,10 @@ def _finish(run: _Run, val: Evaluation | None) -> list[dict]:
         cfg, out = run.cfg, run.out
         save_table(table + ([run.original] if run.original else []), out)
         curves = {s: [(r["flops"], r[f"{s}_error"]) for r in table] for s in ("val", "test")}
-        original = run.original or {}
-        marks = {
-            f"original, {s}": (original.get("flops"), original.get(f"{s}_error")) for s in ("val", "test")
-        }
-        plot_anytime(
-            curves,
-            out / "anytime.png",
-            title=f"{run.spec.name}, {cfg['weights']}, {cfg['data']}",
-            marks=marks if run.original else None,
-        )
+        o = run.original
+        marks = {f"original, {s}": (o["flops"], o[f"{s}_error"]) for s in ("val", "test")} if o else None
+        title = f"{run.spec.name}, {cfg['weights']}, {cfg['data']}"
+        plot_anytime(curves, out / "anytime.png", title=title, marks=marks)
         history = [(r["epoch"], r["weights"]) for r in _read_metrics(out / "metrics.jsonl")]
         if history:
             plot_weights(history, out / "weights.png", title=f"{cfg['weights']} weights")
@@ -625,9 +624,11 @@ def _optimizer(net: nn.Module, cfg: dict):
         extra["fused"] = True
     groups = []
     head_lr = cfg["lr"] if cfg["head_lr"] is None else cfg["head_lr"]
+    exits = getattr(net, "exits", None)  # an AnytimeNet's added heads; a plain module has none
+    heads = {id(p) for p in exits.parameters()} if exits is not None else set()
     for group in param_groups_weight_decay(net, cfg["weight_decay"]):
-        for heads, lr in ((False, cfg["lr"]), (True, head_lr)):
-            params = [p for p in group["params"] if _is_head(net, p) == heads]
+        for is_head, lr in ((False, cfg["lr"]), (True, head_lr)):
+            params = [p for p in group["params"] if (id(p) in heads) == is_head]
             if params:
                 groups.append({**group, "params": params, "lr": lr})
     optimizer = create_optimizer_v2(
@@ -639,11 +640,6 @@ def _optimizer(net: nn.Module, cfg: dict):
         **extra,
     )
     return optimizer, _Schedule(optimizer, cfg)
-
-
-def _is_head(net: nn.Module, p: torch.Tensor) -> bool:
-    exits = getattr(net, "exits", None)  # an AnytimeNet's added heads; a plain module has none
-    return exits is not None and any(p is q for q in exits.parameters())
 
 
 def _train_mode(net: nn.Module, freeze_trunk: bool) -> None:
@@ -852,7 +848,9 @@ def _json(data: dict) -> Callable[[Path], None]:
     return lambda path: path.write_text(json.dumps(data) + "\n")
 
 
-_BEFORE_SETTINGS = {"head_local": False, "distill": 0.0, "distill_temperature": 1.0, "train_subset": None}
+_BEFORE_SETTINGS = {
+    "head_local": False, "distill": 0.0, "distill_temperature": 1.0, "train_subset": None, "bn_recalibrate": 0,
+}  # fmt: skip
 
 
 def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int, float]:

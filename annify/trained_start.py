@@ -140,11 +140,17 @@ def read_original(out: Path) -> dict | None:
     return record
 
 
-def teacher_from(net: nn.Module) -> nn.Module:
-    """A frozen copy of ``net``'s original network (``annify.plain_model``): eval mode, no gradients."""
+def teacher_from(net: nn.Module, model: nn.Module | None = None) -> nn.Module:
+    """A frozen copy of ``net``'s original network (``annify.plain_model``): eval mode, no gradients.
+
+    ``model``: the module a ``module:`` spec was converted from; a copy of it is used, since ``net``
+    shares that module's parameters and trains them.
+    """
+    import copy
+
     from annify.convert import plain_model
 
-    teacher = plain_model(net)
+    teacher = plain_model(net, None if model is None else copy.deepcopy(model))
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()

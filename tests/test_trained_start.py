@@ -204,6 +204,46 @@ def test_teacher_run_keeps_its_teacher_frozen_and_trains(base, spec_path, tmp_pa
     assert all(map(math.isfinite, [r["test_error"] for r in result.table]))
 
 
+def test_no_teacher_when_the_source_has_another_class_count(spec_path, tmp_path):
+    """timm's 1000-class head on a 10-class data set is skipped: no original to report or distil from."""
+    from annify.convert import create_model
+
+    file = tmp_path / "seven.safetensors"
+    save_file(create_model("cifar_resnet_n3_c8", num_classes=7).state_dict(), str(file))
+    lines = []
+    result = train(spec_path, out=tmp_path / "r", init=str(file), log=lines.append, **FAST)
+    assert result.original is None and not (tmp_path / "r" / "original.json").exists()
+    assert (
+        "note: no original network on this data (its classifier was skipped), so nothing to distil from"
+        in lines
+    )
+    assert "teacher: original" in (tmp_path / "r" / "config.yaml").read_text()  # asked for, and said why not
+
+
+def test_the_teacher_of_an_own_module_is_a_copy(tmp_path):
+    from annify.convert import convert
+
+    module = create_own()
+    net, spec, _ = convert(module, heads=2, input_size=(3, 8, 8))
+    teacher = trained_start.teacher_from(net, module)
+    assert all(
+        p.data_ptr() != q.data_ptr() for p, q in zip(teacher.parameters(), module.parameters(), strict=True)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), net.eval()(x)[-1])
+
+
+def create_own():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+
+
 def test_adaloss_final_extra_by_hand():
     scheme = weighting.get("adaloss", 3, final_extra=0.5)
     scheme.update(torch.tensor([1.0, 2.0, 4.0]))
