@@ -128,7 +128,7 @@ def predict(
     """
     import torch
 
-    from annify.data import image_transform, load_image
+    from annify.images import image_transform, load_image
     from annify.runtime import AnytimeRunner
 
     if early_exit and (budget_flops is not None or deadline_ms is not None):

@@ -7,12 +7,10 @@ import yaml
 
 from annify._cli_common import cpu_options, device_options, friendly
 from annify.config import DEFAULTS, INIT_DEFAULTS
+from annify.data import sources_help
 
 SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
-SOURCES = (
-    "digits | fashion-mnist[:PATH] | mnist:PATH | kmnist:PATH | cifar10:PATH | cifar100:PATH"
-    " | imagefolder:PATH | timm:NAME:PATH"
-)
+SOURCES = sources_help()  # every registered data source, as written: digits | fashion-mnist[:PATH] | ...
 
 
 def _hparams(values: tuple[str, ...]) -> dict | None:

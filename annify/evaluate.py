@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from annify.data import build_datasets, data_info, make_batches, parse_source
+from annify.data import SOURCES, build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
 from annify.report import figure, format_flops, format_rows, save_figure
 from annify.spec import Spec, atomic_write, model_source
@@ -41,9 +41,6 @@ __all__ = [
     "resolve_device",
     "save_table",
 ]
-
-# tensor sources with one native resolution
-FIXED_SIZE_SOURCES = ("digits", "cifar10", "cifar100", "fashion-mnist", "mnist", "kmnist")
 
 
 @dataclass
@@ -74,7 +71,7 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     timm_model = model_source(spec.model)[0] in ("timm", "hf-hub")  # others take no in_chans
     if info.input_size[0] == 1 and kind != "digits" and timm_model:
         c = kwargs["in_chans"] = 1
-    size = (c, *info.input_size[1:]) if kind in FIXED_SIZE_SOURCES else (c, h, w)
+    size = (c, *info.input_size[1:]) if SOURCES[kind].fixed_size else (c, h, w)
     how = ""
     if tuple(size[1:]) != (h, w) and model_source(spec.model)[0] != "module":
         from annify.convert import fit_input_size

@@ -11,7 +11,7 @@ since running anytime (or exiting early) evaluates each head on the way.
   only the heads whose predictions the ensemble uses.
 
 Budgeted batch classification lives in ``annify.early_exit``, the per-segment costs in
-``annify.cost`` and image loading in ``annify.data``.
+``annify.cost`` and image loading in ``annify.images``.
 """
 
 from __future__ import annotations

@@ -596,7 +596,7 @@ def serve(
 
     from annify.calibrate import FILE, read_thresholds
     from annify.convert import build, load_weights
-    from annify.data import image_transform
+    from annify.images import image_transform
     from annify.run_dir import resolve
 
     res = resolve(spec_path, checkpoint, mean, std, need_normalization=True)

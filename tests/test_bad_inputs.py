@@ -84,7 +84,8 @@ def test_images_are_read_the_same_right_way_in_predict_and_in_image_folder_train
     import torch
     from PIL import Image
 
-    from annify.data import build_datasets, image_transform, load_image
+    from annify.data import build_datasets
+    from annify.images import image_transform, load_image
 
     im, expected = _image(kind)
     name = "x.tiff" if kind == "float" else "x.png"  # timm's folder reader takes png and jpg only
@@ -123,8 +124,8 @@ def test_an_image_of_no_known_range_is_refused_in_predict(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from annify.data import load_image
     from annify.errors import InferenceError
+    from annify.images import load_image
 
     Image.fromarray(np.full((8, 8), 1e6, np.float32)).save(tmp_path / "x.tiff")
     with pytest.raises(InferenceError, match="float pixels range from 1e\\+06 to 1e\\+06"):
@@ -159,8 +160,8 @@ def _gray_spec(tmp_path):
 
 
 def test_three_means_for_a_one_channel_network_are_refused_not_averaged(tmp_path):
-    from annify.data import image_transform
     from annify.errors import InferenceError
+    from annify.images import image_transform
 
     spec = _gray_spec(tmp_path)
     with pytest.raises(InferenceError, match="--mean has 3 values but the network takes 1-channel images"):
@@ -172,8 +173,8 @@ def test_three_means_for_a_one_channel_network_are_refused_not_averaged(tmp_path
 @pytest.mark.parametrize(("mean", "std", "message"), [([0.5], [0.0], "--std must be positive numbers"),
                                                       ([float("nan")], [1.0], "--mean must be finite numbers, got nan")])  # fmt: skip
 def test_a_zero_std_or_a_nan_mean_is_one_line(tmp_path, mean, std, message):
-    from annify.data import image_transform
     from annify.errors import InferenceError
+    from annify.images import image_transform
 
     with pytest.raises(InferenceError, match=message):
         image_transform(_gray_spec(tmp_path), mean, std)

@@ -81,7 +81,7 @@ def test_cache_is_reused_and_refreshed(tmp_path):
     cached = list((tmp_path / "cache" / "datasets").glob("MNIST-*/MNIST/raw/*"))
     assert sorted(p.name for p in cached) == sorted(IDX_NAMES)
     stamps = {p: p.stat().st_mtime_ns for p in cached}
-    from annify.data import _mnist_root
+    from annify.data.mnist import _mnist_root
 
     _mnist_root("mnist", str(src))
     assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # not rewritten

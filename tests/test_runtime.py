@@ -15,7 +15,6 @@ from torch import nn
 from annify import heads as head_registry
 from annify.convert import convert
 from annify.cost import exit_flops, segment_costs
-from annify.data import load_image
 from annify.eann import MemberTable, build_schedule
 from annify.early_exit import (
     budget_curve,
@@ -24,6 +23,7 @@ from annify.early_exit import (
     early_exit_stream,
     fit_thresholds,
 )
+from annify.images import load_image
 from annify.report import format_flops
 from annify.rewrite import AnytimeNet
 from annify.runtime import AnytimeRunner, EANNRuntime
