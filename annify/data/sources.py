@@ -75,20 +75,13 @@ class Source:
             f"{self.kind}[:{self.argument}]" if self.default is not None else f"{self.kind}:{self.argument}"
         )
 
-    def parse(self, written: bool, arg: str) -> str | None:
-        """The argument of a source string of this kind (``written``: a colon followed the kind).
-
-        Raises ``ValueError`` when the string does not give what this kind needs.
-        """
+    def accepts(self, written: bool, arg: str) -> bool:
+        """Whether the kind followed by ``:arg`` (``written``), or by nothing, gives what it needs."""
         if not written:
-            if self.argument and self.default is None:
-                raise ValueError(f"{self.kind} needs :{self.argument}")
-            return self.default
+            return not self.argument or self.default is not None
         # every colon the argument names is there, and its last part (the PATH) is not empty
         parts = arg.split(":", self.argument.count(":"))
-        if not self.argument or len(parts) != self.argument.count(":") + 1 or not parts[-1]:
-            raise ValueError(f"{self.kind} is written {self.syntax}")
-        return arg
+        return bool(self.argument) and len(parts) == self.argument.count(":") + 1 and bool(parts[-1])
 
 
 SOURCES: dict[str, Source] = {}  # kind -> Source, in the order the help lists them
@@ -146,10 +139,9 @@ def parse_source(source: str) -> tuple[str, str | None]:
     """
     kind, sep, arg = source.strip().partition(":")
     kind = kind.lower()
-    try:
-        return kind, SOURCES[kind].parse(bool(sep), arg)
-    except (KeyError, ValueError):
-        raise DataError(f"unknown data source {source!r}; expected one of: {sources_help()}") from None
+    if kind not in SOURCES or not SOURCES[kind].accepts(bool(sep), arg):
+        raise DataError(f"unknown data source {source!r}; expected one of: {sources_help()}")
+    return kind, arg if sep else SOURCES[kind].default
 
 
 def _reader(kind: str):
