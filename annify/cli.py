@@ -150,8 +150,9 @@ def convert(
     """
     from pathlib import Path
 
+    from annify._files import atomic_write
     from annify.convert import convert as run_convert
-    from annify.spec import SpecError, atomic_write, dump
+    from annify.spec import SpecError, dump
 
     out_path = Path(out)
     folder = out_path.parent if out_path.suffix in (".yaml", ".yml") else out_path

@@ -27,13 +27,14 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from annify._files import atomic_write
 from annify.convert import ConvertError, convert, fit_input_size
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
 from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows
-from annify.spec import atomic_write, dump
+from annify.spec import dump
 from annify.train import resolve_settings, run_label, train
 
 __all__ = ["EANN_MEMBERS", "demo", "demo_variants", "eann_verdict", "side_by_side", "verdict"]

@@ -21,10 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from annify._files import atomic_write
 from annify.data import build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
 from annify.report import figure, format_flops, format_rows, save_figure
-from annify.spec import Spec, atomic_write, model_source
+from annify.spec import Spec, model_source
 
 __all__ = [
     "Evaluation",

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from annify._files import atomic_write  # noqa: F401 - moved to annify._files; kept one release for benchmarks/
 from annify.errors import SpecError
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "HeadSpec",
     "Spec",
     "SpecError",
-    "atomic_write",
     "dump",
     "load_spec",
     "model_source",
@@ -258,28 +257,6 @@ def load_spec(path: str | os.PathLike) -> Spec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
     return parse(data, str(p))
-
-
-def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
-    p = Path(path)
-    mode = "wb" if isinstance(text, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None and e.strerror:  # a write that failed (a full disk): name the file it was for
-            raise OSError(e.errno, e.strerror, str(p)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _COMMENTS = {
