@@ -66,7 +66,7 @@ def inspect(model, input_size, num_classes, in_chans):
 
     Example: annify inspect resnet50
     """
-    from annify.convert import inspect_model
+    from annify.placement import inspect_model
 
     kw = _kwargs(in_chans, parse_size(input_size))
     if num_classes:

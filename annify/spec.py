@@ -21,15 +21,14 @@ import yaml
 
 from annify._files import atomic_write  # noqa: F401 - moved to annify._files; kept one release for benchmarks/
 from annify.errors import SpecError
+from annify.sources import model_source
 
 __all__ = [
-    "SOURCES",
     "HeadSpec",
     "Spec",
     "SpecError",
     "dump",
     "load_spec",
-    "model_source",
     "parse",
     "spec_name",
 ]
@@ -50,7 +49,7 @@ class HeadSpec:
 
 @dataclass
 class Spec:
-    """An anytime network: a model (see ``model_source``) plus its outputs."""
+    """An anytime network: a model (see ``sources.model_source``) plus its outputs."""
 
     name: str
     model: str  # resnet50, hf-hub:timm/resnet50.a1_in1k, torchvision:resnet50 or module:MyNet
@@ -67,35 +66,6 @@ class Spec:
     def taps(self) -> list[str]:
         """Nodes read by the added heads (every output but the last)."""
         return [h.node for h in self.heads[:-1]]
-
-
-# Where a spec's model comes from: a prefix of its name (none for timm's registry).
-SOURCES = {
-    "hf-hub": "hf-hub:ORG/NAME (timm, configuration from the Hugging Face Hub)",
-    "torchvision": "torchvision:NAME (torchvision.models.get_model)",
-    "module": "module:CLASS (a module of your own, passed again to annify.load(spec, model=...))",
-}
-
-
-def model_source(model: str) -> tuple[str, str]:
-    """(source, name) of a spec's model: ``timm``, ``hf-hub``, ``torchvision`` or ``module``.
-
-    ``hf-hub:`` names stay whole (timm reads the prefix); raises ``SpecError`` for an unknown prefix
-    or a missing name.
-    """
-    prefix, sep, name = model.partition(":")
-    if not sep:
-        return "timm", model
-    if prefix not in SOURCES:
-        known = "; ".join(["a timm name", *SOURCES.values()])
-        raise SpecError(f"unknown model source '{prefix}:' in '{model}' (known: {known})")
-    if not name:
-        raise SpecError(f"'{model}' names no model after '{prefix}:' (expected {SOURCES[prefix]})")
-    if prefix == "module" and not name.isidentifier():
-        raise SpecError(
-            f"'{model}': after 'module:' comes the class name of your module, such as module:MyNet"
-        )
-    return prefix, model if prefix == "hf-hub" else name
 
 
 def spec_name(model: str) -> str:

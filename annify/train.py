@@ -59,7 +59,8 @@ from annify.evaluate import (
     resolve_device,
     save_table,
 )
-from annify.spec import Spec, SpecError, dump, load_spec, model_source
+from annify.sources import model_source
+from annify.spec import Spec, SpecError, dump, load_spec
 
 __all__ = [
     "DEFAULTS",
