@@ -69,11 +69,20 @@ def _commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _named(e: OSError, path: Path) -> OSError:
-    """A failed write (a full disk) names the file it was for, not the temporary one or none."""
-    if e.filename is None and e.strerror:
-        return OSError(e.errno, e.strerror, str(path))
-    return e
+@contextmanager
+def _removed_on_error(tmp: Path, path: Path) -> Iterator[None]:
+    """Remove the temporary file ``tmp`` if the block raises; a failed write (a full disk) then names
+    ``path``, the file it was for, rather than the temporary one or none."""
+    try:
+        yield
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None and e.strerror:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
@@ -83,22 +92,12 @@ def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
         raise TypeError(f"atomic_write writes str or bytes, not {type(text).__name__}")
     mode = "wb" if isinstance(text, bytes) else "w"
     fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{p.name}-", dir=p.parent)
-    tmp = Path(name)
-    try:
+    with _removed_on_error(Path(name), p):
         with os.fdopen(fd, mode) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _commit(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        err = _named(e, p)
-        if err is e:
-            raise
-        raise err from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        _commit(Path(name), p)
 
 
 @contextmanager
@@ -113,19 +112,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{p.name}-", dir=p.parent)
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _removed_on_error(tmp, p):
         yield tmp
         _fsync_file(tmp)
         _commit(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        err = _named(e, p)
-        if err is e:
-            raise
-        raise err from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def previous_folder(path: str | os.PathLike) -> Path:
