@@ -277,12 +277,13 @@ def calibrate_run(
     The data is the run's own (``train.data`` in its ``config.yaml``), split as training split it;
     the weights are its last checkpoint. Returns the calibration and the file written.
     """
+    from annify._files import atomic_write
     from annify.convert import build, load_weights
     from annify.cost import exit_flops
     from annify.data import build_datasets, make_batches
     from annify.early_exit import _collect, _inference
     from annify.run_dir import CONFIG, find_run, weights_file
-    from annify.spec import atomic_write, load_spec
+    from annify.spec import load_spec
 
     folder = find_run(run)
     if folder is None or Path(run).resolve() != folder:

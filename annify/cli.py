@@ -66,7 +66,7 @@ def inspect(model, input_size, num_classes, in_chans):
 
     Example: annify inspect resnet50
     """
-    from annify.convert import inspect_model
+    from annify.placement import inspect_model
 
     kw = _kwargs(in_chans, parse_size(input_size))
     if num_classes:
@@ -150,8 +150,9 @@ def convert(
     """
     from pathlib import Path
 
+    from annify._files import atomic_write
     from annify.convert import convert as run_convert
-    from annify.spec import SpecError, atomic_write, dump
+    from annify.spec import SpecError, dump
 
     out_path = Path(out)
     folder = out_path.parent if out_path.suffix in (".yaml", ".yml") else out_path

@@ -12,7 +12,7 @@ per stage, depth ratio b ≈ 2) trained with the default weighting, its schedule
 printed beside Proposition 4.1, with a sentence on why they differ.
 
 Any timm model can stand in for the ResANN (``model``): it is fitted to the data's image size by
-``annify.convert.fit_input_size`` (kept, rebuilt at it with ``img_size``, or the images resized to
+``annify.sources.fit_input_size`` (kept, rebuilt at it with ``img_size``, or the images resized to
 the smallest size it accepts; the log says which) and gets a head after every block, or 12 outputs
 spaced by cost where it has more blocks. The EANN's members stay the CIFAR ResNets.
 
@@ -27,13 +27,15 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from annify.convert import ConvertError, convert, fit_input_size
+from annify._files import atomic_write
+from annify.convert import ConvertError, convert
 from annify.data import data_info
 from annify.eann import format_eann, run_eann
 from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows
-from annify.spec import atomic_write, dump
+from annify.sources import fit_input_size
+from annify.spec import dump
 from annify.train import resolve_settings, run_label, train
 
 __all__ = ["EANN_MEMBERS", "demo", "demo_variants", "eann_verdict", "side_by_side", "verdict"]

@@ -476,9 +476,10 @@ def run_eann(
     # imported here so torch and the data sources load only when the stage runs; the module, so that
     # tests can replace training.train
     import annify.train as training
+    from annify._files import atomic_write
     from annify.data import data_info
     from annify.evaluate import evaluate_weights, fit_to_data, save_table
-    from annify.spec import atomic_write, dump
+    from annify.spec import dump
 
     if len(members) < 2:
         raise EANNError(f"an EANN needs at least 2 members, smallest first; got {len(members)}")

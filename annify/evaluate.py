@@ -21,10 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from annify._files import atomic_write
 from annify.data import SOURCES, build_datasets, data_info, make_batches, parse_source
 from annify.errors import DataError, DeviceError
 from annify.report import figure, format_flops, format_rows, save_figure
-from annify.spec import Spec, atomic_write, model_source
+from annify.sources import model_source
+from annify.spec import Spec
 
 __all__ = [
     "Evaluation",
@@ -60,7 +62,7 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     family, gray timm data sets) train natively at 1 channel: a timm model is built with
     ``in_chans=1`` (torchvision models and modules of your own keep 3, the gray repeated). Digits keep the spec's channel count (gray repeated to 3 when the model wants 3).
     Folder sources resize to any size, so the spec's H×W stays. Where the data's H×W differs from
-    the spec's, a model built by name is fitted to it by ``annify.convert.fit_input_size``: kept at
+    the spec's, a model built by name is fitted to it by ``annify.sources.fit_input_size``: kept at
     the data's size where it runs there, rebuilt at it (timm's ``img_size``) where it accepts that,
     else the images are resized to the smallest size it accepts (or to the spec's); the note says which.
     """
@@ -74,7 +76,7 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     size = (c, *info.input_size[1:]) if SOURCES[kind].fixed_size else (c, h, w)
     how = ""
     if tuple(size[1:]) != (h, w) and model_source(spec.model)[0] != "module":
-        from annify.convert import fit_input_size
+        from annify.sources import fit_input_size
 
         size, kwargs, how = fit_input_size(spec.model, size, info.num_classes, kwargs, fallback=(c, h, w))
         how = f"; {how}"

@@ -28,8 +28,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +35,11 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from annify._files import atomic_write, move_into, staging
 from annify.cost import exit_flops, segment_costs
 from annify.early_exit import batched_carry
 from annify.errors import ExportError
 from annify.rewrite import AnytimeNet
-from annify.spec import atomic_write
 
 __all__ = ["FORMATS", "ExportError", "export"]
 
@@ -303,26 +301,23 @@ def export(
 
     was_training = net.training
     net.eval()
-    stage = folder / f".export-{os.getpid()}-{secrets.token_hex(4)}"  # nothing in place until all pass
-    stage.mkdir()
     try:
-        shared = _SharedWeights(stage / f"{name}.onnx.data")  # written only if an ONNX file has weights
-        with torch.no_grad():
-            jobs = _jobs(net, x_trace, x_check, trunk, head)
-            segments_exported = any(job.kind == "segment" for job in jobs)
-            files = []
-            for job in jobs:
-                for fmt in formats:
-                    try:
-                        files.append(_write(job, fmt, stage, name, check, shared))
-                    except (OSError, RuntimeError) as e:
-                        _refuse_unwritable(e, folder)
-        weights = shared.path.name if shared.path.exists() else None
-        for entry in [*files, *([{"path": weights}] if weights else [])]:
-            os.replace(stage / entry["path"], folder / entry["path"])
+        with staging(folder) as stage:  # nothing in place until every file passes its check
+            shared = _SharedWeights(stage / f"{name}.onnx.data")  # written only if an ONNX file has weights
+            with torch.no_grad():
+                jobs = _jobs(net, x_trace, x_check, trunk, head)
+                segments_exported = any(job.kind == "segment" for job in jobs)
+                files = []
+                for job in jobs:
+                    for fmt in formats:
+                        try:
+                            files.append(_write(job, fmt, stage, name, check, shared))
+                        except (OSError, RuntimeError) as e:
+                            _refuse_unwritable(e, folder)
+            weights = shared.path.name if shared.path.exists() else None
+            move_into(stage, folder, [entry["path"] for entry in files] + ([weights] if weights else []))
     finally:
         net.train(was_training)
-        shutil.rmtree(stage, ignore_errors=True)
 
     manifest = {
         "name": name,

@@ -63,7 +63,7 @@ def figure(figsize: tuple[float, float] = (6, 4), title: str | None = None, grid
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Write ``fig`` as a PNG through a temporary file and a rename: a reader never sees half a plot."""
-    from annify.spec import atomic_write
+    from annify._files import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from annify._files import previous_folder
 from annify.errors import InferenceError, SpecError, TrainError
 from annify.spec import Spec, load_spec
 
@@ -105,9 +106,9 @@ def lock(out: str | os.PathLike) -> RunLock:
 
 
 def find_checkpoint(root: str | os.PathLike, name: str = "last") -> Path | None:
-    """``root/name``, or the previous one that a kill left mid-swap (``.old-name``, see train's ``_write_folder``)."""
+    """``root/name``, or the previous one that a kill left mid-swap (see ``_files.atomic_folder``)."""
     root = Path(root)
-    for folder in (root / name, root / f".old-{name}"):
+    for folder in (root / name, previous_folder(root / name)):
         if folder.is_dir():
             return folder
     return None

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from annify._files import atomic_write  # noqa: F401 - moved to annify._files; kept one release for benchmarks/
 from annify.errors import SpecError
+from annify.sources import model_source
 
 __all__ = [
-    "SOURCES",
     "HeadSpec",
     "Spec",
     "SpecError",
-    "atomic_write",
     "dump",
     "load_spec",
-    "model_source",
     "parse",
     "spec_name",
 ]
@@ -51,7 +49,7 @@ class HeadSpec:
 
 @dataclass
 class Spec:
-    """An anytime network: a model (see ``model_source``) plus its outputs."""
+    """An anytime network: a model (see ``sources.model_source``) plus its outputs."""
 
     name: str
     model: str  # resnet50, hf-hub:timm/resnet50.a1_in1k, torchvision:resnet50 or module:MyNet
@@ -68,35 +66,6 @@ class Spec:
     def taps(self) -> list[str]:
         """Nodes read by the added heads (every output but the last)."""
         return [h.node for h in self.heads[:-1]]
-
-
-# Where a spec's model comes from: a prefix of its name (none for timm's registry).
-SOURCES = {
-    "hf-hub": "hf-hub:ORG/NAME (timm, configuration from the Hugging Face Hub)",
-    "torchvision": "torchvision:NAME (torchvision.models.get_model)",
-    "module": "module:CLASS (a module of your own, passed again to annify.load(spec, model=...))",
-}
-
-
-def model_source(model: str) -> tuple[str, str]:
-    """(source, name) of a spec's model: ``timm``, ``hf-hub``, ``torchvision`` or ``module``.
-
-    ``hf-hub:`` names stay whole (timm reads the prefix); raises ``SpecError`` for an unknown prefix
-    or a missing name.
-    """
-    prefix, sep, name = model.partition(":")
-    if not sep:
-        return "timm", model
-    if prefix not in SOURCES:
-        known = "; ".join(["a timm name", *SOURCES.values()])
-        raise SpecError(f"unknown model source '{prefix}:' in '{model}' (known: {known})")
-    if not name:
-        raise SpecError(f"'{model}' names no model after '{prefix}:' (expected {SOURCES[prefix]})")
-    if prefix == "module" and not name.isidentifier():
-        raise SpecError(
-            f"'{model}': after 'module:' comes the class name of your module, such as module:MyNet"
-        )
-    return prefix, model if prefix == "hf-hub" else name
 
 
 def spec_name(model: str) -> str:
@@ -258,28 +227,6 @@ def load_spec(path: str | os.PathLike) -> Spec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
     return parse(data, str(p))
-
-
-def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
-    p = Path(path)
-    mode = "wb" if isinstance(text, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None and e.strerror:  # a write that failed (a full disk): name the file it was for
-            raise OSError(e.errno, e.strerror, str(p)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _COMMENTS = {

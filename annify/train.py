@@ -30,8 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -45,6 +43,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from annify import run_dir, trained_start, weighting
+from annify._files import atomic_folder, atomic_write, remove_leftovers
 from annify.config import DEFAULTS, head_epochs, resolve_settings, run_label
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
@@ -60,7 +59,8 @@ from annify.evaluate import (
     resolve_device,
     save_table,
 )
-from annify.spec import Spec, SpecError, atomic_write, dump, load_spec, model_source
+from annify.sources import model_source
+from annify.spec import Spec, SpecError, dump, load_spec
 
 __all__ = [
     "DEFAULTS",
@@ -333,8 +333,7 @@ def _start_run_folder(out: Path, spec: Spec, cfg: dict, start_epoch: int, machin
     """config.yaml, data.json and the metrics of the epochs kept; leftovers of an interrupted write go."""
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    for leftover in ckpt_root.glob(".tmp-*"):  # a write that a kill interrupted
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(ckpt_root)  # a write that a kill interrupted
     header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
     header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
     atomic_write(out / "config.yaml", dump(spec, header))
@@ -793,33 +792,18 @@ _find_checkpoint = run_dir.find_checkpoint  # root/name, or the previous one a k
 
 
 def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Write a checkpoint folder atomically: fill a temporary sibling, then swap it in by renames.
-
-    A kill before the first rename leaves ``dest`` as it was; between the renames ``dest`` is
-    briefly missing and ``.old-<name>`` holds the previous one, which ``_find_checkpoint`` takes.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    umask = os.umask(0)  # mkdtemp makes the folder 0700; give it the mode a plain mkdir would
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    """Write a checkpoint folder atomically (``_files.atomic_folder``): the previous one is untouched
+    until every file is complete, and a kill mid-swap leaves it where ``_find_checkpoint`` takes it."""
+    target = dest
     try:
-        for name, write in files.items():
-            try:
-                write(tmp / name)
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-            except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
-                # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
-                raise _unwritable(dest / name, e, dest.parent, "checkpoint ") from None
-        old = dest.with_name(f".old-{dest.name}")
-        if dest.exists():  # else an earlier kill left the previous one in ``old``: keep it until the swap
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(dest) as stage:
+            for name, write in files.items():
+                target = dest / name
+                write(stage / name)
+            target = dest  # past the writers: the fsyncs and the swap
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
+        # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
+        raise _unwritable(target, e, dest.parent, "checkpoint ") from None
 
 
 def _unwritable(path: Path, e: Exception, ckpt_root: Path, what: str = "") -> CheckpointError:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from annify._files import atomic_write
 from annify.errors import TrainError
-from annify.spec import Spec, atomic_write
+from annify.spec import Spec
 
 __all__ = ["ORIGINAL", "init_state", "load_init", "original_row", "read_original", "teacher_from"]
 

@@ -640,7 +640,7 @@ def test_a_full_disk_while_writing_a_spec_names_the_file_and_keeps_the_old_one(t
     import errno
     import os
 
-    from annify.spec import atomic_write
+    from annify._files import atomic_write
 
     target = tmp_path / "tiny.yaml"
     target.write_text("old\n")

@@ -11,7 +11,8 @@ from torch import nn
 
 import annify
 from annify import ConvertError, build, convert, spec_name
-from annify.convert import _head_costs, choose
+from annify.convert import _head_costs
+from annify.placement import choose
 from annify.spec import parse
 
 # Placement does not depend on the input size; 64×64 keeps tracing and costing quick.

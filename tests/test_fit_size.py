@@ -11,8 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import annify
 from annify.cli import main
-from annify.convert import ConvertError, fit_input_size
+from annify.errors import ConvertError
 from annify.evaluate import fit_to_data
+from annify.sources import fit_input_size
 from annify.spec import dump
 
 SMALL_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}

@@ -295,7 +295,8 @@ def test_exact_on_cuda(monkeypatch, tiny_net, tiny_twin, tiny_input):
 
 def test_a_model_with_its_own_heads_child_keeps_it():
     """efficientvim owns a `heads` module: the added heads go under `exit_heads.` and nothing is shadowed."""
-    from annify.convert import convert, create_model
+    from annify.convert import convert
+    from annify.sources import create_model
 
     torch.manual_seed(0)
     net, _, _ = convert("efficientvim_m1", heads=4)
@@ -367,7 +368,8 @@ INPLACE_FAMILIES = [
 @pytest.mark.parametrize(("name", "size", "n_into"), INPLACE_FAMILIES)
 def test_inplace_adds_change_no_output_and_no_gradient(name, size, n_into):
     """Eval outputs ``torch.equal`` to timm's; in training, the outputs and every trunk gradient too."""
-    from annify.convert import convert, create_model
+    from annify.convert import convert
+    from annify.sources import create_model
 
     torch.manual_seed(0)
     net, _, _ = convert(name, every=2, input_size=size, num_classes=7)

@@ -11,7 +11,8 @@ from torch import nn
 import annify
 from annify import ConvertError, SpecError
 from annify.cli import main
-from annify.spec import model_source, parse
+from annify.sources import model_source
+from annify.spec import parse
 
 
 def _without_heads(net: annify.AnytimeNet) -> dict[str, torch.Tensor]:

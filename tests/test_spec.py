@@ -1,6 +1,5 @@
-"""Specs: YAML round trips, every problem reported at once, safe loading, atomic writes, shipped specs."""
+"""Specs: YAML round trips, every problem reported at once, safe loading, shipped specs."""
 
-import os
 import re
 from pathlib import Path
 
@@ -9,7 +8,8 @@ import torch
 import yaml
 
 import annify
-from annify.spec import HeadSpec, Spec, SpecError, atomic_write, dump, load_spec, parse
+from annify._files import atomic_write
+from annify.spec import HeadSpec, Spec, SpecError, dump, load_spec, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(ROOT.glob("specs/*.yaml"))  # zoo/ is annify convert's output, never shipped
@@ -136,42 +136,6 @@ def test_python_tags_are_refused(tmp_path):
     path.write_text("model: !!python/object/apply:os.getcwd []\nheads: [{node: model}]\n")
     with pytest.raises(SpecError, match="python/object/apply:os.getcwd"):
         load_spec(path)
-
-
-def test_atomic_write_replaces_whole_files(tmp_path):
-    path = tmp_path / "spec.yaml"
-    atomic_write(path, "first\n")
-    atomic_write(path, b"second\n")
-    assert path.read_text() == "second\n"
-    assert os.listdir(tmp_path) == ["spec.yaml"]
-
-
-def test_atomic_write_gives_the_mode_open_would(tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    path = tmp_path / "spec.yaml"
-    atomic_write(path, "x\n")
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
-def test_failed_rename_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
-    path = tmp_path / "spec.yaml"
-    path.write_text("old\n")
-
-    def fail(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, "new\n")
-    assert path.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["spec.yaml"]
-
-
-def test_failed_write_leaves_no_file(tmp_path):
-    with pytest.raises(TypeError):
-        atomic_write(tmp_path / "spec.yaml", 123)  # neither text nor bytes
-    assert os.listdir(tmp_path) == []
 
 
 def test_project_ships_specs():

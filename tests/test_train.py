@@ -19,7 +19,8 @@ from helpers import spec_file, tiny_spec
 from safetensors.torch import load_file, save_file
 
 import annify.train as train_module
-from annify.convert import create_model, load
+from annify.convert import load
+from annify.sources import create_model
 from annify.spec import SpecError
 from annify.train import DEFAULTS, TrainingDiverged, resolve_settings, train
 

@@ -206,7 +206,7 @@ def test_teacher_run_keeps_its_teacher_frozen_and_trains(base, spec_path, tmp_pa
 
 def test_no_teacher_when_the_source_has_another_class_count(spec_path, tmp_path):
     """timm's 1000-class head on a 10-class data set is skipped: no original to report or distil from."""
-    from annify.convert import create_model
+    from annify.sources import create_model
 
     file = tmp_path / "seven.safetensors"
     save_file(create_model("cifar_resnet_n3_c8", num_classes=7).state_dict(), str(file))

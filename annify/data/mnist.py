@@ -63,9 +63,9 @@ def _mnist_root(kind: str, path: str) -> Path:
     import errno
     import gzip
     import hashlib
-    import os
     import shutil
-    import tempfile
+
+    from annify._files import atomic_file
 
     layout = _MNIST[kind]
     root = existing_dir(kind, path, layout.hint).resolve()
@@ -88,13 +88,14 @@ def _mnist_root(kind: str, path: str) -> Path:
         if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
             continue
         raw.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=raw)
         try:
-            with os.fdopen(fd, "wb") as out, (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
+            with (
+                atomic_file(dest) as tmp,
+                open(tmp, "wb") as out,
+                (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f,
+            ):
                 shutil.copyfileobj(f, out)
-            os.replace(tmp, dest)
         except (OSError, EOFError) as err:
-            Path(tmp).unlink(missing_ok=True)
             if isinstance(err, OSError) and err.errno in (
                 errno.ENOSPC,
                 errno.EDQUOT,
