@@ -154,6 +154,3 @@ def serve(
         max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images,
         guard_ms=guard_ms, mean=mean, std=std, labels=_read_labels(labels), log=click.echo,
     )  # fmt: skip
-
-
-COMMANDS = [calibrate, serve]

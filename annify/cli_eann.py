@@ -1,4 +1,4 @@
-"""The ``eann`` command (added to ``annify.cli.main`` through ``COMMANDS``)."""
+"""The ``eann`` command (registered in ``annify.cli``)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,3 @@ def eann(
     )
     click.echo(format_eann(run.summary))
     click.echo(f"wrote {folder / 'eann.json'} and {folder / 'eann.png'}")
-
-
-COMMANDS = [eann]

@@ -247,6 +247,3 @@ def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     if not manifest["segments_exported"]:
         click.echo("segments carry non-tensor values: exported the truncated networks only")
     click.echo(f"wrote {folder / 'manifest.json'}")
-
-
-COMMANDS = [predict, export_command]

@@ -1,4 +1,4 @@
-"""The ``train`` and ``eval`` commands (added to ``annify.cli.main`` through ``COMMANDS``)."""
+"""The ``train`` and ``eval`` commands (registered in ``annify.cli``)."""
 
 from __future__ import annotations
 
@@ -262,6 +262,3 @@ def eval_(spec, checkpoint, data, batch_size, device, workers):
         spec, checkpoint, data=data, batch_size=batch_size, device=device, workers=workers
     )
     click.echo(format_table(rows))
-
-
-COMMANDS = [train, eval_]
