@@ -81,7 +81,8 @@ def eann(
                --checkpoints runs/eann/members/cifar_resann_n7_c16 \\
                --checkpoints runs/eann/members/cifar_resann_n13_c16 --out runs/eann2
     """
-    from annify.eann import format_eann, run_eann
+    from annify.eann import format_eann
+    from annify.eann_run import run_eann
 
     folder = writable_dir(out)  # fail before the slow part
     run = run_eann(

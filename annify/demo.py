@@ -29,7 +29,8 @@ from pathlib import Path
 
 from annify.convert import ConvertError, convert, fit_input_size
 from annify.data import data_info
-from annify.eann import format_eann, run_eann
+from annify.eann import format_eann
+from annify.eann_run import run_eann
 from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows
