@@ -126,7 +126,12 @@ def print_cost_table(spec) -> None:
     help="A head at each multiple P of the total cost (P<=1: fraction; P>1: FLOPs).",
 )
 @click.option("--heads", type=int, help="N outputs spaced evenly by cost (the last is the classifier).")
-@click.option("--head-type", help="Head type for the added heads (default: by feature layout).")
+@click.option(
+    "--head-type",
+    metavar="HEAD_TYPE",
+    help="Head type for the added heads: one of annify.heads' registry, an unknown name lists them "
+    "(default: by feature layout).",
+)
 @click.option(
     "--name", help="Spec name (default: resnet50 -> resann50, densenet169 -> denseann169, else <model>_ann)."
 )
