@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import click
@@ -108,15 +110,67 @@ def device_options(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(fn)
 
 
+class RegistryChoice(click.Choice):
+    """A choice among the names a registry holds, read from the registry when a value is checked.
+
+    The registries live in modules that import torch; reading them when a command runs, not when it
+    is defined, keeps ``--help`` light (help shows the option's metavar instead of the names). An
+    unknown value is refused with the registry's names, as ``click.Choice`` refuses one.
+    """
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names = names
+        self.case_sensitive = True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:  # click.Choice reads self.choices
+        return tuple(self._names())
+
+
+def registry_choice(module: str, attribute: str, *extra: str) -> RegistryChoice:
+    """The names ``module.attribute`` holds (a sequence, or a function returning one), then ``extra``."""
+
+    def names() -> tuple[str, ...]:
+        held = getattr(importlib.import_module(module), attribute)
+        return (*(held() if callable(held) else held), *extra)
+
+    return RegistryChoice(names)
+
+
+def shown(value) -> str:
+    """A setting's value as help shows it: 0.0001 and 0 (not 1e-04 and 0.0), on and off for true and false."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def setting_help(text: str, key: str, *, none: str | None = None, init: bool = True) -> str:
+    """``text``, then where the setting ``key`` comes from when the option is not given.
+
+    The spec's ``train:`` section, else ``annify.config.DEFAULTS`` (``none`` says what a default of
+    None means), and with ``init`` the trained start's ``INIT_DEFAULTS`` where it has one.
+    """
+    from annify.config import DEFAULTS, INIT_DEFAULTS
+
+    value = DEFAULTS[key]
+    if value is None and none is None:
+        raise ValueError(f"setting '{key}' defaults to None: say what that means (none=...)")
+    default = f"default: the spec's train.{key}, else {none if value is None else shown(value)}"
+    if init and key in INIT_DEFAULTS:
+        default += f"; with --init {shown(INIT_DEFAULTS[key])}"
+    return f"{text} ({default})."
+
+
 DEFAULT_THREADS = 1
 THREADS_HELP = (
-    "torch CPU threads (intra-op). Default 1: on a machine other processes also use, OpenMP threads beyond "
-    "the free cores make small networks many times slower (measured: a small network's epoch 14.5x slower "
-    "with 2 threads on a busy 2-core machine, BENCHMARKS.md §16); raise it on a machine of your own for "
-    "large networks."
+    f"torch CPU threads (intra-op). Default {DEFAULT_THREADS}: on a machine other processes also use, "
+    "OpenMP threads beyond the free cores make small networks many times slower (measured: a small "
+    "network's epoch 14.5x slower with 2 threads on a busy 2-core machine, BENCHMARKS.md §16); raise it "
+    "on a machine of your own for large networks."
 )
 
 
+CPU_MEMORY = ("keep", "release")  # what --cpu-memory does with freed memory: CPU_MEMORY_HELP says
 CPU_MEMORY_HELP = (
     "keep: freed tensor memory stays in the process for the next batch (no page faults on every large "
     "activation: resnet50's forward at batch 32 runs 1.6x faster on one thread, BENCHMARKS.md §18); release: "
@@ -144,8 +198,8 @@ def cpu_options(fn):
 
     wrapper = click.option(
         "--cpu-memory",
-        type=click.Choice(["keep", "release"]),
-        default="keep",
+        type=click.Choice(CPU_MEMORY),
+        default=CPU_MEMORY[0],
         show_default=True,
         help=CPU_MEMORY_HELP,
     )(wrapper)

@@ -126,7 +126,12 @@ def print_cost_table(spec) -> None:
     help="A head at each multiple P of the total cost (P<=1: fraction; P>1: FLOPs).",
 )
 @click.option("--heads", type=int, help="N outputs spaced evenly by cost (the last is the classifier).")
-@click.option("--head-type", help="Head type for the added heads (default: by feature layout).")
+@click.option(
+    "--head-type",
+    metavar="HEAD_TYPE",
+    help="Head type for the added heads: one of annify.heads' registry, an unknown name lists them "
+    "(default: by feature layout).",
+)
 @click.option(
     "--name", help="Spec name (default: resnet50 -> resann50, densenet169 -> denseann169, else <model>_ann)."
 )
@@ -258,19 +263,36 @@ def demo(out, model, data, train_subset, epochs, seed, eann, force):
     )  # fmt: skip
 
 
-def _register_stage_commands() -> None:
-    """Commands of the later stages live beside their library code; missing ones are skipped."""
+# Every command of the later stages, registered by name: (command, module, function). The modules hold
+# only click code (torch loads when a command runs), so importing them all keeps `annify --help` light;
+# one that fails to import is an error naming its command, never a command quietly missing.
+STAGE_COMMANDS = (
+    ("train", "annify.cli_train", "train"),
+    ("eval", "annify.cli_train", "eval_"),
+    ("eann", "annify.cli_eann", "eann"),
+    ("predict", "annify.cli_runtime", "predict"),
+    ("export", "annify.cli_runtime", "export_command"),
+    ("calibrate", "annify.cli_deploy", "calibrate"),
+    ("serve", "annify.cli_deploy", "serve"),
+)
+
+
+def add_commands(group: click.Group, commands=STAGE_COMMANDS) -> None:
+    """Add each ``(name, module, function)`` command to ``group`` under its name.
+
+    Raises:
+        ImportError: a command's module or function cannot be loaded; the message names the command.
+    """
     import importlib
 
-    for module in ("annify.cli_train", "annify.cli_runtime", "annify.cli_eann", "annify.cli_deploy"):
+    for name, module, function in commands:
         try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        for command in mod.COMMANDS:
-            main.add_command(command)
+            command = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as e:
+            raise ImportError(
+                f"annify cannot register its command '{name}' ({module}.{function}): {type(e).__name__}: {e}"
+            ) from e
+        group.add_command(command, name)
 
 
-_register_stage_commands()
+add_commands(main)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from annify._cli_common import checkpoint_option, cpu_options, finite_positive, friendly
+from annify._cli_common import checkpoint_option, cpu_options, finite_positive, friendly, registry_choice
 from annify.cli_runtime import _read_labels, with_normalization
 from annify.report import format_flops
 
@@ -26,12 +26,14 @@ def _unit_interval(ctx, param, value: float) -> float:
     help="ltt: the chance the guarantee fails (over the draw of the validation set).",
 )  # fmt: skip
 @click.option(
-    "--risk", type=click.Choice(["consistency", "accuracy-gap"]), default="consistency", show_default=True,
+    "--risk", type=registry_choice("annify.calibrate", "RISKS"), metavar="RISK", default="consistency",
+    show_default=True,
     help="consistency: the exit's class differs from the last output's (no labels used); accuracy-gap: "
     "the exit is wrong where the last output is right.",
 )  # fmt: skip
 @click.option(
-    "--method", type=click.Choice(["ltt", "crc"]), default="ltt", show_default=True,
+    "--method", type=registry_choice("annify.calibrate", "METHODS"), metavar="METHOD", default="ltt",
+    show_default=True,
     help="ltt: Learn-then-Test, P(risk <= epsilon) >= 1 - delta; crc: conformal risk control, "
     "E[risk] <= epsilon.",
 )  # fmt: skip
@@ -154,6 +156,3 @@ def serve(
         max_batch=max_batch, max_body_bytes=int(max_body_mb * (1 << 20)), max_images=max_images,
         guard_ms=guard_ms, mean=mean, std=std, labels=_read_labels(labels), log=click.echo,
     )  # fmt: skip
-
-
-COMMANDS = [calibrate, serve]

@@ -1,18 +1,18 @@
-"""The ``eann`` command (added to ``annify.cli.main`` through ``COMMANDS``)."""
+"""The ``eann`` command (registered in ``annify.cli``)."""
 
 from __future__ import annotations
 
 import click
 
-from annify._cli_common import cpu_options, device_options, friendly, writable_dir
-from annify.cli_train import SCHEMES, SOURCES
+from annify._cli_common import cpu_options, device_options, friendly, setting_help, writable_dir
+from annify.cli_train import SCHEME_HELP, SOURCES
 
 
 @click.command("eann")
 @click.argument("members", nargs=-1, required=True)
 @click.option("--data", help=f"Data source: {SOURCES} (default: the first spec's train.data, else digits).")
-@click.option("--epochs", type=int, help="Epochs per member (default: the spec's, else 300).")
-@click.option("--weights", help=f"Loss weighting: {SCHEMES} (default: the spec's, else adaloss).")
+@click.option("--epochs", type=int, help=setting_help("Epochs per member", "epochs", init=False))
+@click.option("--weights", metavar="SCHEME", help=setting_help(SCHEME_HELP, "weights", init=False))
 @click.option(
     "--checkpoints",
     "--checkpoint",
@@ -27,13 +27,15 @@ from annify.cli_train import SCHEMES, SOURCES
     help="Train plain networks (--weights opt, final output only) for the linear-ensemble baseline "
     "(default: each ANN's final output stands in for its plain network).",
 )
-@click.option("--batch-size", type=int, help="Images per step (default: the spec's, else 64).")
-@click.option("--lr", type=float, help="Initial learning rate (default: the spec's, else 0.1).")
-@click.option("--seed", type=int, help="Seed of every member's training (default: 0).")
+@click.option("--batch-size", type=int, help=setting_help("Images per step", "batch_size", init=False))
+@click.option("--lr", type=float, help=setting_help("Initial learning rate", "lr", init=False))
+@click.option("--seed", type=int, help=setting_help("Seed of every member's training", "seed", init=False))
 @click.option(
     "--train-subset",
     type=click.IntRange(1),
-    help="Train every member on a fixed subset of N training images.",
+    help=setting_help(
+        "Train every member on a fixed subset of N training images", "train_subset", none="all", init=False
+    ),
 )
 @click.option("--out", default="runs/eann", show_default=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue (or reuse) the member runs already in --out.")
@@ -81,7 +83,8 @@ def eann(
                --checkpoints runs/eann/members/cifar_resann_n7_c16 \\
                --checkpoints runs/eann/members/cifar_resann_n13_c16 --out runs/eann2
     """
-    from annify.eann import format_eann, run_eann
+    from annify.eann import format_eann
+    from annify.eann_run import run_eann
 
     folder = writable_dir(out)  # fail before the slow part
     run = run_eann(
@@ -104,6 +107,3 @@ def eann(
     )
     click.echo(format_eann(run.summary))
     click.echo(f"wrote {folder / 'eann.json'} and {folder / 'eann.png'}")
-
-
-COMMANDS = [eann]

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from annify._cli_common import checkpoint_option, cpu_options, finite_positive, friendly, writable_dir
+from annify._cli_common import (
+    checkpoint_option,
+    cpu_options,
+    finite_positive,
+    friendly,
+    registry_choice,
+    writable_dir,
+)
 from annify.report import format_flops
 
 
@@ -209,10 +216,11 @@ def _exit_early(net, x, thresholds):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx", "torchscript", "all"]),
+    type=registry_choice("annify.export", "FORMATS", "all"),
+    metavar="FORMAT",
     default="all",
     show_default=True,
-    help="File format(s) to write.",
+    help="File format to write (annify.export.FORMATS; an unknown name lists them), or all of them.",
 )
 @click.option("--out", default="export", show_default=True, help="Output folder.")
 @click.option(
@@ -247,6 +255,3 @@ def export_command(spec, checkpoint, fmt, out, no_check, mean, std):
     if not manifest["segments_exported"]:
         click.echo("segments carry non-tensor values: exported the truncated networks only")
     click.echo(f"wrote {folder / 'manifest.json'}")
-
-
-COMMANDS = [predict, export_command]

@@ -1,15 +1,15 @@
-"""The ``train`` and ``eval`` commands (added to ``annify.cli.main`` through ``COMMANDS``)."""
+"""The ``train`` and ``eval`` commands (registered in ``annify.cli``)."""
 
 from __future__ import annotations
 
 import click
 import yaml
 
-from annify._cli_common import cpu_options, device_options, friendly
-from annify.config import DEFAULTS, INIT_DEFAULTS
+from annify._cli_common import cpu_options, device_options, friendly, registry_choice, setting_help
+from annify.config import TEACHERS
 from annify.data import sources_help
 
-SCHEMES = "adaloss | const | linear | half_end | opt | adaloss_grad | sdn"
+SCHEME_HELP = "Loss weighting: a weight scheme of annify.weighting's registry, an unknown name lists them"
 SOURCES = sources_help()  # every registered data source, as written: digits | fashion-mnist[:PATH] | ...
 
 
@@ -29,26 +29,21 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.command("train")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
-@click.option("--weights", help=f"Loss weighting: {SCHEMES} (default: the spec's, else adaloss).")
+@click.option("--weights", metavar="SCHEME", help=setting_help(SCHEME_HELP, "weights"))
 @click.option(
-    "--head", type=int, help="With --weights opt: the output to train, 1-based (default: the last)."
+    "--head",
+    type=int,
+    help=setting_help("With --weights opt: the output to train, 1-based", "head", none="the last"),
 )
 @click.option(
     "--hparam", multiple=True, help="Weight-scheme hyperparameter KEY=VALUE, e.g. gamma=0.07 (repeatable)."
 )
+@click.option("--epochs", type=int, help=setting_help("Epochs", "epochs"))
+@click.option("--batch-size", type=int, help=setting_help("Images per step and process", "batch_size"))
+@click.option("--lr", type=float, help=setting_help("Initial learning rate of the trunk", "lr"))
 @click.option(
-    "--epochs",
-    type=int,
-    help=f"Epochs (default: the spec's, else {DEFAULTS['epochs']}; with --init {INIT_DEFAULTS['epochs']}).",
+    "--seed", type=int, help=setting_help("Seed of initialization, data order and augmentation", "seed")
 )
-@click.option("--batch-size", type=int, help="Images per step and process (default: the spec's, else 64).")
-@click.option(
-    "--lr",
-    type=float,
-    help=f"Initial learning rate of the trunk (default: the spec's, else {DEFAULTS['lr']}; "
-    f"with --init {INIT_DEFAULTS['lr']}).",
-)
-@click.option("--seed", type=int, help="Seed of initialization, data order and augmentation (default: 0).")
 @click.option("--out", help="Run folder (default: runs/<spec file name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option(
@@ -60,32 +55,49 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 )
 @click.option(
     "--init",
-    help="Start from the network you have: 'timm' (its pretrained weights), a run folder, a checkpoint folder "
-    "or a .safetensors/.pth file; it is measured beside every output, and a trained start has its own "
-    "defaults (annify.config.INIT_DEFAULTS).",
+    help=setting_help(
+        "Start from the network you have: 'timm' (its pretrained weights), a run folder, a checkpoint folder "
+        "or a .safetensors/.pth file; it is measured beside every output, and a trained start has its own "
+        "defaults (annify.config.INIT_DEFAULTS)",
+        "init",
+        none="a fresh network",
+    ),
 )
 @click.option(
     "--freeze-trunk",
     is_flag=True,
     default=None,
-    help="Train the added heads only (the last output stays exact).",
+    help=setting_help("Train the added heads only (the last output stays exact)", "freeze_trunk"),
 )
-@click.option("--head-lr", type=click.FloatRange(0), help="The added heads' learning rate (default: --lr).")
+@click.option(
+    "--head-lr",
+    type=click.FloatRange(0),
+    help=setting_help("The added heads' learning rate", "head_lr", none="--lr"),
+)
 @click.option(
     "--head-epochs",
     type=float,
-    help="Train the heads alone on the frozen trunk first: N epochs, or a fraction < 1 of --epochs (two-phase).",
+    help=setting_help(
+        "Train the heads alone on the frozen trunk first: N epochs, or a fraction < 1 of --epochs (two-phase)",
+        "head_epochs",
+    ),
 )
 @click.option(
     "--teacher",
-    type=click.Choice(["original", "last"]),
-    help="With --distill GAMMA, what outputs also learn from: original (the --init network; every output) or "
-    "last (the last output; the earlier ones). Default: original with --init, else last.",
+    type=click.Choice(TEACHERS),
+    help=setting_help(
+        "With --distill GAMMA, what outputs also learn from: original (the --init network; every output) or "
+        "last (the last output; the earlier ones)",
+        "teacher",
+        none="last",
+    ),
 )
 @click.option(
     "--bn-recalibrate",
     type=click.IntRange(0),
-    help="Recompute BatchNorm statistics on N training images after each epoch (default 2048; 0: off).",
+    help=setting_help(
+        "Recompute BatchNorm statistics on N training images after each epoch (0: off)", "bn_recalibrate"
+    ),
 )
 @click.option(
     "--head-local/--no-head-local",
@@ -96,15 +108,24 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 @click.option(
     "--distill",
     type=click.FloatRange(0, 1),
-    help="GAMMA: earlier outputs learn (1-GAMMA)*CE + GAMMA*T^2*KL from the last output (default 0: off).",
+    help=setting_help(
+        "GAMMA: earlier outputs learn (1-GAMMA)*CE + GAMMA*T^2*KL from the last output (0: off)", "distill"
+    ),
 )
 @click.option(
-    "--distill-temperature", type=click.FloatRange(0, min_open=True), help="T of --distill (default 1)."
+    "--distill-temperature",
+    type=click.FloatRange(0, min_open=True),
+    help=setting_help("T of --distill", "distill_temperature"),
 )
-@click.option("--train-subset", type=click.IntRange(1), help="Train on a fixed subset of N training images.")
+@click.option(
+    "--train-subset",
+    type=click.IntRange(1),
+    help=setting_help("Train on a fixed subset of N training images", "train_subset", none="all"),
+)
 @click.option(
     "--loader",
-    type=click.Choice(["auto", "tensor", "dataloader"]),
+    type=registry_choice("annify.data", "LOADERS"),
+    metavar="LOADER",
     default="auto",
     show_default=True,
     help="tensor: in-memory data held on the device, batches made there; dataloader: torch DataLoader.",
@@ -260,6 +281,3 @@ def eval_(spec, checkpoint, data, batch_size, device, workers):
         spec, checkpoint, data=data, batch_size=batch_size, device=device, workers=workers
     )
     click.echo(format_table(rows))
-
-
-COMMANDS = [train, eval_]

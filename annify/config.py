@@ -18,6 +18,7 @@ from annify.errors import SpecError
 __all__ = [
     "DEFAULTS",
     "INIT_DEFAULTS",
+    "TEACHERS",
     "TrainConfig",
     "head_epochs",
     "head_local_for",
@@ -90,6 +91,11 @@ INIT_DEFAULTS: dict[str, Any] = {  # joint_adaloss_kd_lr0.1 there: chosen on val
 }
 
 
+# What distillation's outputs learn from (``teacher``; None means "last"): the --init network, or the
+# last output.
+TEACHERS = ("original", "last")
+
+
 def head_epochs(cfg: dict) -> int:
     """The number of heads-only epochs a run's settings ask for (a fraction of the epochs rounds)."""
     he = cfg["head_epochs"]
@@ -148,7 +154,7 @@ def _resolve(spec_train: dict, overrides: dict) -> tuple[dict, list[str]]:
         errors.append(f"head_epochs ({he}) must not exceed epochs ({cfg['epochs']})")
     if cfg["head_lr"] is not None and not (isinstance(cfg["head_lr"], (int, float)) and cfg["head_lr"] >= 0):
         errors.append(f"head_lr must be a non-negative number, got {cfg['head_lr']!r}")
-    if cfg["teacher"] not in (None, "last", "original"):
+    if cfg["teacher"] not in (None, *TEACHERS):
         errors.append(
             f"teacher must be 'original' (the --init network) or 'last' (the last output), got {cfg['teacher']!r}"
         )

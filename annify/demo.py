@@ -30,7 +30,8 @@ from pathlib import Path
 from annify._files import atomic_write
 from annify.convert import ConvertError, convert
 from annify.data import data_info
-from annify.eann import format_eann, run_eann
+from annify.eann import format_eann
+from annify.eann_run import run_eann
 from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows

@@ -517,17 +517,15 @@ def test_a_long_run_states_its_duration_after_its_first_steps(spec_path, tmp_pat
     assert lines.index(estimates[0]) < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
 
 
-def test_eann_states_the_epochs_it_will_train_before_training(tmp_path, monkeypatch):
-    import annify.train as training
-    from annify.eann import run_eann
+def test_eann_states_the_epochs_it_will_train_before_training(tmp_path):
+    from annify.eann_run import run_eann
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train", stop)
     lines = []
     with pytest.raises(KeyboardInterrupt):
-        run_eann(["cifar_resnet_n2_c16", "cifar_resnet_n4_c16"], out=tmp_path, log=lines.append)
+        run_eann(["cifar_resnet_n2_c16", "cifar_resnet_n4_c16"], out=tmp_path, log=lines.append, trainer=stop)
     assert lines[0].startswith("training 2 members for 300 epochs each on digits (the paper's recipe; pass ")
     assert "--epochs N for a shorter run" in lines[0]
 

@@ -92,6 +92,39 @@ def test_every_command_has_help_with_an_example(run, name):
     assert examples and examples[0].startswith("Example: annify ")
 
 
+def test_every_registered_command_is_listed_in_help(run):
+    from annify.cli import STAGE_COMMANDS
+
+    text = run("--help").output
+    listed = {line.split()[0] for line in text.split("Commands:\n", 1)[1].splitlines() if line.strip()}
+    registered = {"inspect", "convert", "demo", *(name for name, _, _ in STAGE_COMMANDS)}
+    assert listed == registered == set(main.commands)
+
+
+def test_a_command_whose_module_fails_to_import_is_an_error_naming_it(monkeypatch):
+    import sys
+
+    from annify.cli import STAGE_COMMANDS, add_commands
+
+    monkeypatch.setitem(sys.modules, "annify.cli_eann", None)  # importing it raises ImportError
+    with pytest.raises(
+        ImportError, match=r"command 'eann' \(annify\.cli_eann\.eann\): .*None in sys.modules"
+    ):
+        add_commands(click.Group(), STAGE_COMMANDS)
+    with pytest.raises(ImportError, match="command 'gone' .*No module named 'annify._no_such_module'"):
+        add_commands(click.Group(), [("gone", "annify._no_such_module", "gone")])
+
+
+def test_annify_help_fails_naming_a_command_that_cannot_load():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['annify.cli_eann'] = None\nfrom annify.cli import main\nmain(['--help'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Commands:" not in result.stdout
+    assert "annify cannot register its command 'eann' (annify.cli_eann.eann)" in result.stderr
+
+
 @pytest.mark.parametrize("name", sorted(main.commands))
 def test_every_command_takes_threads(name):
     threads = next((p for p in main.commands[name].params if p.name == "threads"), None)

@@ -3,7 +3,6 @@
 Torch runs on one thread (tests/conftest.py).
 """
 
-import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 from helpers import assert_one_line_error
 
 from annify.cli import main
+from annify.eann_run import run_eann
 from annify.train import RunResult
 
 SMALL, LARGE = "cifar_resnet_n3_c8", "cifar_resnet_n5_c16"  # 9 and 15 outputs with default placement
@@ -84,16 +84,14 @@ def test_eann_trains_members_and_writes_schedule(trained):
     assert output.strip().endswith(f"wrote {out / 'eann.json'} and {out / 'eann.png'}")
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("annify.train.train was called; --checkpoints must not train")
-
-    monkeypatch.setattr(importlib.import_module("annify.train"), "train", refuse)
+def refused_before_training(result, *fragments):
+    """A one-line error, printed before any member trained (the first would log "training ...")."""
+    assert_one_line_error(result, *fragments, alone=False)
+    assert "training" not in result.output
 
 
 @pytest.mark.parametrize("as_names", [False, True], ids=["run-folders", "model-names"])
-def test_checkpoints_are_reused_without_training(trained, tmp_path, no_training, as_names):
+def test_checkpoints_are_reused_without_training(trained, tmp_path, as_names):
     out, _ = trained
     folders = [out / "members" / name for name in NAMES]
     members = [SMALL, LARGE] if as_names else folders
@@ -106,6 +104,7 @@ def test_checkpoints_are_reused_without_training(trained, tmp_path, no_training,
     ]
     result = invoke(*members, *checkpoints, "--out", tmp_path / "reused")
     assert result.exit_code == 0, result.output
+    assert "training" not in result.output and "evaluating" in result.output
     first = json.loads((out / "eann.json").read_text())
     again = json.loads((tmp_path / "reused" / "eann.json").read_text())
     assert again["steps"] == first["steps"]  # same weights, same schedule and errors
@@ -116,8 +115,8 @@ def test_checkpoints_are_reused_without_training(trained, tmp_path, no_training,
     assert (tmp_path / "reused/members" / NAMES[1] / "config.yaml").is_file()
 
 
-def test_plain_networks_for_the_linear_ensemble(tmp_path, monkeypatch):
-    """--plain trains each architecture again with --weights opt; a stand-in train() fills hand-made tables."""
+def test_plain_networks_for_the_linear_ensemble(tmp_path):
+    """--plain trains each architecture again with --weights opt; a stand-in trainer fills hand-made tables."""
     calls = []
 
     def fake_train(spec, *, out, weights, **kwargs):
@@ -133,10 +132,8 @@ def test_plain_networks_for_the_linear_ensemble(tmp_path, monkeypatch):
                  "test_error": e + 0.01} for k, (h, e) in enumerate(zip(heads, errors))]  # fmt: skip
         return RunResult(Path(out), spec, None, 1, rows, 0.0, 0)
 
-    monkeypatch.setattr(importlib.import_module("annify.train"), "train", fake_train)
     out = tmp_path / "o"
-    result = invoke(SMALL, LARGE, "--plain", "--out", out)
-    assert result.exit_code == 0, result.output
+    run_eann([SMALL, LARGE], out=out, plain=True, trainer=fake_train, log=lambda line: None)
     assert calls == [
         (NAMES[0], None, out / "members" / NAMES[0]), (NAMES[0], "opt", out / "plain" / NAMES[0]),
         (NAMES[1], None, out / "members" / NAMES[1]), (NAMES[1], "opt", out / "plain" / NAMES[1]),
@@ -151,14 +148,14 @@ def test_plain_networks_for_the_linear_ensemble(tmp_path, monkeypatch):
     assert [s["flops"] for s in summary["steps"]][8:10] == [9000, 9000 + 2000]
 
 
-def test_checkpoint_that_does_not_fit(trained, tmp_path, no_training):
+def test_checkpoint_that_does_not_fit(trained, tmp_path):
     out, _ = trained
     swapped = [out / "members" / NAMES[1], out / "members" / NAMES[0]]  # each other's weights
     result = invoke(SMALL, LARGE, "--checkpoints", swapped[0], "--checkpoints", swapped[1], "--out", tmp_path)
-    assert_one_line_error(result, "does not fit this spec", "of the wrong shape", alone=False)
+    refused_before_training(result, "does not fit this spec", "of the wrong shape")
 
 
-def test_members_of_different_class_counts(trained, tmp_path, no_training):
+def test_members_of_different_class_counts(trained, tmp_path):
     out, _ = trained
     spec = yaml.safe_load((out / "members" / NAMES[1] / "config.yaml").read_text())
     spec["num_classes"] = 5
@@ -166,27 +163,24 @@ def test_members_of_different_class_counts(trained, tmp_path, no_training):
     other.write_text(yaml.safe_dump(spec))
     folder = out / "members" / NAMES[0]
     result = invoke(folder, other, "--checkpoints", folder, "--checkpoints", folder, "--out", tmp_path / "o")
-    assert_one_line_error(
+    refused_before_training(
         result,
         f"members {NAMES[0]} (10 classes, input 3×8×8) and {NAMES[1]} (5 classes",
         "differ in class count",
-        alone=False,
     )
 
 
-def test_members_of_different_input_sizes(tmp_path, no_training):
+def test_members_of_different_input_sizes(tmp_path):
     gray = tmp_path / "gray.yaml"  # one input channel: digits feeds it 1×8×8, the timm model 3×8×8
     gray.write_text(
         "name: gray\nmodel: cifar_resnet_n3_c8\nmodel_kwargs: {in_chans: 1}\ninput_size: [1, 8, 8]\n"
         "num_classes: 10\nheads:\n  - {node: stages.1.2.add}\n  - {node: model}\n"
     )
     result = invoke(gray, LARGE, "--out", tmp_path / "o")
-    assert_one_line_error(
-        result, "members gray (10 classes, input 1×8×8) and", "differ in input size", alone=False
-    )
+    refused_before_training(result, "members gray (10 classes, input 1×8×8) and", "differ in input size")
 
 
-def test_members_trained_for_other_data(trained, tmp_path, no_training):
+def test_members_trained_for_other_data(trained, tmp_path):
     out, _ = trained
     fives = []
     for i, name in enumerate(NAMES[:2]):
@@ -195,7 +189,7 @@ def test_members_trained_for_other_data(trained, tmp_path, no_training):
         fives.append(tmp_path / f"five{i}.yaml")
         fives[-1].write_text(yaml.safe_dump(spec))
     result = invoke(*fives, "--checkpoints", tmp_path, "--checkpoints", tmp_path, "--out", tmp_path / "o")
-    assert_one_line_error(result, "the members predict 5 classes but digits has 10", "--data", alone=False)
+    refused_before_training(result, "the members predict 5 classes but digits has 10", "--data")
 
 
 @pytest.mark.parametrize(
@@ -207,8 +201,8 @@ def test_members_trained_for_other_data(trained, tmp_path, no_training):
         ([SMALL, "missing.yaml"], ["spec file 'missing.yaml' does not exist"]),
     ],
 )
-def test_bad_input_is_one_line_error(args, fragments, tmp_path, no_training):
-    assert_one_line_error(invoke(*args, "--out", tmp_path), *fragments, alone=False)
+def test_bad_input_is_one_line_error(args, fragments, tmp_path):
+    refused_before_training(invoke(*args, "--out", tmp_path), *fragments)
 
 
 def test_help_ends_with_examples():

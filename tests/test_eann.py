@@ -14,11 +14,11 @@ from annify.eann import (
     ideal_inflation,
     inflation,
     linear_ensemble_curve,
-    plot_eann,
     prop41_bounds,
     schedule_to_json,
     uniform_inflation,
 )
+from annify.eann_run import plot_eann
 from annify.spec import load_spec
 
 
@@ -216,3 +216,28 @@ def test_default_placement_elsewhere():
     assert default_placement("cifar_resnet_n13_c16") == {"every": 1}
     assert default_placement("cifar_resnet_n25_c16") == {"every": 3}
     assert default_placement("vit_tiny_patch16_224") == {"heads": 4}
+
+
+def test_the_eann_maths_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom annify.eann import MemberTable, build_schedule, inflation, prop41_bounds\n"
+        "members = [MemberTable('a', [1.0, 2.0], [0.5, 0.4], [0.5, 0.4]), MemberTable('b', [4.0], [0.3], [0.3])]\n"
+        "steps = build_schedule(members)\n"
+        "print(inflation(members, steps)['max'], prop41_bounds(2.0)['sup_C'], 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1.5", "3.0", "False"]  # b's 0.3 at 2 + 4 = 6 against b alone at 4
+
+
+def test_the_stage_keeps_its_names_in_annify_eann():
+    import annify.eann
+    import annify.eann_run
+
+    for name in ("run_eann", "EANNRun", "plot_eann"):
+        assert getattr(annify.eann, name) is getattr(annify.eann_run, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        annify.eann.nothing  # noqa: B018

@@ -330,7 +330,9 @@ def test_train_config_is_the_one_list_of_settings():
         "head_local": None, "distill": 0.0, "distill_temperature": 1.0, "train_subset": None,
     }  # fmt: skip
     assert recipe == DEFAULTS
-    assert TrainConfig() == TrainConfig(**recipe)
+    # the defaults pass their own checks; resolving fills in only what None leaves to a rule (head-local
+    # weighting: on for adaloss)
+    assert TrainConfig.resolve({}, {}) == TrainConfig(**{**recipe, "head_local": True})
     how_it_runs = {"spec", "out", "resume", "loader", "compile_", "amp", "channels_last", "device", "workers"}
     how_it_runs |= {"threads", "cpu_memory", "module_ref"}  # the code that builds a module: spec
     options = {p.name for p in main.get_command(click.Context(main), "train").params} - how_it_runs
