@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,9 +95,9 @@ def spread(s: dict, digits: int = 3, min_max: bool = True) -> str:
 
 
 def cell(xs: Sequence[float], digits: int = 3, suffix: str = "", min_max: bool = False) -> str:
-    """``**median**suffix (IQR lo–hi)``: the headline cell of a ratio column."""
+    """``**median suffix** (IQR lo–hi)``: the headline cell of a ratio column."""
     s = summary(xs)
-    return f"**{s['median']:.{digits}f}**{suffix} ({spread(s, digits, min_max)})"
+    return f"**{s['median']:.{digits}f}{suffix}** ({spread(s, digits, min_max)})"
 
 
 # -------------------------------------------------------------------- timing
@@ -283,8 +284,6 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 def command() -> str:
     """The command line that is running, as one types it from the repository root (for a report)."""
-    import sys
-
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     head = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
     return " ".join([head, *sys.argv[1:]])
