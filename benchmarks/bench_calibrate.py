@@ -8,8 +8,8 @@ the mean share of the full network's FLOPs, and the accuracy lost against the fu
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_calibrate.py runs/digits
-    PYTHONPATH=. python benchmarks/bench_calibrate.py runs/digits --epsilons 0.02,0.05 --splits 1000
+    python -m benchmarks.bench_calibrate runs/digits
+    python -m benchmarks.bench_calibrate runs/digits --epsilons 0.02,0.05 --splits 1000
 
 Results: Markdown on stdout and ``benchmarks/results/calibrate.json``.
 """
@@ -17,22 +17,26 @@ Results: Markdown on stdout and ``benchmarks/results/calibrate.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._timing import machine, machine_line, table  # noqa: E402
+import annify
+from benchmarks._common import (
+    RESULTS,
+    build_datasets,
+    exit_flops,
+    loss_matrix,
+    machine,
+    machine_line,
+    select,
+    table,
+    write_json,
+)
 
 
 def logits_of(run: Path):
-    import annify
-    from annify.data import build_datasets
-
     spec = annify.load_spec(run / "config.yaml")
     net = annify.load(spec, run / "checkpoints" / "last").eval()
     data = build_datasets(spec.train.get("data") or "digits", input_size=spec.input_size, augment=False)
@@ -55,9 +59,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-
-    from annify.calibrate import loss_matrix, select
-    from annify.cost import exit_flops
 
     net, logits, labels, n_cal = logits_of(Path(args.run))
     flops = np.asarray(exit_flops(net))
@@ -125,9 +126,9 @@ def main() -> None:
     )
     print()
     print(machine_line())
-    out = Path(__file__).resolve().parent / "results" / "calibrate.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "machine": machine()}, indent=2) + "\n")
+    out = write_json(
+        RESULTS / "calibrate.json", {"args": vars(args), "rows": rows, "machine": machine()}, indent=2
+    )
     print(f"wrote {out}")
 
 

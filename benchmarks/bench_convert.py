@@ -3,21 +3,22 @@ time to stop early with ``forward_until``.
 
 Parts (``--parts a,b,c,d``):
 
-a. time of ``convert(name, heads=4)`` against ``timm.create_model(name)`` alone and against the same
-   conversion counting the trunk twice (as before placement's counts were reused), interleaved;
+a. time of ``convert(name, heads=4)`` against ``timm.create_model(name)`` alone, interleaved;
 b. the converted network computing every output against the plain timm model, same batch,
    interleaved; compared with the target ``1 + heads' FLOP share + 0.03``;
 c. ``forward_until(x, k)`` for each k against the full forward, next to output k's FLOP fraction;
 d. the traced FX graph alone (no cuts, no heads) against eager timm, and the same graph with its
-   residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add);
-e. ``annify.cost.count`` of a network cut at every trunk point, each segment traced with just the
-   modules it reads against with the whole network attached (how counting worked before);
-f. tracing with annify's tracer against torchvision's NodePathTracer (the same node names).
+   residual adds made in-place again (torch.fx records ``x += y`` as an out-of-place add).
+
+Parts e (counting with each segment's modules against the whole network) and f (annify's tracer
+against torchvision's NodePathTracer), and part a's "before" column, swapped annify's private
+functions for their earlier versions; they went with issue 19 (benchmarks on the public API). Their
+numbers stay in BENCHMARKS.md; commit 7ccb1a1 reruns them.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_convert.py                   # everything, as in BENCHMARKS.md
-    PYTHONPATH=. python benchmarks/bench_convert.py --parts b --threads 1 --batch 4
+    python -m benchmarks.bench_convert                   # everything, as in BENCHMARKS.md
+    python -m benchmarks.bench_convert --parts b --threads 1 --batch 4
 
 Results are printed as Markdown and written to ``benchmarks/results/convert.json``.
 """
@@ -28,54 +29,32 @@ import argparse
 import copy
 import json
 import operator
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import annify  # noqa: E402
-from annify.convert import convert, create_model  # noqa: E402
-from annify.spec import atomic_write  # noqa: E402
-from benchmarks._timing import (  # noqa: E402
+import annify
+from benchmarks._common import (
+    RESULTS,
     Paired,
+    command,
+    heads_share,
     interleaved,
     machine,
     machine_line,
+    model_pair,
     paired_ratio,
     set_threads,
     table,
+    write_json,
 )
 
-RESULTS = Path(__file__).parent / "results"
 CONVERT_MODELS = ["resnet50", "vit_small_patch16_224", "convnext_tiny"]
 # (model, placement, label): the paper's ResANN50 and an evenly spaced ViT
 OVERHEAD_CASES = [
     ("resnet50", {"every": 2}, "--every 2"),
     ("vit_small_patch16_224", {"heads": 4}, "--heads 4"),
 ]
-
-
-def converted(name: str, **placement):
-    """(anytime net, plain timm model) sharing weights, both in eval mode, and the costs."""
-    net, spec, costs = convert(name, **placement)
-    return net.eval(), annify.plain_model(net), spec, costs
-
-
-def _convert_counting_the_trunk_twice(name: str):
-    """``convert`` as it was before commit "placement by FLOPs counts the trunk once": the final
-    network's trunk counted again with fvcore after placement had counted it at every candidate."""
-    import importlib
-
-    conv = importlib.import_module("annify.convert")  # the module: ``annify.convert`` is the function
-    keep = conv._trunk_segments
-    conv._trunk_segments = lambda counted, nodes: None
-    try:
-        return convert(name, heads=4)
-    finally:
-        conv._trunk_segments = keep
 
 
 def part_a(repeats: int, models: list[str]) -> dict:
@@ -85,39 +64,21 @@ def part_a(repeats: int, models: list[str]) -> dict:
     for name in models:
         t = interleaved(
             {
-                "convert": lambda name=name: convert(name, heads=4),
-                "before": lambda name=name: _convert_counting_the_trunk_twice(name),
+                "convert": lambda name=name: annify.convert(name, heads=4),
                 "create_model": lambda name=name: timm.create_model(name, pretrained=False),
             },
             repeats,
             warmup=1,
         )
-        p, q = Paired(t["convert"], t["create_model"]), Paired(t["convert"], t["before"])
-        out[name] = {**p.as_dict(), "convert_over_before": q.as_dict()}
+        p = Paired(t["convert"], t["create_model"])
+        out[name] = p.as_dict()
         rows.append(
-            [
-                name, f"{p.median_a:.2f}", f"{q.median_b:.2f}", f"{p.median_b:.2f}", f"{p.median:.1f}",
-                p.spread(), f"**{q.median:.3f}**", q.spread(), p.repeats,
-            ]
-        )  # fmt: skip
-    print(
-        "\n### a. Conversion time, `convert(name, heads=4)` vs `timm.create_model(name)`, and vs the same "
-        "conversion counting the trunk twice (before)\n"
-    )
-    header = ["model", "convert (s)", "before (s)", "create_model (s)", "convert / create_model", "spread"]
-    header += ["convert / before", "spread", "rounds"]
+            [name, f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.1f}", p.spread(), p.repeats]
+        )
+    print("\n### a. Conversion time, `convert(name, heads=4)` vs `timm.create_model(name)`\n")
+    header = ["model", "convert (s)", "create_model (s)", "convert / create_model", "spread", "rounds"]
     print(table(header, rows))
     return out
-
-
-def heads_share(costs) -> tuple[int, int, float]:
-    """(plain model FLOPs, anytime FLOPs of the last output, heads' share of the plain FLOPs).
-
-    The trunk segments together are exactly the plain model, so its FLOPs are their sum.
-    """
-    plain = sum(costs.trunk_flops)
-    last = costs.flops[-1]
-    return plain, last, (last - plain) / plain
 
 
 def _segments_only(net, x):
@@ -136,20 +97,20 @@ def part_b(batch: int, repeats: int, threads: list[int]) -> dict:
     """
     rows, out = [], {}
     for name, placement, label in OVERHEAD_CASES:
-        net, plain, spec, costs = converted(name, **placement)
+        plain, net = model_pair(name, **placement)
         x = torch.randn(batch, *net.input_size)
-        plain_flops, last_flops, share = heads_share(costs)
+        plain_flops, last_flops, share = heads_share(net.spec)
         target = 1 + share + 0.03
         with torch.no_grad():
             feats, state = [], (x,)
-            for j in range(len(net.heads)):
+            for j in range(len(net.exits)):
                 state, f = net.run_segment(j, state, head=False)
                 feats.append(f)
         fns = {
             "anytime": lambda net=net, x=x: net(x),
             "plain": lambda plain=plain, x=x: plain(x),
             "segments": lambda net=net, x=x: _segments_only(net, x),
-            "heads": lambda net=net, feats=feats: [h(f) for h, f in zip(net.heads, feats, strict=True)],
+            "heads": lambda net=net, feats=feats: [h(f) for h, f in zip(net.exits, feats, strict=True)],
         }
         for th in threads:
             set_threads(th)
@@ -209,7 +170,8 @@ def part_b(batch: int, repeats: int, threads: list[int]) -> dict:
 
 def part_c(batch: int, repeats: int, threads: int) -> dict:
     set_threads(threads)
-    net, _, spec, costs = converted("resnet50", every=2)
+    _, net = model_pair("resnet50", every=2)
+    spec = net.spec
     x = torch.randn(batch, *net.input_size)
     rows, out = [], {}
     with torch.no_grad():
@@ -267,13 +229,11 @@ def _inplace_residual_adds(graph: torch.fx.Graph) -> int:
 def part_d(batch: int, repeats: int, threads: int) -> dict:
     """Where the trunk's overhead comes from: the plain FX graph of the timm model (no cuts, no heads)
     against eager timm, and the same graph with its residual adds made in-place again."""
-    from annify.trace import trace
-
     set_threads(threads)
     out, rows = {}, []
     for name in ("resnet50", "convnext_tiny"):
-        plain = create_model(name).eval()
-        traced = trace(plain, (3, 224, 224), train_graph=False)
+        plain = annify.create_model(name).eval()
+        traced = annify.trace(plain, (3, 224, 224), train_graph=False)
         gm = torch.fx.GraphModule(plain, traced.eval_graph).eval()
         graph = copy.deepcopy(traced.eval_graph)
         n_inplace = _inplace_residual_adds(graph)
@@ -326,83 +286,9 @@ def part_d(batch: int, repeats: int, threads: int) -> dict:
     return out
 
 
-def part_e(repeats: int, name: str = "mobilenetv3_small_050", size=(3, 64, 64)) -> dict:
-    """``count`` of a network cut at every trunk point (what automatic placement counts), each segment
-    traced with only what it reads (A) against with the whole network attached (B, as before)."""
-    from torch import nn
-
-    import annify.cost as cost
-    from annify.rewrite import AnytimeNet
-    from annify.trace import tap_points, trace
-
-    traced = trace(create_model(name).eval(), size, train_graph=False)
-    taps = tap_points(traced, trunk=True)
-    net = AnytimeNet(traced, [t.node for t in taps], [nn.Identity() for _ in taps])
-    reads = cost._reads
-
-    def whole(n, g):
-        return n
-
-    def run(owner):
-        cost._reads = owner
-        try:
-            return cost.count(net)
-        finally:
-            cost._reads = reads
-
-    same = run(reads) == run(whole)
-    p = paired_ratio(lambda: run(reads), lambda: run(whole), repeats=repeats, warmup=1)
-    print(f"\n### e. Counting {name} at {'×'.join(map(str, size))} cut at all {len(taps)} trunk points\n")
-    rows = [[f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.2f}", p.spread(), p.repeats, same]]
-    print(
-        table(
-            [
-                "segment's modules (s)",
-                "whole network (s)",
-                "ratio",
-                "spread of ratio",
-                "repeats",
-                "same counts",
-            ],
-            rows,
-        )
-    )
-    return {"model": name, "input_size": list(size), "taps": len(taps), "same_counts": same, **p.as_dict()}
-
-
-def part_f(repeats: int, name: str = "efficientformerv2_s2") -> dict:
-    """Tracing one model (eval graph) with annify's tracer (A) against torchvision's NodePathTracer (B),
-    whose node naming annify's compiles once per node; the names are checked equal (constants aside)."""
-    import importlib
-    import re
-
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    trace_module = importlib.import_module("annify.trace")
-    ours = trace_module._Tracer
-    model = create_model(name).eval()
-
-    def run(tracer):
-        trace_module._Tracer = tracer
-        try:
-            return trace_module._trace_mode(model, False)[1]
-        finally:
-            trace_module._Tracer = ours
-
-    def plain(names):
-        return [re.sub(r"_tensor_constant\d+", "C", f"{k}={v}") for k, v in names.items()]
-
-    same = plain(run(ours)) == plain(run(NodePathTracer))
-    p = paired_ratio(lambda: run(ours), lambda: run(NodePathTracer), repeats=repeats, warmup=1)
-    print(f"\n### f. Tracing {name} (eval graph), annify's tracer vs torchvision's NodePathTracer\n")
-    rows = [[f"{p.median_a:.2f}", f"{p.median_b:.2f}", f"{p.median:.2f}", p.spread(), p.repeats, same]]
-    print(table(["annify (s)", "torchvision (s)", "ratio", "spread of ratio", "repeats", "same names"], rows))
-    return {"model": name, "same_names": same, **p.as_dict()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="a,b,c,d,e,f")
+    ap.add_argument("--parts", default="a,b,c,d")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved pairs for parts b and c")
     ap.add_argument("--convert-repeats", type=int, default=20, help="interleaved rounds for part a")
@@ -414,10 +300,8 @@ def main() -> None:
     torch.manual_seed(0)
     parts = set(args.parts.split(","))
     threads = [int(t) for t in args.threads.split(",")]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "convert.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
-    command = " ".join(["python", *sys.argv])
     set_threads(max(threads))
     print(machine_line())
     runs = {  # part -> (settings recorded with it, the measurement)
@@ -431,14 +315,12 @@ def main() -> None:
             {"batch": args.batch, "threads": args.c_threads},
             part_d(args.batch, args.repeats, args.c_threads),
         ),
-        "e": lambda: ({"threads": max(threads)}, part_e(args.repeats)),
-        "f": lambda: ({"threads": max(threads)}, part_f(args.repeats)),
     }
-    for part in "abcdef":
+    for part in "abcd":
         if part in parts:
             settings, res = runs[part]()
-            result[part] = {"command": command, "machine": machine(), **settings, "results": res}
-            atomic_write(path, json.dumps(result, indent=1))  # each part kept as soon as it is measured
+            result[part] = {"command": command(), "machine": machine(), **settings, "results": res}
+            write_json(path, result)  # each part kept as soon as it is measured
 
 
 if __name__ == "__main__":

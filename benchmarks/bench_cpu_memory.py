@@ -17,7 +17,7 @@ Workloads:
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_cpu_memory.py --repeats 20
+    python -m benchmarks.bench_cpu_memory --repeats 20
 
 Results: printed as Markdown and written to ``benchmarks/results/cpu_memory.json``.
 """
@@ -25,27 +25,27 @@ Results: printed as Markdown and written to ``benchmarks/results/cpu_memory.json
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._timing import (  # noqa: E402
-    _quantile,
+from benchmarks._common import (
+    RESULTS,
+    cell,
+    command,
     machine,
     machine_line,
+    model_pair,
+    ratios,
     set_cpu_memory,
     set_threads,
     table,
+    write_json,
 )
 
-RESULTS = Path(__file__).parent / "results"
 WORKLOADS = ["resnet50", "resann50", "resann50-cl", "resnet50-train", "cifar-train"]
 MODES = ["release", "keep"]
 
@@ -60,10 +60,7 @@ def _build(name: str, batch: int):
         if name == "resnet50":
             model = timm.create_model("resnet50").eval()
         else:
-            from annify.convert import convert
-
-            model, _, _ = convert("resnet50", input_size=(3, 224, 224), num_classes=1000, every=2)
-            model.eval()
+            model = model_pair("resnet50", every=2, input_size=(3, 224, 224), num_classes=1000)[1]
         x = torch.randn(batch, 3, 224, 224)
         if name.endswith("-cl"):
             model.to(memory_format=torch.channels_last)
@@ -140,8 +137,8 @@ def measure(name: str, batch: int, repeats: int, warmup: int = 2) -> dict:
             pipes[mode].send(("stop",))
         for proc in procs:
             proc.join(timeout=30)
-    ratios = [k / r for k, r in zip(times["keep"], times["release"], strict=True)]
-    return {"times_s": times, "ratio_keep_over_release": ratios, "rss_bytes_peak_and_between_calls": rss}
+    keep = ratios(times["keep"], times["release"])
+    return {"times_s": times, "ratio_keep_over_release": keep, "rss_bytes_peak_and_between_calls": rss}
 
 
 def main() -> None:
@@ -151,7 +148,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     print(machine_line())
-    result = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "batch": args.batch}
+    result = {"command": command(), "machine": machine(), "batch": args.batch}
     rows = []
     for name in args.workloads.split(","):
         m = measure(name, args.batch, args.repeats)
@@ -164,8 +161,7 @@ def main() -> None:
                 name,
                 f"{med['release']:.0f}",
                 f"{med['keep']:.0f}",
-                f"**{statistics.median(r):.3f}** (IQR {_quantile(r, 0.25):.3f}–{_quantile(r, 0.75):.3f}, "
-                f"min–max {min(r):.3f}–{max(r):.3f})",
+                cell(r, min_max=True),
                 f"{1 / statistics.median(r):.2f}×",
                 f"{rss['release'][0] / 2**20:.0f} / {rss['keep'][0] / 2**20:.0f}",
                 f"{rss['release'][1] / 2**20:.0f} / {rss['keep'][1] / 2**20:.0f}",
@@ -186,8 +182,7 @@ def main() -> None:
     ]
     print(f"\n### Freed CPU memory kept against glibc's default (1 thread, inference batch {args.batch})\n")
     print(table(header, rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu_memory.json").write_text(json.dumps(result, indent=1))
+    write_json(RESULTS / "cpu_memory.json", result)
 
 
 if __name__ == "__main__":

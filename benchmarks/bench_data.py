@@ -6,7 +6,7 @@ batches sliced, augmented (pad-and-crop, flip), resized and normalized there by
 alternative is torch's DataLoader over the same ``TensorImageDataset``, one sample at a time, with
 0 or N worker processes (``--loader dataloader --workers N``).
 
-Parts, each interleaved round-robin in the same rounds (``benchmarks/_timing.interleaved``), ratios
+Parts, each interleaved round-robin in the same rounds (``benchmarks._common.interleaved``), ratios
 taken within each round, median and spread reported:
 
 data: one pass over N training images with augmentation, nothing else (the input pipeline alone).
@@ -15,9 +15,9 @@ train: one pass of training steps (forward of every output, weighted loss, backw
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_data.py                    # Fashion-MNIST if installed, else digits
-    PYTHONPATH=. python benchmarks/bench_data.py --repeats 20 --images 4096 --workers 2
-    PYTHONPATH=. python benchmarks/bench_data.py --device cuda      # on a GPU
+    python -m benchmarks.bench_data                    # Fashion-MNIST if installed, else digits
+    python -m benchmarks.bench_data --repeats 20 --images 4096 --workers 2
+    python -m benchmarks.bench_data --device cuda      # on a GPU
 
 Results go to ``benchmarks/results/data.md``.
 """
@@ -26,21 +26,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._timing import Paired, interleaved, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+import annify
+from benchmarks._common import (
+    DEBIAN_FASHION_MNIST,
+    RESULTS,
+    TensorBatches,
+    build_datasets,
+    build_loaders,
+    command,
+    data_spec,
+    interleaved,
+    machine,
+    machine_line,
+    ratios,
+    set_threads,
+    spread,
+    summary,
+    table,
+    write_text,
+)
 
 
 def _source() -> str:
-    from annify.data import DEBIAN_FASHION_MNIST
-
     return "fashion-mnist" if DEBIAN_FASHION_MNIST.is_dir() else "digits"
 
 
@@ -62,17 +72,8 @@ def main() -> None:
     info = machine()
     print(machine_line(info), flush=True)
 
-    from annify import weighting
-    from annify.convert import convert
-    from annify.data import TensorBatches, build_datasets, build_loaders, data_info
-    from annify.evaluate import fit_to_data
-    from annify.train import output_objectives, weighted_update
-
     dev = torch.device(args.device)
-    d = data_info(source)
-    _, spec, _ = convert(args.model, every=1, input_size=d.input_size, num_classes=d.num_classes,
-                         model_kwargs={"in_chans": d.input_size[0]})  # fmt: skip
-    spec = fit_to_data(spec, source)[0]
+    spec = data_spec(args.model, source)
     train_ds = build_datasets(source, input_size=spec.input_size, train_subset=args.images)["train"]
     n = len(train_ds)
     fast = TensorBatches(train_ds, args.batch_size, dev, shuffle=True, seed=0)
@@ -93,20 +94,18 @@ def main() -> None:
 
         return run
 
-    from annify.convert import build
-
     torch.manual_seed(0)
-    net = build(spec).to(dev).train()
+    net = annify.build(spec).to(dev).train()
     from timm.optim import create_optimizer_v2
 
     opt = create_optimizer_v2(net, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9)
-    scheme = weighting.get("adaloss", net.num_outputs)
+    scheme = annify.weighting.get("adaloss", net.num_outputs)
 
     def train_pass(batches):
         def run():
             for x, y in batches:
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                weighted_update(output_objectives(net, x, y)[0], scheme, opt, [])
+                annify.train.weighted_update(annify.train.output_objectives(net, x, y)[0], scheme, opt, [])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -129,16 +128,12 @@ def main() -> None:
             if name == fast_name:
                 rows.append([part, name, f"{ips:,.0f}", "1 (reference)", ""])
                 continue
-            p = Paired(times[fast_name], ts)  # fast / other time: < 1 is faster; speed-up is 1 / ratio
-            speedups = sorted(1 / r for r in p.ratios)
-            q1, q3 = speedups[len(speedups) // 4], speedups[(3 * len(speedups)) // 4]
-            rows.append([part, name, f"{ips:,.0f}", f"**{1 / p.median:.2f}×**",
-                         f"IQR {q1:.2f}–{q3:.2f}, min–max {speedups[0]:.2f}–{speedups[-1]:.2f}"])  # fmt: skip
-    cmd = " ".join(["python", *sys.argv])
+            s = summary(ratios(ts, times[fast_name]))  # the fast path's speed-up in each round
+            rows.append([part, name, f"{ips:,.0f}", f"**{s['median']:.2f}×**", spread(s, 2)])
     md = "\n".join([
         "# Small-data fast path: images/s against torch's DataLoader",
         "",
-        f"Command: `PYTHONPATH=. {cmd}`",
+        f"Command: `{command()}`",
         "",
         machine_line(info) + f"; device {dev}.",
         "",
@@ -150,9 +145,7 @@ def main() -> None:
         table(["part", "pipeline", "images/s (median)", "fast path speed-up", "spread of the speed-up"], rows),
         "",
     ])  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("data.md" if dev.type == "cpu" else f"data_{dev.type}.md")
-    out.write_text(md)
+    out = write_text(RESULTS / ("data.md" if dev.type == "cpu" else f"data_{dev.type}.md"), md)
     print(md)
     print(f"wrote {out}")
 

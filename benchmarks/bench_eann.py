@@ -16,9 +16,9 @@ as good as the EANN at B; C's max and mean against Proposition 4.1's sup C and E
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_eann.py
-    PYTHONPATH=. python benchmarks/bench_eann.py --reuse   # reuse the finished runs in --out
-    PYTHONPATH=. python benchmarks/bench_eann.py --data fashion-mnist --train-subset 6000 --epochs 15 \
+    python -m benchmarks.bench_eann
+    python -m benchmarks.bench_eann --reuse   # reuse the finished runs in --out
+    python -m benchmarks.bench_eann --data fashion-mnist --train-subset 6000 --epochs 15 \
         --out runs/bench_eann_fmnist --results benchmarks/results/eann_fashion-mnist.md
 
 Prints Markdown and writes ``benchmarks/results/eann.md``; the runs, eann.json and eann.png go to ``--out``.
@@ -29,17 +29,28 @@ from __future__ import annotations
 import argparse
 import bisect
 import math
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import (
+    RESULTS,
+    TRAIN_DEFAULTS,
+    build_datasets,
+    command,
+    format_eann,
+    format_flops,
+    inflation,
+    load_average,
+    machine,
+    machine_line,
+    run_eann,
+    run_label,
+    set_threads,
+    table,
+    uniform_inflation,
+    write_text,
+)
 
-from annify.report import format_flops  # noqa: E402
-from benchmarks._timing import load_average, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 MEMBERS = ["cifar_resnet_n2_c16", "cifar_resnet_n4_c16", "cifar_resnet_n8_c16"]
 
 
@@ -64,8 +75,6 @@ def single_at(tables, budget: float):
 
 
 def per_budget_rows(run, n: int = 14) -> list[list[str]]:
-    from annify.eann import inflation
-
     steps, tables = run.steps, run.members
     lo, hi = steps[0].flops, steps[-1].flops
     budgets = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
@@ -92,8 +101,6 @@ def per_budget_rows(run, n: int = 14) -> list[list[str]]:
 
 def inflation_rows(run) -> list[list[str]]:
     """Measured C (max, mean) on test and on validation, at output times and uniform budgets; Prop. 4.1."""
-    from annify.eann import inflation, uniform_inflation
-
     rows = []
     for split in ("test", "val"):
         at_outputs = inflation(run.members, run.steps, split=split)
@@ -220,8 +227,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     set_threads(args.threads)
-    from annify.eann import format_eann, run_eann
-
     load_before = load_average()
     tic = time.perf_counter()
     run = run_eann(
@@ -231,16 +236,12 @@ def main() -> None:
     )  # fmt: skip
     seconds = time.perf_counter() - tic
     print(format_eann(run.summary))
-    command = "PYTHONPATH=. python benchmarks/bench_eann.py " + " ".join(sys.argv[1:])
-    from annify.data import build_datasets
-    from annify.train import DEFAULTS, run_label
-
     sizes = {k: len(v) for k, v in build_datasets(args.data, train_subset=args.train_subset).items()}
     first = run.summary["runs"][0]
     data = {"name": args.data, **sizes, "size": "×".join(map(str, first["input_size"])),
-            "weighting": run_label(DEFAULTS)}  # fmt: skip
-    text = report(run, not args.no_plain, args.epochs, seconds, command.strip(), load_before, data)
-    Path(args.results).write_text(text)
+            "weighting": run_label(TRAIN_DEFAULTS)}  # fmt: skip
+    text = report(run, not args.no_plain, args.epochs, seconds, command(), load_before, data)
+    write_text(args.results, text)
     print(text)
     print(f"wrote {args.results}; eann.json and eann.png in {args.out}")
 

@@ -27,9 +27,9 @@ and the script prints the batch of every segment call the stream made.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_early_exit.py                       # both networks, as in BENCHMARKS.md
-    PYTHONPATH=. python benchmarks/bench_early_exit.py --nets cifar --repeats 20 --reductions 4.6,2.5
-    PYTHONPATH=. python benchmarks/bench_early_exit.py --nets cifar --repeats 40 --channels-last --cpu-memory keep --stream 8
+    python -m benchmarks.bench_early_exit                       # both networks, as in BENCHMARKS.md
+    python -m benchmarks.bench_early_exit --nets cifar --repeats 20 --reductions 4.6,2.5
+    python -m benchmarks.bench_early_exit --nets cifar --repeats 40 --channels-last --cpu-memory keep --stream 8
 
 Results are printed as Markdown and written to ``benchmarks/results/early_exit.json``.
 """
@@ -39,19 +39,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import annify
+import benchmarks._common as common
+from benchmarks._common import (
+    RESULTS,
+    command,
+    exit_flops,
+    interleaved,
+    machine,
+    machine_line,
+    model_pair,
+    ratios,
+    set_threads,
+    spread,
+    summary,
+    table,
+    write_json,
+)
 
-import benchmarks._timing as timing  # noqa: E402
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 # label: (timm model, placement, input size, classes, noise images for fitting the thresholds)
 NETS = {
     "resann50": ("resnet50", {"every": 2}, (3, 224, 224), 1000, 64),
@@ -75,8 +85,6 @@ def _inside(net, x, thresholds, repeats: int) -> dict:
     """Where an early exit's time goes: each segment's batch and median time with a clock around
     ``run_segment`` inside ``early_exit``, and the rest (the exit bookkeeping), over ``repeats`` calls
     (run after the interleaved rounds, so the clock costs them nothing)."""
-    from annify.early_exit import early_exit
-
     real, seen = net.run_segment, {}
 
     def clocked(j, state, head=True):
@@ -91,7 +99,7 @@ def _inside(net, x, thresholds, repeats: int) -> dict:
         with torch.no_grad():
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                early_exit(net, x, thresholds)
+                annify.early_exit(net, x, thresholds)
                 totals.append(time.perf_counter() - t0)
     finally:
         del net.run_segment  # the instance attribute goes; the method is back
@@ -107,14 +115,8 @@ def _inside(net, x, thresholds, repeats: int) -> dict:
     }
 
 
-def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "iqr": [_quantile(xs, 0.25), _quantile(xs, 0.75)]}
-
-
 def _stream_calls(net, xs, thresholds) -> list[tuple[int, int]]:
     """(segment, batch) of every segment call ``early_exit_stream`` makes over the batches ``xs``."""
-    from annify.early_exit import early_exit_stream
-
     real, calls = net.run_segment, []
 
     def spy(j, state, head=True):
@@ -123,7 +125,7 @@ def _stream_calls(net, xs, thresholds) -> list[tuple[int, int]]:
 
     net.run_segment = spy
     try:
-        list(early_exit_stream(net, xs, thresholds))
+        list(annify.early_exit_stream(net, xs, thresholds))
     finally:
         del net.run_segment
     return calls
@@ -151,7 +153,7 @@ def _row(label, red, realised, full, early, s, bound_cell, counts) -> list:
         f"{realised:.2f}×",
         f"{statistics.median(full) * 1e3:.0f}",
         f"{statistics.median(early) * 1e3:.0f}",
-        f"**{s['median']:.2f}×** (IQR {s['iqr'][0]:.2f}–{s['iqr'][1]:.2f})",
+        f"**{s['median']:.2f}×** ({spread(s, 2, min_max=False)})",
         f"**{eff:.2f}**",
         "yes" if eff >= GOAL else "no",
         bound_cell,
@@ -163,14 +165,8 @@ def _row(label, red, realised, full, early, s, bound_cell, counts) -> list:
 def run_net(
     label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool, stream: int = 0
 ) -> tuple[list[list], dict]:
-    from annify.convert import convert
-    from annify.cost import exit_flops
-    from annify.early_exit import early_exit, early_exit_stream, fit_thresholds
-
     model, placement, size, classes, n_val = NETS[label]
-    torch.manual_seed(0)
-    net, _, _ = convert(model, input_size=size, num_classes=classes, **placement)
-    net.eval()
+    net = model_pair(model, input_size=size, num_classes=classes, **placement)[1]
     flops = exit_flops(net)
     gen = torch.Generator().manual_seed(1)
     val = torch.randn(n_val, *size, generator=gen)
@@ -185,26 +181,26 @@ def run_net(
     probs = [torch.softmax(o, dim=-1) for o in outs]
     policies = {}
     for red in reductions:
-        th = fit_thresholds(probs, flops[-1] / red, flops)
+        th = annify.early_exit.fit_thresholds(probs, flops[-1] / red, flops)
         with torch.no_grad():
-            _, exits, per_sample = early_exit(net, x, th)
+            _, exits, per_sample = annify.early_exit(net, x, th)
         counts = torch.bincount(exits, minlength=net.num_outputs).tolist()
         policies[red] = (th, counts, flops[-1] / float(per_sample.mean()))
     seg_times: list[list[float]] = [[] for _ in range(net.num_outputs)]
     fns = {"full": lambda: _timed_segments(net, x, seg_times)}
     for red, (th, _, _) in policies.items():
-        fns[f"exit {red}"] = lambda th=th: early_exit(net, x, th)
+        fns[f"exit {red}"] = lambda th=th: annify.early_exit(net, x, th)
     streamed = {}
     if stream > 1:  # the same policies over `stream` batches, stragglers pooled across them
         fns["full stream"] = lambda: [net(b) for b in xs]
         for red, (th, _, _) in policies.items():
             with torch.no_grad():
-                res = list(early_exit_stream(net, xs, th))
+                res = list(annify.early_exit_stream(net, xs, th))
             exits = torch.cat([e for _, e, _ in res])
             spent = float(torch.cat([f for _, _, f in res]).mean())
             counts = torch.bincount(exits, minlength=net.num_outputs).tolist()
             streamed[red] = (counts, flops[-1] / spent, _stream_calls(net, xs, th))
-            fns[f"stream {red}"] = lambda th=th: list(early_exit_stream(net, xs, th))
+            fns[f"stream {red}"] = lambda th=th: list(annify.early_exit_stream(net, xs, th))
     with torch.no_grad():
         t = interleaved(fns, repeats, warmup=2)
     inside = {red: _inside(net, x, th, repeats) for red, (th, _, _) in policies.items()}
@@ -213,21 +209,20 @@ def run_net(
     full_segments = [statistics.median(s[warm:]) for s in seg_times]  # each segment at the full batch
     rows, out = [], {"flops": flops, "batch": batch, "times_s": t, "full_segments_s": full_segments}
     for red, (th, counts, realised) in policies.items():
-        speed = [f / e for f, e in zip(t["full"], t[f"exit {red}"], strict=True)]
+        speed = ratios(t["full"], t[f"exit {red}"])
         bound = []
         for segs in per_round:  # expected time if each sample paid its segments' per-sample time
             cum = list(torch.tensor(segs).cumsum(0))
             spent = sum(n * float(c) for n, c in zip(counts, cum, strict=True)) / batch
             bound.append(float(cum[-1]) / spent)
-        s, b = _stats(speed), _stats(bound)
+        s, b = summary(speed), summary(bound)
         out[f"reduction {red}"] = _summary(
             counts, realised, s, thresholds=th, segment_time_bound=b, inside_early_exit=inside[red]
         )
         bound_cell = f"{b['median']:.2f}× ({b['median'] / realised:.2f})"
         rows.append(_row(label, red, realised, t["full"], t[f"exit {red}"], s, bound_cell, counts))
     for red, (counts, realised, calls) in streamed.items():
-        speed = [f / e for f, e in zip(t["full stream"], t[f"stream {red}"], strict=True)]
-        s = _stats(speed)
+        s = summary(ratios(t["full stream"], t[f"stream {red}"]))
         out[f"stream {stream} reduction {red}"] = _summary(
             counts, realised, s, batches=stream, segment_calls=calls
         )
@@ -260,18 +255,18 @@ def main() -> None:
         default=0,
         help="also time early_exit_stream over this many batches against the full forward on each",
     )
-    timing.cpu_memory_option(ap)
+    common.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     set_threads(args.threads)
-    memory = timing.set_cpu_memory(args.cpu_memory)
+    memory = common.set_cpu_memory(args.cpu_memory)
     settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
     if args.stream > 1:
         settings += f", stream of {args.stream}"
     print(machine_line())
     print(settings)
     reductions = [float(r) for r in args.reductions.split(",")]
-    rows, result = [], {"command": " ".join(["python", *sys.argv]), "machine": machine()}
+    rows, result = [], {"command": command(), "machine": machine()}
     for label in args.nets.split(","):
         r, res = run_net(label, args.batch, args.repeats, reductions, args.channels_last, args.stream)
         rows += r
@@ -316,7 +311,6 @@ def main() -> None:
                 f"segments as batch:ms {segs}"
             )
     after = machine()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "early_exit.json"  # one entry per network and settings: a run keeps the others
     kept = json.loads(path.read_text()) if path.is_file() else {}
     kept.update(
@@ -332,7 +326,7 @@ def main() -> None:
             for label in args.nets.split(",")
         }
     )
-    path.write_text(json.dumps(kept, indent=1))
+    write_json(path, kept)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ Parts (``--parts overhead,families``):
 overhead: timm resnet50 with exits after every second bottleneck unit (annify's ``--every 2``
     nodes: layer1.1, layer2.0, layer2.2, layer3.0, layer3.2, layer3.4, layer4.0), plain model vs
     earlyon vs annify, timed round-robin in the same rounds; ratios to the plain model per round.
-families: for the smallest model of every timm family (``benchmarks/results/families.json``), wrap it
+families: for the smallest model of every timm family (``benchmarks/sweeps/results/families.json``), wrap it
     with ``earlyon.models.custom.custom_ee`` at 3 block outputs (module paths of annify's
     ``tap_points``, evenly spaced by block index; timm's ``feature_info`` modules where annify cannot
     trace) and run the all-exits forward and a batch-1 routed inference.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_earlyon.py
-    PYTHONPATH=. python benchmarks/bench_earlyon.py --parts overhead --threads 1 --batch 4
-    PYTHONPATH=. python benchmarks/bench_earlyon.py --parts overhead --compile   # all three compiled
+    python -m benchmarks.bench_earlyon
+    python -m benchmarks.bench_earlyon --parts overhead --threads 1 --batch 4
+    python -m benchmarks.bench_earlyon --parts overhead --compile   # all three compiled
 
 Results are printed as Markdown and written to ``benchmarks/results/earlyon.json``.
 """
@@ -29,20 +29,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchmarks._timing as timing  # noqa: E402
-from benchmarks._breadth import MAX_PARAMS, _reason, families, run_check  # noqa: E402
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+import annify
+import benchmarks._common as common
+from benchmarks._common import (
+    RESULTS,
+    command,
+    default_input_size,
+    heads_share,
+    interleaved,
+    machine,
+    machine_line,
+    model_pair,
+    ratios,
+    set_threads,
+    spread,
+    summary,
+    table,
+    write_json,
+)
+from benchmarks.sweeps._breadth import MAX_PARAMS, failure_reason, families, run_check
+from benchmarks.sweeps._breadth import RESULTS as SWEEP_RESULTS
 
 
 def _earlyon():
@@ -57,28 +68,15 @@ def _earlyon():
     return earlyon.__version__, custom_ee
 
 
-def _stats(ratios: list[float]) -> dict:
-    return {
-        "median": statistics.median(ratios),
-        "iqr": [_quantile(ratios, 0.25), _quantile(ratios, 0.75)],
-        "min_max": [min(ratios), max(ratios)],
-    }
-
-
 def overhead(batch: int, repeats: int, threads: list[int], compile: bool = False) -> dict:
-    from annify.convert import convert, create_model, plain_model
-
     _, custom_ee = _earlyon()
-    net, spec, costs = convert("resnet50", every=2)
-    trunk = sum(costs.trunk_flops)  # the segments together are exactly the plain model
-    share = (costs.flops[-1] - trunk) / trunk  # the heads' FLOPs over the plain model's
+    plain, net = model_pair("resnet50", every=2)
+    spec = net.spec
+    share = heads_share(spec)[2]  # the heads' FLOPs over the plain model's
     target = 1 + share + 0.03
-    net.eval()
-    plain = plain_model(net)
     nodes = [h.node for h in spec.heads[:-1]]  # 'layer1.1.act3', ...: the block's module is the prefix
     layers = [n.rsplit(".", 1)[0] for n in nodes]
-    backbone = create_model("resnet50").eval()
-    backbone.load_state_dict(plain.state_dict())
+    backbone = annify.plain_model(net)  # earlyon wraps its own copy
     wrapper = custom_ee(backbone, layers, num_classes=1000).eval()
     x = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():  # same final output from all three, as a sanity check
@@ -122,16 +120,13 @@ def overhead(batch: int, repeats: int, threads: list[int], compile: bool = False
             )
         with torch.no_grad():
             t = interleaved(fns, repeats, warmup=3)
-        r_e = [a / b for a, b in zip(t["earlyon"], t["plain"], strict=True)]
-        r_a = [a / b for a, b in zip(t["annify"], t["plain"], strict=True)]
-        r_ae = [a / b for a, b in zip(t["annify"], t["earlyon"], strict=True)]
         res = {
             "threads": th,
             "repeats": repeats,
             "median_s": {k: statistics.median(v) for k, v in t.items()},
-            "earlyon/plain": _stats(r_e),
-            "annify/plain": _stats(r_a),
-            "annify/earlyon": _stats(r_ae),
+            "earlyon/plain": summary(ratios(t["earlyon"], t["plain"])),
+            "annify/plain": summary(ratios(t["annify"], t["plain"])),
+            "annify/earlyon": summary(ratios(t["annify"], t["earlyon"])),
             "times_s": t,
         }
         out[f"threads={th}"] = res
@@ -148,7 +143,7 @@ def overhead(batch: int, repeats: int, threads: list[int], compile: bool = False
                     label,
                     f"{res['median_s'][num] * 1e3:.0f}",
                     f"**{s['median']:.3f}**",
-                    f"IQR {s['iqr'][0]:.3f}–{s['iqr'][1]:.3f}, min–max {s['min_max'][0]:.3f}–{s['min_max'][1]:.3f}",
+                    spread(s),
                     repeats,
                 ]
             )
@@ -177,12 +172,9 @@ def _exit_layers(name: str) -> tuple[list[str], list[int], list[str], str]:
     The blocks are annify's tap points (module paths), or timm's ``feature_info`` stages where annify
     finds fewer than 4.
     """
-    from annify.convert import create_model, default_input_size
-    from annify.trace import tap_points, trace
-
-    model = create_model(name).eval()
+    model = annify.create_model(name).eval()
     try:
-        taps = tap_points(trace(model, default_input_size(model), train_graph=False))
+        taps = annify.tap_points(annify.trace(model, default_input_size(model), train_graph=False))
         blocks = [(t.module, t.channels, t.layout) for t in taps]
         source = "annify tap_points"
     except Exception:
@@ -198,12 +190,10 @@ def _exit_layers(name: str) -> tuple[list[str], list[int], list[str], str]:
 
 def check_earlyon(name: str) -> dict:
     """Wrap ``name`` with 3 earlyon exits; run every exit (eval, batch 1) and a batch-1 routed inference."""
-    from annify.convert import create_model, default_input_size
-
     _, custom_ee = _earlyon()
     layers, channels, layouts, source = _exit_layers(name)
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    model = annify.create_model(name).eval()
     size = default_input_size(model)
     x = torch.randn(1, *size)
     with torch.no_grad():
@@ -236,13 +226,13 @@ def check_earlyon(name: str) -> dict:
         out["routed_exit"] = int(result.exit_taken)
         out["flops_estimate_reliable"] = bool(wrapper.flops_estimate.reliable)
     except Exception as e:
-        raise RuntimeError(f"{stage} ({', '.join(layers)}): {_reason(e)}") from None
+        raise RuntimeError(f"{stage} ({', '.join(layers)}): {failure_reason(e)}") from None
     return out
 
 
 def family_coverage(timeout: int, only: set[str]) -> dict:
     version, _ = _earlyon()
-    breadth_path = RESULTS / "breadth.json"
+    breadth_path = SWEEP_RESULTS / "breadth.json"  # bench_breadth's
     annify_rows = {}
     if breadth_path.is_file():
         annify_rows = {r["module"]: r for r in json.loads(breadth_path.read_text())["rows"]}
@@ -290,7 +280,7 @@ def main() -> None:
     ap.add_argument(
         "--compile", action="store_true", help="overhead part: all three forwards through torch.compile"
     )
-    timing.cpu_memory_option(ap)
+    common.cpu_memory_option(ap)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -298,15 +288,14 @@ def main() -> None:
     parts = set(args.parts.split(","))
     threads = [int(t) for t in args.threads.split(",")]
     path = RESULTS / "earlyon.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update({"earlyon": version})
     set_threads(max(threads))
-    memory = timing.set_cpu_memory(args.cpu_memory)
+    memory = common.set_cpu_memory(args.cpu_memory)
     print(machine_line(), f"earlyon {version}", memory)
     if "overhead" in parts:
         result["overhead (compiled)" if args.compile else "overhead"] = {
-            "command": " ".join(["python", *sys.argv]),
+            "command": command(),
             "machine": machine(),
             "batch": args.batch,
             "cpu_memory": memory,
@@ -315,11 +304,11 @@ def main() -> None:
     if "families" in parts:
         fam = family_coverage(args.timeout, set(filter(None, args.only.split(","))))
         result["families"] = {
-            "command": " ".join(["python", *sys.argv]),
+            "command": command(),
             "machine": machine(),
             "results": fam,
         }
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
 
 
 if __name__ == "__main__":

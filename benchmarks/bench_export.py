@@ -10,24 +10,21 @@ against PyTorch), then reports, from the same files:
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_export.py                 # specs/resann50.yaml
-    PYTHONPATH=. python benchmarks/bench_export.py --spec specs/cifar_resann_n7_c16.yaml
+    python -m benchmarks.bench_export                 # specs/resann50.yaml
+    python -m benchmarks.bench_export --spec specs/cifar_resann_n7_c16.yaml
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import annify  # noqa: E402
-from annify.export import export  # noqa: E402
+import annify
+from benchmarks._common import export
 
 
 def _mb(n: int) -> str:

@@ -21,8 +21,8 @@ train: one paper head in training, forward + backward of BatchNorm (batch statis
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_heads.py --repeats 30
-    PYTHONPATH=. python benchmarks/bench_heads.py --parts train --repeats 20
+    python -m benchmarks.bench_heads --repeats 30
+    python -m benchmarks.bench_heads --parts train --repeats 20
 
 Results: printed as Markdown and written to ``benchmarks/results/heads.json`` (one key per part).
 """
@@ -32,28 +32,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchmarks._timing as timing  # noqa: E402
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+import benchmarks._common as common
+from benchmarks._common import (
+    RESULTS,
+    cell,
+    command,
+    heads,
+    heads_whole_batch,
+    interleaved,
+    machine,
+    machine_line,
+    model_pair,
+    ratios,
+    set_threads,
+    table,
+    write_json,
+)
 
 
 def eval_part(args, memory: str) -> dict:
-    from annify import heads as annify_heads
-    from annify.convert import convert
-
-    torch.manual_seed(0)
-    net, _, _ = convert("resnet50", input_size=(3, 224, 224), num_classes=1000, every=2)
-    net.eval()
+    net = model_pair("resnet50", every=2, input_size=(3, 224, 224), num_classes=1000)[1]
     x = torch.randn(args.batch, 3, 224, 224)
     feats, state = [], (x,)
     with torch.no_grad():
@@ -70,11 +73,8 @@ def eval_part(args, memory: str) -> dict:
             return lambda: [h(f) for h, f in zip(heads, feats, strict=True)]
 
         def whole_batch():  # eager, every map at once (the eval path before it pooled in slices)
-            keep, annify_heads._EVAL_SLICE_BYTES = annify_heads._EVAL_SLICE_BYTES, 1 << 62
-            try:
+            with heads_whole_batch():
                 return [h(f) for h, f in zip(net.exits, feats, strict=True)]
-            finally:
-                annify_heads._EVAL_SLICE_BYTES = keep
 
         def means():
             return [f.mean((2, 3)) for f in feats]
@@ -87,15 +87,8 @@ def eval_part(args, memory: str) -> dict:
         )
     rows, out = [], {}
     for name in ("eager", "whole batch", "compiled", "mean"):
-        ratio = [a / b for a, b in zip(t[name], t["eager"], strict=True)]
-        rows.append(
-            [
-                name,
-                f"{statistics.median(t[name]) * 1e3:.2f}",
-                f"**{statistics.median(ratio):.3f}** (IQR {_quantile(ratio, 0.25):.3f}–{_quantile(ratio, 0.75):.3f})",
-                args.repeats,
-            ]
-        )
+        ratio = ratios(t[name], t["eager"])
+        rows.append([name, f"{statistics.median(t[name]) * 1e3:.2f}", cell(ratio), args.repeats])
         out[name] = {"times_s": t[name], "ratio_to_eager": ratio}
     out["compile_and_check_s"] = compile_s
     out["shapes"] = [list(f.shape) for f in feats]
@@ -124,12 +117,10 @@ TRAIN_MAPS = [
 
 
 def train_part(args, memory: str) -> dict:
-    from annify import heads as annify_heads
-
     rows, out = [], {}
     for label, shape in TRAIN_MAPS:
         torch.manual_seed(0)
-        head = annify_heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train()
+        head = heads.build("bn_relu_pool_linear", shape[1], 10, "NCHW").train()
         x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
         g = torch.randn(shape[0], 10)
 
@@ -139,12 +130,12 @@ def train_part(args, memory: str) -> dict:
             head(x).backward(g)
 
         def chain(step=step):
-            with annify_heads.unfused():
+            with heads.unfused():
                 step()
 
         t = interleaved({"fused": step, "chain": chain}, args.repeats)
-        ratio = [a / b for a, b in zip(t["fused"], t["chain"], strict=True)]
-        fused = x.numel() >= annify_heads.FUSED_MIN_NUMEL
+        ratio = ratios(t["fused"], t["chain"])
+        fused = x.numel() >= heads.FUSED_MIN_NUMEL
         rows.append(
             [
                 label,
@@ -152,7 +143,7 @@ def train_part(args, memory: str) -> dict:
                 "yes" if fused else "no (below the size)",
                 f"{statistics.median(t['chain']) * 1e3:.2f}",
                 f"{statistics.median(t['fused']) * 1e3:.2f}",
-                f"**{statistics.median(ratio):.3f}** (IQR {_quantile(ratio, 0.25):.3f}–{_quantile(ratio, 0.75):.3f})",
+                cell(ratio),
             ]
         )
         out[label] = {"shape": list(shape), "fused": fused, "times_s": t, "ratio": ratio}
@@ -182,23 +173,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="eval: the batch of resann50's maps")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    timing.cpu_memory_option(ap)
+    common.cpu_memory_option(ap)
     args = ap.parse_args()
     parts = args.parts.split(",")
     if unknown := sorted(set(parts) - set(PARTS)):
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     warnings.simplefilter("ignore")
     set_threads(args.threads)
-    memory = timing.set_cpu_memory(args.cpu_memory)
+    memory = common.set_cpu_memory(args.cpu_memory)
     print(machine_line(), memory)
     path = RESULTS / "heads.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     for part in parts:
         out = PARTS[part](args, memory)
-        out.update({"command": " ".join(["python", *sys.argv]), "machine": machine(), "cpu_memory": memory})
+        out.update({"command": command(), "machine": machine(), "cpu_memory": memory})
         result[part] = out
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
 
 
 if __name__ == "__main__":

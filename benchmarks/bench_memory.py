@@ -16,7 +16,7 @@ and the ratios of medians.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_memory.py --repeats 3
+    python -m benchmarks.bench_memory --repeats 3
 
 Results: Markdown on stdout and ``benchmarks/results/memory.json``.
 """
@@ -35,9 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._timing import machine, machine_line, table  # noqa: E402
+from benchmarks._common import RESULTS, machine, machine_line, table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["infer_plain", "infer_converted", "infer_early_exit", "train_plain", "train_converted"]
@@ -74,8 +72,7 @@ def one(config: str, batch: int) -> dict:
     import torch.nn.functional as F
 
     import annify
-    from annify.cost import exit_flops
-    from annify.early_exit import early_exit, fit_thresholds
+    from benchmarks._common import exit_flops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -89,10 +86,10 @@ def one(config: str, batch: int) -> dict:
             with torch.inference_mode():
                 probs = [z.softmax(-1) for z in net(torch.randn(batch, 3, 224, 224))]
             flops = exit_flops(net)
-            thresholds = fit_thresholds(probs, flops[-1] / 2, flops)
+            thresholds = annify.early_exit.fit_thresholds(probs, flops[-1] / 2, flops)
 
             def op():
-                _, _, spent = early_exit(net, x, thresholds)
+                _, _, spent = annify.early_exit(net, x, thresholds)
                 info["flops_share"] = float(spent.mean()) / flops[-1]
 
         else:
@@ -129,8 +126,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     for r in range(args.repeats):
         for c in CONFIGS if r % 2 == 0 else reversed(CONFIGS):
-            cmd = [sys.executable, __file__, "--one", c, "--batch", str(args.batch)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--one", c, "--batch", str(args.batch)]
+            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             runs[c].append(json.loads(out.strip().splitlines()[-1]))
             print(runs[c][-1], flush=True)
     mb = {c: statistics.median(v["peak_bytes"] for v in runs[c]) / 2**20 for c in CONFIGS}
@@ -150,9 +147,8 @@ def main() -> None:
     print(table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in ratios.items()]))
     print(f"\nearly exit spent {share:.2f} of the full network's FLOPs on the measured batch")
     print(machine_line())
-    out = ROOT / "benchmarks" / "results" / "memory.json"
-    out.write_text(json.dumps({"args": vars(args), "runs": runs, "median_mib": mb, "ratios": ratios,
-                               "machine": machine()}, indent=2) + "\n")  # fmt: skip
+    out = write_json(RESULTS / "memory.json", {"args": vars(args), "runs": runs, "median_mib": mb,
+                                               "ratios": ratios, "machine": machine()}, indent=2)  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -1,9 +1,9 @@
 """Placement by cost: how near could ``--heads 4`` get, given the tap points a model has?
 
-``bench_breadth.py --all`` records, for every timm model it converts, how far each placed output's
+``sweeps/bench_breadth.py --all`` records, for every timm model it converts, how far each placed output's
 cost fraction is from its target k/4. This script takes the models where some output missed by more
 than ``--over`` (0.05) and asks whether a better placement existed: it lists the candidates that
-automatic placement may use (``annify.convert.placement_candidates``: points on the trunk, never
+automatic placement may use (annify's ``placement_candidates``: points on the trunk, never
 inside a branch) with their trunk cost fractions, and computes the *floor*: for each target, the
 distance to the nearest candidate. No placement can do better than the largest of those (a lower
 bound: one candidate per target, head costs left out). Where annify's worst distance is within
@@ -15,8 +15,8 @@ Each model is built as the sweep built it (the input size and keyword arguments 
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_placement.py                 # from results/all.json
-    PYTHONPATH=. python benchmarks/bench_placement.py --over 0.05 --limit 20
+    python -m benchmarks.bench_placement                 # from benchmarks/sweeps/results/all.json
+    python -m benchmarks.bench_placement --over 0.05 --limit 20
 
 Results: ``benchmarks/results/placement.json`` and a Markdown table on stdout.
 """
@@ -33,11 +33,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import annify
+from benchmarks._common import (
+    RESULTS,
+    command,
+    machine,
+    machine_line,
+    placement_candidates,
+    set_threads,
+    table,
+    write_json,
+)
+from benchmarks.sweeps._breadth import RESULTS as SWEEP_RESULTS
 
-from benchmarks._timing import machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.25, 0.5, 0.75)
 
 
@@ -62,14 +70,12 @@ def _stretch(traced, a: str | None, b: str | None) -> str:
 
 def floor_of(row: dict) -> dict:
     """Candidates, floor and the stretch around the worst target for one row of ``all.json``."""
-    from annify.convert import create_model, placement_candidates
-    from annify.trace import tap_points, trace
-
     a = row["annify"]
     torch.manual_seed(0)
-    m = create_model(row["model"], num_classes=a.get("num_classes_set"), **a.get("model_kwargs", {})).eval()
-    traced = trace(m, tuple(a["input_size"]))
-    cands, cum, total = placement_candidates(traced, tap_points(traced, trunk=True))
+    kwargs = a.get("model_kwargs", {})
+    m = annify.create_model(row["model"], num_classes=a.get("num_classes_set"), **kwargs).eval()
+    traced = annify.trace(m, tuple(a["input_size"]))
+    cands, cum, total = placement_candidates(traced, annify.tap_points(traced, trunk=True))
     fr = [c / total for c in cum]
     per_target = []
     for t in TARGETS:
@@ -96,7 +102,9 @@ def floor_of(row: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", default=str(RESULTS / "all.json"), help="bench_breadth.py --all results")
+    ap.add_argument(
+        "--source", default=str(SWEEP_RESULTS / "all.json"), help="results of sweeps.bench_breadth --all"
+    )
     ap.add_argument("--over", type=float, default=0.05, help="models whose worst distance exceeds this")
     ap.add_argument("--slack", type=float, default=0.01, help="placed within this of the floor = structural")
     ap.add_argument("--limit", type=int, default=0, help="check only the first N such models")
@@ -140,11 +148,9 @@ def main() -> None:
         "floor_over_0.05": sum(f.get("floor", 0) > 0.05 for f in found),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    out = {"command": " ".join(["python", *sys.argv]), "source": src["command"], "machine": info}
+    out = {"command": command(), "source": src["command"], "machine": info}
     out.update(summary=summary, rows=found)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, out)
     print(machine_line(info))
     print(
         f"\n`--heads 4` over {summary['models']} models ({summary['outputs']} outputs) of `{src['command']}`: "

@@ -20,8 +20,8 @@ early_exit: a CIFAR ResANN (cifar_resnet_n7_c16) trained on digits with AdaLoss 
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_runtime.py
-    PYTHONPATH=. python benchmarks/bench_runtime.py --parts overhead --threads 1 --repeats 30
+    python -m benchmarks.bench_runtime
+    python -m benchmarks.bench_runtime --parts overhead --threads 1 --repeats 30
 
 Prints Markdown and writes ``benchmarks/results/runtime.md``.
 """
@@ -30,55 +30,45 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import annify  # noqa: E402
-from annify.report import format_flops  # noqa: E402
-from benchmarks._timing import (
-    _quantile,
+import annify
+from benchmarks._common import (
+    RESULTS,
+    build_datasets,
+    build_loaders,
+    cell,
+    command,
+    default_placement,
+    evaluate,
+    exit_flops,
+    format_flops,
     interleaved,
     load_average,
     machine,
     machine_line,
+    model_pair,
     paired_ratio,
+    ratios,
     set_threads,
+    spread,
+    summary,
     table,
-)  # noqa: E402, I001
+    write_text,
+)
 
-RESULTS = Path(__file__).parent / "results"
 CIFAR = "cifar_resnet_n7_c16"
-
-
-def _convert(model: str, every: int, size: tuple[int, int, int], num_classes: int | None = None):
-    from annify.convert import convert
-
-    net, spec, _ = convert(model, every=every, input_size=size, num_classes=num_classes)
-    return net.eval(), spec
-
-
-def _plain(net, spec):
-    """The timm model with the converted network's trunk weights (its own classifier included)."""
-
-    return annify.plain_model(net)
-
-
-def _iqr(xs: list[float]) -> str:
-    return f"{_quantile(xs, 0.25):.2f}–{_quantile(xs, 0.75):.2f}"
 
 
 # --------------------------------------------------------------------------- latency per output
 
 
-def latency(label: str, net, spec, repeats: int) -> tuple[str, dict]:
-    from annify.cost import exit_flops
-
+def latency(label: str, net, repeats: int) -> tuple[str, dict]:
+    spec = net.spec
     flops = exit_flops(net)
     x = torch.randn(1, *spec.input_size)
     fns = {k: (lambda k=k: net.forward_until(x, k)) for k in range(1, net.num_outputs + 1)}
@@ -91,11 +81,11 @@ def latency(label: str, net, spec, repeats: int) -> tuple[str, dict]:
         med = statistics.median(ms)
         f = flops[k - 1]
         rows.append(
-            [k, spec.heads[k - 1].node, format_flops(f), f"{f / flops[-1]:.3f}", f"{med:.2f}", _iqr(ms),
+            [k, spec.heads[k - 1].node, format_flops(f), f"{f / flops[-1]:.3f}", f"{med:.2f}", spread(summary(ms), 2, min_max=False),
              f"{med / 1000 / full:.3f}", f"{f / med / 1e6:.2f}"]
         )  # fmt: skip
         data.append({"output": k, "flops": f, "median_ms": med, "times_ms": ms})
-    header = ["output", "node", "FLOPs", "FLOP fraction", "median ms", "IQR ms", "time fraction"]
+    header = ["output", "node", "FLOPs", "FLOP fraction", "median ms", "spread ms", "time fraction"]
     header.append("GFLOP/s (multiply-adds)")
     title = f"**{label}**, batch 1, {repeats} rounds (all outputs round-robin in each round)"
     return f"{title}\n\n{table(header, rows)}", {"label": label, "rows": data}
@@ -104,20 +94,16 @@ def latency(label: str, net, spec, repeats: int) -> tuple[str, dict]:
 # --------------------------------------------------------------------------- segmented runtime overhead
 
 
-def overhead(label: str, net, spec, batch: int, repeats: int) -> list[object]:
-    from annify.runtime import AnytimeRunner, EANNRuntime
-
-    plain = _plain(net, spec)
+def overhead(label: str, plain, net, batch: int, repeats: int) -> list[object]:
     used = [[False] * (net.num_outputs - 1) + [True]]
-    runner = AnytimeRunner(EANNRuntime([net], used))
-    x = torch.randn(batch, *spec.input_size)
+    runner = annify.AnytimeRunner(annify.EANNRuntime([net], used))
+    x = torch.randn(batch, *net.spec.input_size)
     with torch.no_grad():
         assert torch.equal(runner.run(x).logits, plain(x)), "segmented output differs from the timm model's"
         result = paired_ratio(lambda: runner.run(x), lambda: plain(x), repeats=repeats, warmup=3)
-    q1, q3 = result.iqr
     return [
         label, batch, net.num_outputs - 1, f"{1000 * result.median_b:.2f}", f"{1000 * result.median_a:.2f}",
-        f"{result.median:.3f}", f"{q1:.3f}–{q3:.3f}", result.repeats,
+        f"{result.median:.3f}", spread(result.summary, 3, min_max=False), result.repeats,
     ]  # fmt: skip
 
 
@@ -126,26 +112,16 @@ def overhead(label: str, net, spec, batch: int, repeats: int) -> list[object]:
 
 def _digits_net(run: Path, epochs: int):
     """A digits-trained CIFAR ResANN: the finished run in ``run``, else trained there now."""
-    from annify.convert import load
-    from annify.train import train
-
     if (run / "anytime.json").is_file() and (run / "checkpoints/last").is_dir():
-        return load(run / "config.yaml", run / "checkpoints/last").eval(), f"reused {run}"
-    from annify.eann import default_placement
-
-    spec = _convert(CIFAR, default_placement(CIFAR)["every"], (3, 32, 32))[1]
+        return annify.load(run / "config.yaml", run / "checkpoints/last").eval(), f"reused {run}"
+    spec = annify.convert(CIFAR, every=default_placement(CIFAR)["every"], input_size=(3, 32, 32))[1]
     tic = time.perf_counter()
-    result = train(spec, out=run, data="digits", epochs=epochs, device="cpu", log=lambda *_: None)
+    result = annify.train(spec, out=run, data="digits", epochs=epochs, device="cpu", log=lambda *_: None)
     how = f"trained now: {epochs} epochs, AdaLoss, {time.perf_counter() - tic:.0f} s, into {run}"
     return result.net.eval(), how
 
 
 def early_exit_part(run: Path, epochs: int, repeats: int) -> tuple[str, dict]:
-    from annify.cost import exit_flops
-    from annify.data import build_datasets, build_loaders
-    from annify.early_exit import budget_curve, early_exit
-    from annify.evaluate import evaluate
-
     net, how = _digits_net(run, epochs)
     spec = net.spec
     flops = exit_flops(net)
@@ -155,9 +131,9 @@ def early_exit_part(run: Path, epochs: int, repeats: int) -> tuple[str, dict]:
     loaders = build_loaders({s: datasets[s] for s in ("val", "test")}, n_test)  # the test set is one batch
     test = evaluate(net, loaders["test"])
     targets = [f * flops[-1] for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)]
-    curve = budget_curve(net, loaders["val"], loaders["test"], targets)
+    curve = annify.budget_curve(net, loaders["val"], loaders["test"], targets)
     x, y = next(iter(loaders["test"]))
-    plain = _plain(net, spec)
+    plain = annify.plain_model(net)
 
     rows = []
     for k, f in enumerate(flops):  # each output alone, for reference
@@ -174,17 +150,16 @@ def early_exit_part(run: Path, epochs: int, repeats: int) -> tuple[str, dict]:
         for r in [curve[0], curve[2], curve[4]]:
             th, temps = r["thresholds"], r["temperatures"]
             t = interleaved(
-                {"exit": lambda th=th, temps=temps: early_exit(net, x, th, temps), "anytime": lambda: net(x),
+                {"exit": lambda th=th, temps=temps: annify.early_exit(net, x, th, temps), "anytime": lambda: net(x),
                  "plain": lambda: plain(x)},
                 repeats=repeats, warmup=2,
             )  # fmt: skip
-            vs_any = [a / e for a, e in zip(t["anytime"], t["exit"], strict=True)]
-            vs_plain = [p / e for p, e in zip(t["plain"], t["exit"], strict=True)]
+            vs_any, vs_plain = ratios(t["anytime"], t["exit"]), ratios(t["plain"], t["exit"])
             timing_rows.append(
                 [format_flops(r["avg_flops"]), f"{1000 * statistics.median(t['exit']):.1f}",
                  f"{1000 * statistics.median(t['anytime']):.1f}", f"{1000 * statistics.median(t['plain']):.1f}",
-                 f"{flops[-1] / r['avg_flops']:.2f}×", f"{statistics.median(vs_any):.2f}× ({_iqr(vs_any)})",
-                 f"{plain_flops / r['avg_flops']:.2f}×", f"{statistics.median(vs_plain):.2f}× ({_iqr(vs_plain)})"]
+                 f"{flops[-1] / r['avg_flops']:.2f}×", cell(vs_any, 2, "×"),
+                 f"{plain_flops / r['avg_flops']:.2f}×", cell(vs_plain, 2, "×")]
             )  # fmt: skip
     text = "\n\n".join(
         [
@@ -242,13 +217,13 @@ def main() -> None:
     sections = []
     nets = {}
     if {"latency", "overhead"} & set(parts):
-        nets["resann50"] = _convert("resnet50", 2, (3, 224, 224))
-        nets["cifar"] = _convert(CIFAR, 1, (3, 32, 32))
+        nets["resann50"] = model_pair("resnet50", every=2, input_size=(3, 224, 224))
+        nets["cifar"] = model_pair(CIFAR, every=1, input_size=(3, 32, 32))
     if "latency" in parts:
         text = ["## Latency per output against FLOPs", ""]
         for key, label in (("resann50", "resann50 (resnet50 --every 2) at 3×224×224"),
                            ("cifar", f"{CIFAR} (--every 1) at 3×32×32")):  # fmt: skip
-            section, _ = latency(label, *nets[key], args.repeats)
+            section, _ = latency(label, nets[key][1], args.repeats)
             text += [section, ""]
             print(section, "\n", flush=True)
         sections.append("\n".join(text))
@@ -265,7 +240,7 @@ def main() -> None:
             "timm forward ms",
             "segmented ms",
             "ratio (median)",
-            "ratio IQR",
+            "ratio spread",
             "pairs",
         ]
         section = (
@@ -282,18 +257,17 @@ def main() -> None:
         print(section, "\n", flush=True)
         sections.append(section)
     info = machine()
-    command = "PYTHONPATH=. python benchmarks/bench_runtime.py " + " ".join(sys.argv[1:])
     head = [
         "# Anytime inference on CPU: latency per output, segmented-runtime overhead, early exit",
         "",
         machine_line(info),
         "",
-        f"Command: `{command.strip()}` (torch threads: {info['threads']}); took {time.perf_counter() - tic:.0f} s. "
+        f"Command: `{command()}` (torch threads: {info['threads']}); took {time.perf_counter() - tic:.0f} s. "
         f"Load average (1/5/15 min) before: {load_before}, after: {info['load_average_1_5_15']} — the machine "
         "is shared with other jobs, so absolute times are noisy; the ratios are taken within a round.",
         "",
     ]
-    Path(args.out).write_text("\n".join(head) + "\n" + "\n\n".join(sections) + "\n")
+    write_text(args.out, "\n".join(head) + "\n" + "\n\n".join(sections) + "\n")
     print(f"wrote {args.out}")
 
 

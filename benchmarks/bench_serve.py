@@ -30,8 +30,8 @@ Without ``--run`` a run is trained first (``--train-spec`` on digits for ``--epo
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_serve.py                   # trains, calibrates, ~6 min of load
-    PYTHONPATH=. python benchmarks/bench_serve.py --run runs/x --duration 8 --loads 0.5,1,1.5,2
+    python -m benchmarks.bench_serve                   # trains, calibrates, ~6 min of load
+    python -m benchmarks.bench_serve --run runs/x --duration 8 --loads 0.5,1,1.5,2
 
 Results: Markdown on stdout, ``benchmarks/results/serve.json`` and ``serve.png``.
 """
@@ -53,12 +53,18 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._timing import machine, machine_line, table  # noqa: E402
+from benchmarks._common import (
+    RESULTS,
+    build_datasets,
+    figure,
+    machine,
+    machine_line,
+    save_figure,
+    table,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def annify(*args: str, **kwargs) -> subprocess.Popen:
@@ -91,8 +97,6 @@ def test_images(n: int) -> list[tuple[bytes, int]]:
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
-
-    from annify.data import build_datasets
 
     test = build_datasets("digits", input_size=(1, 8, 8), augment=False)["test"]
     digits = load_digits()
@@ -206,8 +210,6 @@ async def open_loop(
 
 
 def plot(rows, path: Path) -> None:
-    from annify.report import figure, save_figure
-
     fig, ax = figure((6, 4), title="annify serve: goodput under Poisson load")
     for policy in dict.fromkeys(r["policy"] for r in rows):
         pts = [(r["load"], r["goodput"]) for r in rows if r["policy"] == policy]
@@ -320,9 +322,8 @@ def main() -> None:
     )
     print()
     print(machine_line())
-    RESULTS.mkdir(exist_ok=True)
     out = {"capacity": cap, "deadline_ms": deadlines, "args": vars(args), "rows": rows, "machine": machine()}
-    (RESULTS / "serve.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS / "serve.json", out, indent=2)
     plot(rows, RESULTS / "serve.png")
     print(f"wrote {RESULTS / 'serve.json'} and {RESULTS / 'serve.png'}")
 

@@ -17,8 +17,8 @@ step: one training step of the converted cifar_resnet_n7_c16 (21 outputs) at 3×
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_threads.py --repeats 20
-    PYTHONPATH=. python benchmarks/bench_threads.py --workloads tiny --repeats 20
+    python -m benchmarks.bench_threads --repeats 20
+    python -m benchmarks.bench_threads --workloads tiny --repeats 20
 
 Results: ``benchmarks/results/threads.md`` and ``threads.json``.
 """
@@ -26,7 +26,6 @@ Results: ``benchmarks/results/threads.md`` and ``threads.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -36,11 +35,26 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import annify
+from benchmarks._common import (
+    RESULTS,
+    EpochLosses,
+    build_datasets,
+    command,
+    fit_to_data,
+    machine,
+    machine_line,
+    make_batches,
+    ratios,
+    resolve_settings,
+    spread,
+    summary,
+    table,
+    trainer_optimizer,
+    write_json,
+    write_text,
+)
 
-from benchmarks._timing import _quantile, machine, machine_line, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 SPEC = """\
 name: tiny
 model: cifar_resnet_n3_c8
@@ -56,31 +70,23 @@ SETTINGS = [(1, False), (2, False), (1, True), (2, True)]  # (threads, busy neig
 
 def tiny_epoch(tmp: Path):
     """One training epoch of the demo's network on 256 digits: the trainer's steps, no evaluation."""
-    from annify import weighting
-    from annify.config import resolve_settings
-    from annify.convert import build
-    from annify.data import build_datasets, make_batches
-    from annify.evaluate import fit_to_data
-    from annify.spec import load_spec
-    from annify.train import _EpochLosses, _optimizer, output_objectives, weighted_update
-
     (tmp / "tiny.yaml").write_text(SPEC)
-    spec, _ = fit_to_data(load_spec(tmp / "tiny.yaml"), "digits")
+    spec, _ = fit_to_data(annify.load_spec(tmp / "tiny.yaml"), "digits")
     torch.manual_seed(0)
-    net = build(spec).train()
+    net = annify.build(spec).train()
     batches = make_batches(build_datasets("digits", input_size=spec.input_size, train_subset=256), 64)[
         "train"
     ]
-    optimizer, _ = _optimizer(net, resolve_settings({}, {}))
-    scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
+    optimizer, _ = trainer_optimizer(net, resolve_settings({}, {}))
+    scheme, local = annify.weighting.get("adaloss", net.num_outputs), annify.weighting.HeadLocal(net)
     trunk = [p for n, p in net.named_parameters() if not n.startswith(net.exits_prefix)]
 
     def run() -> None:
-        watch = _EpochLosses(net.num_outputs, torch.device("cpu"))
+        watch = EpochLosses(net.num_outputs, torch.device("cpu"))
         for step, (x, y) in enumerate(batches, 1):
             local.set(scheme.weights)
-            losses = output_objectives(net, x, y)[0]
-            weighted_update(losses, scheme, optimizer, trunk, local)
+            losses = annify.train.output_objectives(net, x, y)[0]
+            annify.train.weighted_update(losses, scheme, optimizer, trunk, local)
             watch.add(losses, step)
         watch.read(step)
 
@@ -88,12 +94,11 @@ def tiny_epoch(tmp: Path):
 
 
 def cifar_step():
-    from annify import weighting
-    from benchmarks.bench_train import _pair, annify_step
+    from benchmarks.bench_train import annify_step, train_pair
 
-    _, net, _, batch, size, classes = _pair("cifar", "cpu")
+    _, net, _, batch, size, classes = train_pair("cifar", "cpu")
     x, y = torch.randn(batch, *size), torch.randint(0, classes, (batch,))
-    return annify_step(net, weighting.get("adaloss", net.num_outputs), x, y)
+    return annify_step(net, annify.weighting.get("adaloss", net.num_outputs), x, y)
 
 
 class Neighbour:
@@ -138,15 +143,6 @@ def _key(setting: tuple[int, bool]) -> str:
     return f"{setting[0]}t {'busy' if setting[1] else 'quiet'}"
 
 
-def _ratio(a: list[float], b: list[float]) -> dict:
-    r = [x / y for x, y in zip(a, b, strict=True)]
-    return {
-        "median": statistics.median(r),
-        "iqr": [_quantile(r, 0.25), _quantile(r, 0.75)],
-        "min_max": [min(r), max(r)],
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="tiny,step")
@@ -155,31 +151,24 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", *sys.argv])
     info = machine()
     print(machine_line(info), flush=True)
-    sections, raw = [], {"command": command, "machine": info}
+    sections, raw = [], {"command": command(), "machine": info}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [w for w in args.workloads.split(",") if w]:
             started = time.perf_counter()
             fn = tiny_epoch(Path(tmp)) if name == "tiny" else cifar_step()
             t = measure(fn, args.repeats)
             med = {k: statistics.median(v) for k, v in t.items()}
-            ratios = {
-                "2t/1t quiet": _ratio(t["2t quiet"], t["1t quiet"]),
-                "2t/1t busy": _ratio(t["2t busy"], t["1t busy"]),
-                "1t busy/quiet": _ratio(t["1t busy"], t["1t quiet"]),
-                "2t busy/quiet": _ratio(t["2t busy"], t["2t quiet"]),
+            pairs = {
+                "2t/1t quiet": ("2t quiet", "1t quiet"),
+                "2t/1t busy": ("2t busy", "1t busy"),
+                "1t busy/quiet": ("1t busy", "1t quiet"),
+                "2t busy/quiet": ("2t busy", "2t quiet"),
             }
+            stats = {k: summary(ratios(t[a], t[b])) for k, (a, b) in pairs.items()}
             rows = [[k, f"{med[k]:.2f}"] for k in med]
-            rows2 = [
-                [
-                    k,
-                    f"**{r['median']:.2f}**",
-                    f"IQR {r['iqr'][0]:.2f}–{r['iqr'][1]:.2f}, min–max {r['min_max'][0]:.2f}–{r['min_max'][1]:.2f}",
-                ]
-                for k, r in ratios.items()
-            ]
+            rows2 = [[k, f"**{r['median']:.2f}**", spread(r, 2)] for k, r in stats.items()]
             what = (
                 "one epoch (256 images, 4 steps) of the demo's network on digits"
                 if name == "tiny"
@@ -192,11 +181,11 @@ def main() -> None:
                 + "\n\n"
                 + table(["ratio (time)", "median", "spread of per-round ratios"], rows2)
             )
-            raw[name] = {"times_s": t, "median_s": med, "ratios": ratios, "repeats": args.repeats}
-    md = f"## torch threads with and without a busy neighbour\n\nCommand: `{command}`\n\n{machine_line(info)}\n\n"
+            raw[name] = {"times_s": t, "median_s": med, "ratios": stats, "repeats": args.repeats}
+    md = f"## torch threads with and without a busy neighbour\n\nCommand: `{raw['command']}`\n\n{machine_line(info)}\n\n"
     md += "\n\n".join(sections) + "\n"
-    (out / "threads.md").write_text(md)
-    (out / "threads.json").write_text(json.dumps(raw, indent=1) + "\n")
+    write_text(out / "threads.md", md)
+    write_json(out / "threads.json", raw)
     print(md)
 
 

@@ -11,7 +11,7 @@ repeating one batch neither diverges nor changes the arithmetic).
 
 Parts (``--parts step,optimizer,profile``):
 
-step: per model, the steps below run round-robin in the same rounds (``benchmarks/_timing.interleaved``);
+step: per model, the steps below run round-robin in the same rounds (``benchmarks._common.interleaved``);
     ratios are taken within each round, the table gives their median and spread:
     ``plain`` (timm model), ``annify`` (converted, the trainer's step), ``const`` (converted, CONST
     weights, no head-local scaling), and with ``--before`` also ``before``: the step of commit 818ca72
@@ -33,10 +33,10 @@ gpu: ``--device cuda``: images/s of resnet50 at 224, bf16 autocast and channels-
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_train.py                                  # CPU parts, 1 thread
-    PYTHONPATH=. python benchmarks/bench_train.py --models cifar --before --repeats 20
-    PYTHONPATH=. python benchmarks/bench_train.py --models cifar,resnet50 --parts step --compile   # both compiled
-    PYTHONPATH=. python benchmarks/bench_train.py --device cuda                    # GPU part
+    python -m benchmarks.bench_train                                  # CPU parts, 1 thread
+    python -m benchmarks.bench_train --models cifar --before --repeats 20
+    python -m benchmarks.bench_train --models cifar,resnet50 --parts step --compile   # both compiled
+    python -m benchmarks.bench_train --device cuda                    # GPU part
 
 Results go to ``benchmarks/results/train.md`` (one section per part and model) and ``train.json``.
 """
@@ -46,20 +46,37 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import annify
+import benchmarks._common as common
+from benchmarks._common import (
+    RESULTS,
+    EpochLosses,
+    command,
+    heads,
+    heads_share,
+    interleaved,
+    machine,
+    machine_line,
+    model_pair,
+    ratios,
+    resolve_settings,
+    set_threads,
+    spread,
+    summary,
+    table,
+    trainer_optimizer,
+    twin,
+    write_json,
+    write_text,
+)
 
-import benchmarks._timing as timing  # noqa: E402
-from benchmarks._timing import _quantile, interleaved, machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-# the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_timing.interleaved``)
+# the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_common.interleaved``)
 CLOCK = time.thread_time
 MODELS = {  # name: (timm model, placement, input size, classes, batch)
     "cifar": ("cifar_resnet_n7_c16", 1, (3, 32, 32), 10, 64),
@@ -71,10 +88,7 @@ MODELS = {  # name: (timm model, placement, input size, classes, batch)
 
 
 def _optimizer(model, fused: bool = True):
-    """The trainer's optimizer (``annify.train._optimizer``) at lr 0.01; ``fused=False``: the per-tensor loop."""
-    from annify.config import resolve_settings
-    from annify.train import _optimizer as trainer_optimizer
-
+    """The trainer's optimizer at lr 0.01; ``fused=False``: the per-tensor loop."""
     if fused:
         return trainer_optimizer(model, resolve_settings({}, {"lr": 0.01}))[0]
     from timm.optim import create_optimizer_v2
@@ -88,19 +102,18 @@ def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, m
     ``model`` is what the forward calls (``torch.compile(net)`` with ``--compile``, as the trainer
     does); parameters, hooks and the optimizer belong to ``net``."""
     from annify import weighting
-    from annify.train import _EpochLosses, output_objectives, weighted_update
 
     optimizer = _optimizer(net)
     trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
     scheme.to(x.device)
     local = weighting.HeadLocal(net) if head_local else None
-    watch, steps = _EpochLosses(net.num_outputs, x.device), [0]
+    watch, steps = EpochLosses(net.num_outputs, x.device), [0]
 
     def step() -> None:
         if local is not None:
             local.set(scheme.weights)
-        losses = output_objectives(net if model is None else model, x, y, amp)[0]  # (K,)
-        weighted_update(losses, scheme, optimizer, trunk, local)
+        losses = annify.train.output_objectives(net if model is None else model, x, y, amp)[0]  # (K,)
+        annify.train.weighted_update(losses, scheme, optimizer, trunk, local)
         steps[0] += 1
         watch.add(losses, steps[0])
         if watch.due(steps[0]):  # the trainer's rate-limited look at the losses (finiteness, progress)
@@ -113,7 +126,6 @@ def before_step(net, x, y):
     """The trainer's step at commit 818ca72: per-tensor SGD, head-local AdaLoss on the CPU, and every
     step the losses copied to the host, checked for finiteness, summed and formatted for the bar."""
     from annify import weighting
-    from annify.train import output_objectives
 
     optimizer = _optimizer(net, fused=False)
     scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
@@ -122,7 +134,7 @@ def before_step(net, x, y):
     def step() -> None:
         nonlocal loss_sum
         local.set(scheme.weights)
-        losses = output_objectives(net, x, y)[0]  # (K,)
+        losses = annify.train.output_objectives(net, x, y)[0]  # (K,)
         mean = losses.detach().float().cpu()
         if not torch.isfinite(mean).all():
             raise FloatingPointError("loss is not finite")
@@ -166,7 +178,6 @@ class _PoolLinear(torch.nn.Module):
 
 def _unfused(step):
     """``step`` with the paper heads' fused training path off (BatchNorm, ReLU, mean as autograd's chain)."""
-    from annify import heads
 
     def run() -> None:
         with heads.unfused():
@@ -199,42 +210,12 @@ def plain_step(model, x, y, amp: bool = False, compiled=None):
     return step
 
 
-def _pair(name: str, device: str):
-    """(plain timm model, converted network with the same trunk weights, spec, batch, input size, classes)."""
-    from annify.convert import convert, plain_model
-
+def train_pair(name: str, device: str):
+    """(plain timm model, converted network with the same trunk weights, spec, batch, input size,
+    classes) of ``MODELS[name]``, both in training mode on ``device``."""
     model, every, size, classes, batch = MODELS[name]
-    torch.manual_seed(0)
-    net, spec, _ = convert(model, every=every, input_size=size, num_classes=classes)
-    plain = plain_model(net)
-    return plain.to(device).train(), net.to(device).train(), spec, batch, size, classes
-
-
-def _twin(net):
-    """Another converted network with the same weights (each step variant owns its hooks and optimizer)."""
-    from annify.convert import build
-
-    twin = build(net.spec)
-    twin.load_state_dict(net.state_dict())
-    return twin.to(next(net.parameters()).device).train()
-
-
-def _heads_share(spec) -> float:
-    """Heads' FLOP share: (anytime FLOPs of the last output - the plain model's) / the plain model's."""
-    last = spec.heads[-1]  # as a single exit, the model's own output costs the trunk alone: the plain model
-    return (last.flops - last.flops_single) / last.flops_single
-
-
-def _stats(r: list[float]) -> dict:
-    return {
-        "median": statistics.median(r),
-        "iqr": [_quantile(r, 0.25), _quantile(r, 0.75)],
-        "min_max": [min(r), max(r)],
-    }
-
-
-def _spread(s: dict) -> str:
-    return f"IQR {s['iqr'][0]:.3f}–{s['iqr'][1]:.3f}, min–max {s['min_max'][0]:.3f}–{s['min_max'][1]:.3f}"
+    plain, net = model_pair(model, every=every, input_size=size, num_classes=classes)
+    return plain.to(device).train(), net.to(device).train(), net.spec, batch, size, classes
 
 
 # -------------------------------------------------------------------- the CPU parts
@@ -245,13 +226,13 @@ def step_part(
 ) -> tuple[str, dict]:
     from annify import weighting
 
-    plain, net, spec, batch, size, classes = _pair(name, "cpu")
+    plain, net, spec, batch, size, classes = train_pair(name, "cpu")
     k = net.num_outputs
     x = torch.randn(batch, *size)
     y = torch.randint(0, classes, (batch,))
     if compile:  # every model's forward through torch.compile (inductor), as `annify train --compile` does
         torch._dynamo.reset()
-        nets = {n: _twin(net) for n in ("annify", "const")}
+        nets = {n: twin(net) for n in ("annify", "const")}
         fns = {
             "plain": plain_step(plain, x, y, compiled=torch.compile(plain)),
             "annify": annify_step(nets["annify"], weighting.get("adaloss", k), x, y,
@@ -259,7 +240,7 @@ def step_part(
             "const": annify_step(nets["const"], weighting.get("const", k), x, y, head_local=False,
                                  model=torch.compile(nets["const"])),
         }  # fmt: skip
-        fns["eager"] = annify_step(_twin(net), weighting.get("adaloss", k), x, y)  # what compiling buys
+        fns["eager"] = annify_step(twin(net), weighting.get("adaloss", k), x, y)  # what compiling buys
         started = time.perf_counter()
         for fn in fns.values():  # compile outside the rounds (the warm-up would, at the cost of its clock)
             fn()
@@ -267,15 +248,15 @@ def step_part(
     else:
         fns = {
             "plain": plain_step(plain, x, y),
-            "annify": annify_step(_twin(net), weighting.get("adaloss", k), x, y),  # every variant built alike
-            "const": annify_step(_twin(net), weighting.get("const", k), x, y, head_local=False),
+            "annify": annify_step(twin(net), weighting.get("adaloss", k), x, y),  # every variant built alike
+            "const": annify_step(twin(net), weighting.get("const", k), x, y, head_local=False),
         }
     if before:
-        fns["before"] = before_step(_twin(net), x, y)
+        fns["before"] = before_step(twin(net), x, y)
     if diagnose:
-        fns["trunk"] = trunk_step(_twin(net), x, y)
-        fns["pool_linear"] = annify_step(_pool_linear_heads(_twin(net)), weighting.get("adaloss", k), x, y)
-        fns["unfused"] = _unfused(annify_step(_twin(net), weighting.get("adaloss", k), x, y))
+        fns["trunk"] = trunk_step(twin(net), x, y)
+        fns["pool_linear"] = annify_step(_pool_linear_heads(twin(net)), weighting.get("adaloss", k), x, y)
+        fns["unfused"] = _unfused(annify_step(twin(net), weighting.get("adaloss", k), x, y))
     print(f"{name}: {spec.model}, {k} outputs, batch {batch}, {repeats} rounds of {list(fns)}", flush=True)
     wall: dict[str, list[float]] = {n: [] for n in fns}
 
@@ -297,9 +278,9 @@ def step_part(
         if diagnose
         else []
     )
-    ratio = {f"{a}/{b}": _stats([p / q for p, q in zip(t[a], t[b], strict=True)]) for a, b in pairs}
+    ratio = {f"{a}/{b}": summary(ratios(t[a], t[b])) for a, b in pairs}
     med = {n: statistics.median(v) for n, v in t.items()}
-    share = _heads_share(spec)
+    share = heads_share(spec)[2]
     goal = 1 + share + 0.05
     met = ratio["annify/plain"]["median"] <= goal
     what = f"{spec.model} {'×'.join(map(str, size))}, batch {batch}, {k} outputs"
@@ -317,12 +298,10 @@ def step_part(
         "annify/unfused": "the fused head's step / the same step unfused",
         "annify/eager": "the trainer's step compiled / the same step eager (what `--compile` buys)",
     }
-    wall_ratio = {
-        f"{a}/{b}": _stats([p / q for p, q in zip(wall[a], wall[b], strict=True)]) for a, b in pairs
-    }
+    wall_ratio = {f"{a}/{b}": summary(ratios(wall[a], wall[b])) for a, b in pairs}
     rows = [
         [
-            labels[key], f"{med[key.split('/')[0]] * 1e3:.0f}", f"**{r['median']:.3f}**", _spread(r),
+            labels[key], f"{med[key.split('/')[0]] * 1e3:.0f}", f"**{r['median']:.3f}**", spread(r),
             f"{wall_ratio[key]['median']:.3f} (IQR {wall_ratio[key]['iqr'][0]:.3f}–{wall_ratio[key]['iqr'][1]:.3f})",
         ]
         for key, r in ratio.items()
@@ -359,7 +338,7 @@ def step_part(
 
 def optimizer_part(name: str, repeats: int) -> tuple[str, dict]:
     """``optimizer.step()`` alone on the converted network: per-tensor loop against torch's fused kernel."""
-    _, net, spec, *_ = _pair(name, "cpu")
+    _, net, spec, *_ = train_pair(name, "cpu")
     gen = torch.Generator().manual_seed(0)
     for p in net.parameters():
         p.grad = torch.randn(p.shape, generator=gen)
@@ -368,12 +347,12 @@ def optimizer_part(name: str, repeats: int) -> tuple[str, dict]:
         for g in o.param_groups:
             g["lr"] = 1e-9
     t = interleaved({n: o.step for n, o in opts.items()}, repeats, warmup=3, clock=CLOCK)
-    r = _stats([a / b for a, b in zip(t["fused"], t["loop"], strict=True)])
+    r = summary(ratios(t["fused"], t["loop"]))
     tensors = sum(1 for _ in net.parameters())
     md = (
         f"{spec.model}, {net.num_outputs} outputs ({tensors} parameter tensors), `optimizer.step()` of SGD "
         f"(momentum 0.9, wd 1e-4), {repeats} rounds, {CLOCK.__name__}: loop {statistics.median(t['loop']) * 1e3:.1f} ms, fused "
-        f"{statistics.median(t['fused']) * 1e3:.1f} ms; fused / loop **{r['median']:.3f}** ({_spread(r)})."
+        f"{statistics.median(t['fused']) * 1e3:.1f} ms; fused / loop **{r['median']:.3f}** ({spread(r)})."
     )
     return md, {"model": spec.model, "tensors": tensors, "ratio_fused_over_loop": r, "times_s": t}
 
@@ -384,7 +363,7 @@ def profile_part(name: str, steps: int = 6, top: int = 14) -> tuple[str, dict]:
 
     from annify import weighting
 
-    plain, net, spec, batch, size, classes = _pair(name, "cpu")
+    plain, net, spec, batch, size, classes = train_pair(name, "cpu")
     x = torch.randn(batch, *size)
     y = torch.randint(0, classes, (batch,))
     fns = {
@@ -440,7 +419,7 @@ def gpu_part(batch: int, steps: int, repeats: int) -> tuple[str, dict]:
     from annify import weighting
 
     dev = torch.device("cuda")
-    plain, net, spec, _, size, classes = _pair("resnet50", "cuda")
+    plain, net, spec, _, size, classes = train_pair("resnet50", "cuda")
     plain.to(memory_format=torch.channels_last)
     net.to(memory_format=torch.channels_last)
     x = torch.randn(batch, *size, device=dev).contiguous(memory_format=torch.channels_last)
@@ -464,7 +443,7 @@ def gpu_part(batch: int, steps: int, repeats: int) -> tuple[str, dict]:
     )
     t = interleaved({k: block(f) for k, f in one.items()}, repeats, warmup=2)
     ips = {k: [batch * steps / s for s in v] for k, v in t.items()}
-    ratio = _stats([a / p for a, p in zip(ips["adaloss"], ips["plain"], strict=True)])
+    ratio = summary(ratios(ips["adaloss"], ips["plain"]))
     raw = {
         "gpu": torch.cuda.get_device_name(),
         "batch": batch,
@@ -480,7 +459,7 @@ def gpu_part(batch: int, steps: int, repeats: int) -> tuple[str, dict]:
             f"converted ({net.num_outputs} outputs) + AdaLoss",
             f"{raw['images_per_s_median']['adaloss']:.0f}",
             f"**{ratio['median']:.3f}**",
-            _spread(ratio),
+            spread(ratio),
         ],
     ]
     md = f"GPU: {raw['gpu']}, bf16 autocast, channels-last, batch {batch}, {steps} steps per timed block.\n\n"
@@ -500,13 +479,13 @@ def _write_section(path: Path, name: str, body: str, title: str) -> None:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1 :]
     else:
         text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
+    write_text(path, text)
 
 
 GPU_NOT_MEASURED = (
     "## (c) GPU: resnet50 at 224, bf16, converted + AdaLoss vs plain (images/s)\n\n"
     "Not measured: this session has no GPU (torch.cuda.is_available() is False). "
-    "Run `PYTHONPATH=. python benchmarks/bench_train.py --device cuda` on a CUDA machine to fill this section.\n"
+    "Run `python -m benchmarks.bench_train --device cuda` on a CUDA machine to fill this section.\n"
 )
 
 
@@ -527,11 +506,11 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=128)
     ap.add_argument("--gpu-steps", type=int, default=10, help="steps per timed block on the GPU")
     ap.add_argument("--results", default=str(RESULTS))
-    timing.cpu_memory_option(ap)
+    common.cpu_memory_option(ap)
     args = ap.parse_args()
     path = Path(args.results) / "train.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", *sys.argv])
+    cmd = command()
     title = "Training step: anytime network with AdaLoss vs the plain timm model"
 
     if args.device == "cuda":
@@ -547,14 +526,14 @@ def main() -> None:
         md, _ = gpu_part(args.gpu_batch, args.gpu_steps, args.repeats)
         body = (
             "## (c) GPU: resnet50 at 224, bf16, converted + AdaLoss vs plain (images/s)\n\n"
-            f"Command: `{command}`\n\n{machine_line()}\n\nTook {time.perf_counter() - started:.0f} s.\n\n{md}\n"
+            f"Command: `{cmd}`\n\n{machine_line()}\n\nTook {time.perf_counter() - started:.0f} s.\n\n{md}\n"
         )
         _write_section(path, "gpu", body, title)
         print(body)
         return
 
     threads = set_threads(args.threads)
-    memory = timing.set_cpu_memory(args.cpu_memory)
+    memory = common.set_cpu_memory(args.cpu_memory)
     if threads > 1:  # other threads' work is not this thread's CPU time
         global CLOCK
         CLOCK = time.perf_counter
@@ -579,14 +558,14 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown part {part!r}: step, optimizer, profile")
             body = (
-                f"### {part}: {name}\n\nCommand: `{command}`\n\n{machine_line(info)}; load average after "
+                f"### {part}: {name}\n\nCommand: `{cmd}`\n\n{machine_line(info)}; load average after "
                 f"{machine()['load_average_1_5_15']}; torch threads {threads}, fp32, {memory}, took "
                 f"{time.perf_counter() - started:.0f} s.\n\n{md}\n"
             )
             key = f"{part}-compiled-{name}" if args.compile else f"{part}-{name}"
             _write_section(path, key, body, title)
-            raw[key] = {**data, "command": command, "machine": info, "cpu_memory": memory}
-            raw_path.write_text(json.dumps(raw, indent=1) + "\n")
+            raw[key] = {**data, "command": cmd, "machine": info, "cpu_memory": memory}
+            write_json(raw_path, raw)
             print(body, flush=True)
     if "<!-- begin gpu -->" not in path.read_text():
         _write_section(path, "gpu", GPU_NOT_MEASURED, title)

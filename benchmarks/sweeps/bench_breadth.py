@@ -5,7 +5,7 @@ For each timm model module ("family") the registered model with the fewest param
 output compared with the plain timm model's, ``torch.equal``. Families whose smallest model has more
 than 100M parameters are skipped and listed. For comparison, timm's own FX test
 (``test_model_forward_fx``: trace with timm's leaf registrations, return the last node) runs on the
-same model. Results go to ``benchmarks/results/breadth.json``.
+same model. Results go to ``benchmarks/sweeps/results/breadth.json``.
 
 The report also says how near ``--heads 4`` puts each output to its target: the distance between
 each placed output's cost fraction (anytime FLOPs over the whole network's) and k/4, its median and
@@ -13,19 +13,19 @@ worst over all outputs.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_breadth.py --jobs 2          # all families, 2 workers
-    PYTHONPATH=. python benchmarks/bench_breadth.py --only resnet,vgg  # some families
-    PYTHONPATH=. python benchmarks/bench_breadth.py --models regnetx_002,mobilevit_xxs --no-timm-fx
-    nice -n 19 env PYTHONPATH=. python benchmarks/bench_breadth.py --all --no-timm-fx  # every model <= 30M
+    python -m benchmarks.sweeps.bench_breadth --jobs 2          # all families, 2 workers
+    python -m benchmarks.sweeps.bench_breadth --only resnet,vgg  # some families
+    python -m benchmarks.sweeps.bench_breadth --models regnetx_002,mobilevit_xxs --no-timm-fx
+    nice -n 19 python -m benchmarks.sweeps.bench_breadth --all --no-timm-fx  # every model <= 30M
 
-Each worker appends one JSON line per family to ``results/breadth_shard{k}.jsonl`` and skips
+Each worker appends one JSON line per family to ``benchmarks/sweeps/results/breadth_shard{k}.jsonl`` and skips
 families already there, so an interrupted run resumes where it stopped (``--fresh`` starts over).
 ``--models`` checks the named models instead of the families' representatives, in
-``results/models_shard{k}.jsonl`` and ``results/models.json``.
+``benchmarks/sweeps/results/models_shard{k}.jsonl`` and ``benchmarks/sweeps/results/models.json``.
 
 ``--all`` checks every registered timm model with at most ``--max-params`` parameters (30M), not one
-per family, in a seeded random order (``--seed``), in ``results/all_shard{k}.jsonl`` and
-``results/all.json``. An interrupted ``--all`` run has checked a seeded random sample (the first N of
+per family, in a seeded random order (``--seed``), in ``benchmarks/sweeps/results/all_shard{k}.jsonl`` and
+``benchmarks/sweeps/results/all.json``. An interrupted ``--all`` run has checked a seeded random sample (the first N of
 that order), which the report says; ``--sample N`` stops there on purpose.
 """
 
@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._breadth import (  # noqa: E402
+from benchmarks._common import command as common_command
+from benchmarks._common import machine, machine_line, set_threads, table, write_json
+from benchmarks.sweeps._breadth import (
     MAX_PARAMS,
     RESULTS,
     SWEEP_MAX_PARAMS,
@@ -52,7 +52,6 @@ from benchmarks._breadth import (  # noqa: E402
     families,
     run_check,
 )
-from benchmarks._timing import machine, machine_line, set_threads, table  # noqa: E402
 
 
 def _shard_file(k: int, kind: str = "breadth") -> Path:
@@ -182,7 +181,7 @@ def report(rows: list[dict], info: dict, wall_s: float, command: str, kind: str 
         "wall_s": round(wall_s, 1),
     }
     out = {"command": command, "machine": info, "summary": summary, "rows": rows}
-    (RESULTS / f"{kind}.json").write_text(json.dumps(out, indent=1))
+    write_json(RESULTS / f"{kind}.json", out)
 
     print(machine_line(info))
     print(
@@ -289,7 +288,7 @@ def report_all(rows: list[dict], registered: int, args, info: dict, wall_s: floa
         "wall_s_this_invocation": round(wall_s, 1),
     }
     out = {"command": command, "machine": info, "summary": summary, "rows": rows}
-    (RESULTS / "all.json").write_text(json.dumps(out, indent=1))
+    write_json(RESULTS / "all.json", out)
     print(machine_line(info))
     print(
         f"\nannify converts {len(ok)}/{len(rows)} timm models with <= {args.max_params / 1e6:.0f}M parameters "
@@ -348,7 +347,7 @@ def main() -> None:
         for k in range(max(args.jobs, 8)):
             _shard_file(k, kind).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    base = [sys.executable, __file__, "--timeout", str(args.timeout)]
+    base = [sys.executable, "-m", "benchmarks.sweeps.bench_breadth", "--timeout", str(args.timeout)]
     if args.only:
         base += ["--only", args.only]
     if args.models:
@@ -358,14 +357,15 @@ def main() -> None:
     if args.all:
         base += ["--all", "--max-params", str(args.max_params), "--seed", str(args.seed)]
         base += ["--sample", str(args.sample)]
-    procs = [subprocess.Popen([*base, "--worker", f"{k}/{args.jobs}"]) for k in range(args.jobs)]
+    root = Path(__file__).resolve().parents[2]  # the workers import benchmarks from the repository root
+    procs = [subprocess.Popen([*base, "--worker", f"{k}/{args.jobs}"], cwd=root) for k in range(args.jobs)]
     for p in procs:
         p.wait()
     info = machine()
     info["threads"] = 1 if args.jobs > 1 or args.all else info["threads"]
     info["workers"] = args.jobs
     rows = _collect(args.jobs, kind)
-    command = " ".join(["python", *sys.argv])
+    command = common_command()
     if args.all:
         order = {f["module"]: i for i, f in enumerate(fams)}
         rows = sorted((r for r in rows if r["module"] in order), key=lambda r: order[r["module"]])

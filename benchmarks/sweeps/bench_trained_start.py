@@ -23,8 +23,8 @@ resumes an interrupted one. ``--jobs 2`` trains two runs at a time, one thread e
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_trained_start.py --jobs 2            # 5 seeds, ~40 min on 2 cores
-    PYTHONPATH=. python benchmarks/bench_trained_start.py --quick              # a 2-minute smoke run on digits
+    python -m benchmarks.sweeps.bench_trained_start --jobs 2            # 5 seeds, ~40 min on 2 cores
+    python -m benchmarks.sweeps.bench_trained_start --quick              # a 2-minute smoke run on digits
 """
 
 from __future__ import annotations
@@ -32,16 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import data_spec, figure, machine_line, save_figure, table, write_json, write_text
+from benchmarks.sweeps._runs import RESULTS, Job, run_all
 
-from benchmarks._timing import machine_line, table  # noqa: E402
-from benchmarks.bench_table1 import _run_all, _spec  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 PLAIN = {"weights": "opt", "head_local": False, "distill": 0.0, "bn_recalibrate": 2048}
 _FT = {"lr": 0.01, "head_lr": 0.1, "bn_recalibrate": 2048, "distill_temperature": 1.0}
 RECIPES = {  # label -> train settings beside init (every one explicit)
@@ -84,8 +80,10 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def _job(spec, folder: Path, label: str, settings: dict, seed: int, args: dict, epochs: int, lr: float):
-    return (spec, folder, label, settings, None, seed, {**args, "epochs": epochs, "lr": lr})
+def _job(
+    spec, folder: Path, label: str, settings: dict, seed: int, args: dict, epochs: int, lr: float
+) -> Job:
+    return Job(spec, folder, label, settings, None, seed, {**args, "epochs": epochs, "lr": lr})
 
 
 def _original(folder: Path) -> dict:
@@ -94,7 +92,7 @@ def _original(folder: Path) -> dict:
 
 def collect(out: Path, cfg: dict, jobs: int) -> dict:
     """Train (or read) every run; label -> per-seed list of {"test": [...], "val": [...]} per output."""
-    spec = _spec(cfg["model"], 1, cfg["data"])
+    spec = data_spec(cfg["model"], cfg["data"])
     args = {"data": cfg["data"], "train_subset": cfg["train_subset"], "batch_size": 64, "threads": 1}
     seeds = list(range(cfg["seeds"]))
     started = time.perf_counter()
@@ -103,7 +101,7 @@ def collect(out: Path, cfg: dict, jobs: int) -> dict:
     first += [
         _job(spec, out / f"scratch_const-s{s}", "scratch_const", SCRATCH, s, args, total, 0.1) for s in seeds
     ]
-    records = _run_all(first, jobs, started)
+    records = run_all(first, jobs, started)
     second = [
         _job(spec, out / f"{label}-s{s}", label,
              {k: v for k, v in settings.items() if k != "lr"} | {"init": str(out / f"base-s{s}")}, s, args,
@@ -111,11 +109,11 @@ def collect(out: Path, cfg: dict, jobs: int) -> dict:
         for s in seeds
         for label, settings in RECIPES.items()
     ]  # fmt: skip
-    records += _run_all(second, jobs, started)
+    records += run_all(second, jobs, started)
     runs: dict[str, list[dict]] = {}
     for job, rec in zip(first + second, records, strict=True):
-        runs.setdefault(job[2], []).append(
-            {"seed": job[5], "test": rec["test_error"], "val": rec["val_error"]}
+        runs.setdefault(job.label, []).append(
+            {"seed": job.seed, "test": rec["test_error"], "val": rec["val_error"]}
         )
     runs["original"] = []
     for s in seeds:
@@ -217,8 +215,6 @@ def report(study: dict, summary: dict, info: str) -> str:
 
 
 def plot(study: dict, summary: dict, path: Path) -> None:
-    from annify.report import figure, save_figure
-
     fig, ax = figure(title=f"from a trained {study['config']['model']} ({study['config']['data']}, "
                      f"{study['config']['seeds']} seeds)")  # fmt: skip
     xs = study["fractions"]
@@ -253,7 +249,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override the recipes' epochs")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument(
-        "--out", type=Path, help="run folders (default: benchmarks/results/trained_start_<config>)"
+        "--out", type=Path, help="run folders (default: benchmarks/sweeps/results/trained_start_<config>)"
     )
     a = p.parse_args()
     name = "quick" if a.quick else a.config
@@ -264,8 +260,8 @@ def main() -> None:
     study = collect(out, cfg, a.jobs)
     summary = summarize(study)
     text = report(study, summary, machine_line())
-    (out / "report.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"study": study, "summary": summary}, indent=1) + "\n")
+    write_text(out / "report.md", text)
+    write_json(out / "summary.json", {"study": study, "summary": summary})
     plot(study, summary, out / "trained_start.png")
     print(text)
     print(f"wrote {out / 'report.md'}, {out / 'trained_start.png'}")

@@ -28,13 +28,13 @@ at a time, each on one thread.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_table1.py --config cpu --jobs 2   # Fashion-MNIST, 2-core CPU, < 90 min
-    PYTHONPATH=. python benchmarks/bench_table1.py --config full           # all 55,000 images, wider, longer (GPU)
-    PYTHONPATH=. python benchmarks/bench_table1.py --config digits         # the earlier digits run
-    PYTHONPATH=. python benchmarks/bench_table1.py --quick                 # 1-minute smoke run on digits
-    PYTHONPATH=. python benchmarks/bench_table1.py --config converged --jobs 2     # 40 epochs on 1,000 images
-    PYTHONPATH=. python benchmarks/bench_table1.py --compare benchmarks/results/table1_converged15 \
-        benchmarks/results/table1_converged                                 # the epochs x scheme table
+    python -m benchmarks.sweeps.bench_table1 --config cpu --jobs 2   # Fashion-MNIST, 2-core CPU, < 90 min
+    python -m benchmarks.sweeps.bench_table1 --config full           # all 55,000 images, wider, longer (GPU)
+    python -m benchmarks.sweeps.bench_table1 --config digits         # the earlier digits run
+    python -m benchmarks.sweeps.bench_table1 --quick                 # 1-minute smoke run on digits
+    python -m benchmarks.sweeps.bench_table1 --config converged --jobs 2     # 40 epochs on 1,000 images
+    python -m benchmarks.sweeps.bench_table1 --compare benchmarks/sweeps/results/table1_converged15 \
+        benchmarks/sweeps/results/table1_converged                                 # the epochs x scheme table
 """
 
 from __future__ import annotations
@@ -43,17 +43,27 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import (
+    build_datasets,
+    command,
+    data_spec,
+    machine,
+    machine_line,
+    nearest_outputs,
+    relative_to_opt,
+    save_figure,
+    set_threads,
+    table,
+    write_json,
+    write_text,
+)
+from benchmarks.sweeps._runs import RESULTS, Job, run_all
 
-from benchmarks._timing import machine, machine_line, set_threads, table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.25, 0.5, 0.75, 1.0)
 TARGET_LABELS = ("1/4", "1/2", "3/4", "1")
 # scheme label -> train() settings; "+KD" variants are added for the validation-chosen best scheme
@@ -92,117 +102,6 @@ CONFIGS = {  # --config presets; explicit flags override them
 READING = "## Reading"  # a hand-written section of the report that a rewrite keeps
 
 
-# -------------------------------------------------------------------- runs
-
-
-def _spec(model: str, every: int, data: str):
-    from annify.convert import convert
-    from annify.data import data_info
-    from annify.evaluate import fit_to_data
-
-    info = data_info(data)
-    c = info.input_size[0]
-    _, spec, _ = convert(
-        model,
-        every=every,
-        input_size=info.input_size,
-        num_classes=info.num_classes,
-        model_kwargs={"in_chans": c},
-    )
-    return fit_to_data(spec, data)[0]
-
-
-def _final_eval(net, spec, data: str, train_subset: int | None) -> dict:
-    """Cross-entropy and error of every output on train (un-augmented), val and test, eval mode."""
-    from annify.data import TensorBatches, build_datasets
-    from annify.evaluate import evaluate
-
-    datasets = build_datasets(data, input_size=spec.input_size, augment=False, train_subset=train_subset)
-    out = {}
-    for split, ds in datasets.items():
-        ev = evaluate(net, TensorBatches(ds, 256), "cpu")
-        out.update({f"{split}_ce": ev.losses, f"{split}_error": ev.errors, f"{split}_count": ev.count})
-    return out
-
-
-def run_one(job: tuple) -> dict:
-    """Train one network (or read the result of a finished one) and return its ``bench.json`` record."""
-    spec, folder, label, settings, head, seed, args = job
-    from annify.train import train
-
-    set_threads(args["threads"])
-    done = folder / "bench.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "log.txt", "a")  # noqa: SIM115 - closed below
-    try:
-        res = train(
-            spec,
-            out=folder,
-            data=args["data"],
-            train_subset=args["train_subset"],
-            epochs=args["epochs"],
-            batch_size=args["batch_size"],
-            lr=args["lr"],
-            head=head,
-            seed=seed,
-            device="cpu",
-            resume=True,
-            log=lambda s: print(s, file=log, flush=True),
-            **settings,
-        )
-    finally:
-        log.close()
-    metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    record = {
-        "scheme": label,
-        "head": head,
-        "seed": seed,
-        "settings": settings,
-        "seconds": res.seconds,
-        "epochs": res.epochs_done,
-        "table": res.table,
-        **_final_eval(res.net, res.spec, args["data"], args["train_subset"]),
-        "last_epoch_train_loss": metrics[-1]["train_loss"],  # train mode, augmented, running mean
-        "final_weights": metrics[-1]["weights"],
-        "weights_history": [m["weights"] for m in metrics],
-    }
-    ours = [round(e * record["test_count"]) for e in record["test_error"]]
-    theirs = [round(r["test_error"] * record["test_count"]) for r in res.table]
-    if ours != theirs:  # the same network and images, batched differently
-        print(f"warning: {folder}: test errors differ between train() and re-evaluation: {theirs} vs {ours}")
-    done.write_text(json.dumps(record) + "\n")
-    return record
-
-
-def _run_all(jobs: list[tuple], n_jobs: int, started: float) -> list[dict]:
-    """Run the jobs, ``n_jobs`` at a time in separate processes (one thread each); records in job order."""
-    records: list[dict | None] = [None] * len(jobs)
-
-    def report(i: int, rec: dict) -> None:
-        records[i] = rec
-        errs = " ".join(f"{100 * r['test_error']:.1f}" for r in rec["table"])
-        name = jobs[i][1].name
-        elapsed = (time.perf_counter() - started) / 60
-        print(f"[{sum(r is not None for r in records)}/{len(jobs)}] {name}: {rec['seconds']:.0f} s "
-              f"(elapsed {elapsed:.1f} min)  test err % {errs}", flush=True)  # fmt: skip
-
-    if n_jobs <= 1:
-        for i, job in enumerate(jobs):
-            report(i, run_one(job))
-        return records
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(n_jobs, maxtasksperchild=1) as pool:
-        pending = {i: pool.apply_async(run_one, (job,)) for i, job in enumerate(jobs)}
-        while pending:
-            for i in [i for i, r in pending.items() if r.ready()]:
-                report(i, pending.pop(i).get())
-            time.sleep(1.0)
-    return records
-
-
 # -------------------------------------------------------------------- aggregation
 
 
@@ -211,8 +110,6 @@ def _finite(xs):
 
 
 def _rel(e: float, o: float) -> float:
-    from annify.evaluate import relative_to_opt
-
     return relative_to_opt([e], [o])[0]
 
 
@@ -333,8 +230,6 @@ COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
 def plot(agg: dict, fracs: list[float], flops: list[int], folder: Path, title: str) -> None:
     import matplotlib.ticker
     from matplotlib.figure import Figure
-
-    from annify.report import save_figure
 
     idx, schemes = agg["outputs"], agg["schemes"]
     fig = Figure(figsize=(12, 4.5))
@@ -527,17 +422,6 @@ def _keep_reading(path: Path) -> str:
     return text[i:] if i >= 0 else f"{READING}\n\n(to be written by whoever reads the numbers)\n"
 
 
-def _clean(x):
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
-
-
 # -------------------------------------------------------------------- main
 
 
@@ -576,7 +460,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     ap.add_argument("--out", help="run folders go here (default /tmp/annify_table1_<config>)")
     ap.add_argument(
-        "--results", help="where table1.md/json/png go (default benchmarks/results/table1_<config>)"
+        "--results", help="where table1.md/json/png go (default benchmarks/sweeps/results/table1_<config>)"
     )
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: digits, n3_c8, 1 seed, 3 epochs, results in --out"
@@ -608,10 +492,7 @@ def main() -> None:
     info_machine = machine()
     print(machine_line(info_machine), flush=True)
 
-    from annify.data import build_datasets
-    from annify.evaluate import nearest_outputs
-
-    spec = _spec(args.model, args.every, args.data)
+    spec = data_spec(args.model, args.data, args.every)
     fracs = [h.fraction for h in spec.heads]
     flops = [h.flops for h in spec.heads]
     idx = nearest_outputs(fracs, TARGETS)
@@ -623,31 +504,31 @@ def main() -> None:
     root = Path(args.out)
     shared = {k: getattr(args, k) for k in ("data", "train_subset", "epochs", "batch_size", "lr", "threads")}
 
-    def job(seed: int, label: str, settings: dict, head: int | None) -> tuple:
+    def job(seed: int, label: str, settings: dict, head: int | None) -> Job:
         folder = root / (f"seed{seed}_{label}" + (f"{head:02d}" if head else ""))
-        return (spec, folder, label, settings, head, seed, shared)
+        return Job(spec, folder, label, settings, head, seed, shared)
 
     # phase 1: OPT at the four targets and every scheme, seed by seed (partial results stay balanced)
     plan = [
         job(s, "opt", {"weights": "opt", "head_local": False, **_SAME}, i + 1) for s in seeds for i in idx
     ]
     plan += [job(s, label, settings, None) for s in seeds for label, settings in SCHEMES.items()]
-    plan.sort(key=lambda j: j[5])
+    plan.sort(key=lambda j: j.seed)
     started = time.perf_counter()
-    records = _run_all(plan, args.jobs, started)
+    records = run_all(plan, args.jobs, started)
     # phase 2: distillation on the scheme with the best anytime quality on validation
     base = best_on_val(records, list(SCHEMES))
     kd = f"{base}+kd"
     kd_settings = {**SCHEMES[base], "distill": args.distill, "distill_temperature": args.distill_temperature}
     print(f"best anytime quality on val: {base}; training {kd}", flush=True)
-    records += _run_all([job(s, kd, kd_settings, None) for s in seeds], args.jobs, started)
+    records += run_all([job(s, kd, kd_settings, None) for s in seeds], args.jobs, started)
     wall = time.perf_counter() - started
 
     schemes = [*SCHEMES, kd]
     agg = aggregate(records, idx, schemes)
     run_s = [r["seconds"] for r in records]
     info = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": command(),
         "machine": info_machine,
         "threads": args.threads,
         "jobs": args.jobs,
@@ -676,10 +557,10 @@ def main() -> None:
     plot(agg, fracs, flops, results, title)
     md = report(agg, info)
     path = results / "table1.md"
-    path.write_text(md + "\n" + _keep_reading(path))
+    write_text(path, md + "\n" + _keep_reading(path))
     summary = {"info": info, "paper_table1": PAPER, "aggregate": agg}
     summary["runs"] = [{k: v for k, v in r.items() if k != "weights_history"} for r in records]
-    (results / "table1.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
+    write_json(results / "table1.json", summary)
     print(md)
     print(f"wrote {path}, {results / 'table1.json'}, table1.png, adaloss_weights.png in {wall / 60:.1f} min")
 

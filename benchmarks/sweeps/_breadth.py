@@ -1,9 +1,9 @@
-"""Shared by ``bench_breadth.py`` and ``tests/test_breadth.py``: one model per timm family, and the checks.
+"""Shared by ``bench_breadth`` and ``bench_earlyon``: one model per timm family, and the checks.
 
 A family is a timm model module (``resnet``, ``vision_transformer``, ...). Its representative is the
 registered, non-deprecated model with the fewest parameters (timm's ``test_*`` CI fixtures set aside),
 counted by building every candidate on the meta device (no memory, about 0.1 s a model). The choice is cached in
-``benchmarks/results/families.json`` because it takes a few minutes for all of timm.
+``benchmarks/sweeps/results/families.json`` because it takes a few minutes for all of timm.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import _registry
+
+import annify
+from benchmarks._common import default_input_size, fit_input_size
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES_JSON = RESULTS / "families.json"
@@ -165,7 +168,7 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGPROF, old)
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """One line: the exception, and the innermost frame inside annify/timm/torch that raised it."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     where = ""
@@ -194,26 +197,22 @@ def small_fit(name: str, classes: int | None) -> tuple[tuple[int, int, int] | No
     and changes nothing in what is checked: the converted and the plain model, built alike, see the
     same image.
     """
-    from annify.convert import ConvertError, fit_input_size
-
     channels = (timm.models.get_pretrained_cfg_value(name, "input_size") or (3,))[0]
     try:
         return fit_input_size(name, (channels, SWEEP_SIZE, SWEEP_SIZE), classes)
-    except ConvertError as e:
+    except annify.ConvertError as e:
         return None, {}, f"default size ({e})"
 
 
 def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
     """Convert ``name`` with ``heads`` outputs; compare the last output with timm's, ``torch.equal``, eval mode.
 
-    Batch 1 at the model's default input size (``small``: as ``small_fit`` builds it). The timm model gets the same weights (its state dict
-    is loaded into the converted network; the only missing keys may be the heads'). A model with too
+    Batch 1 at the model's default input size (``small``: as ``small_fit`` builds it). The timm model
+    is ``annify.plain_model(net)``: built afresh from the spec, holding the converted network's trunk
+    weights (every key of the timm model's state dict, strictly). A model with too
     few points on its trunk for ``heads`` (every block inside a branch: crossvit's two towers) is
     converted with ``every`` instead, about ``heads`` outputs, so that its exactness is still checked.
     """
-    from annify.convert import ConvertError, convert, create_model, default_input_size
-    from annify.trace import tap_points, trace
-
     # Feature backbones registered with num_classes=0 (dinov3, sam2, qwen3 vision towers) would get
     # heads with zero outputs; give them a 1000-class classifier, as a user converting them would.
     classes = 1000 if timm.models.get_pretrained_cfg_value(name, "num_classes") == 0 else None
@@ -222,28 +221,21 @@ def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
     torch.manual_seed(0)
     placement = {"heads": heads}
     try:
-        net, spec, costs = convert(
+        net, spec, costs = annify.convert(
             name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
         )
-    except ConvertError as e:
+    except annify.ConvertError as e:
         if "--heads must be between" not in str(e) and "found no tap point" not in str(e):
             raise
-        m = create_model(name, num_classes=classes, **kwargs).eval()
-        blocks = tap_points(trace(m, size or default_input_size(m), train_graph=False))
+        m = annify.create_model(name, num_classes=classes, **kwargs).eval()
+        blocks = annify.tap_points(annify.trace(m, size or default_input_size(m), train_graph=False))
         placement = {"every": max(1, len(blocks) // heads)}
         torch.manual_seed(0)
-        net, spec, costs = convert(
+        net, spec, costs = annify.convert(
             name, **placement, num_classes=classes, input_size=size, model_kwargs=kwargs
         )
     t_convert = time.perf_counter() - t0
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=classes, **kwargs).eval()
-    res = net.load_state_dict(model.state_dict(), strict=False)
-    bad_missing = [k for k in res.missing_keys if not k.startswith(net.exits_prefix)]
-    if bad_missing or res.unexpected_keys:
-        raise AssertionError(
-            f"state dict mismatch: missing {bad_missing[:2]} unexpected {res.unexpected_keys[:2]}"
-        )
+    model = annify.plain_model(net)
     net.eval()
     size = size or default_input_size(model)
     torch.manual_seed(1)
@@ -265,7 +257,7 @@ def check_annify(name: str, heads: int = 4, small: bool = False) -> dict:
         "num_classes_set": classes,
         # tensors carried across each cut: 1 at a clean block output; more where the tap is inside a
         # branch (the other branches stay live) or inside a DenseNet block (every earlier feature map)
-        "carried": [seg.carry for seg in net._eval_segments[:-1]],
+        "carried": [seg.carry for seg in net.segments[:-1]],  # eval mode: the eval graph's segments
         "spacing_error": round(max(abs(f - e) for f, e in zip(costs.fraction, even, strict=True)), 3)
         if by_heads
         else None,
@@ -330,6 +322,6 @@ def run_check(fn, name: str, seconds: int = 0) -> dict:
             out["reason"] = "; ".join(why)
         out["ok"] = bool(ok)
     except (Exception, Timeout) as e:  # every failure is data here
-        out = {"ok": False, "reason": _reason(e)}
+        out = {"ok": False, "reason": failure_reason(e)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
