@@ -20,9 +20,9 @@ from torch import nn
 from annify import heads as head_registry
 from annify.cost import CONVENTION, Costs, count, head_flops
 from annify.errors import ConvertError
-from annify.placement import choose, placement_candidates, unknown_node
+from annify.placement import choose, unknown_node
 from annify.rewrite import AnytimeNet
-from annify.sources import create_model, default_input_size, fit_input_size, spec_model
+from annify.sources import create_model, default_input_size, spec_model
 from annify.spec import HeadSpec, Spec, load_spec, spec_name
 from annify.trace import TapPoint, Traced, describe_node, tap_points, trace
 
@@ -35,11 +35,7 @@ __all__ = [
     "load_weights",
     "plain_model",
     "spec_name",
-    # owned by annify.sources and annify.placement, re-exported for data.py and benchmarks/
-    "create_model",
-    "default_input_size",
-    "fit_input_size",
-    "placement_candidates",
+    "create_model",  # owned by annify.sources; public as annify.create_model
 ]
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-from annify._files import atomic_write  # noqa: F401 - moved to annify._files; kept one release for benchmarks/
 from annify.errors import SpecError
 from annify.sources import model_source
 

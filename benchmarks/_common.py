@@ -389,9 +389,9 @@ _NOT_PUBLIC = {  # name here: (annify module, its name there; None: the module i
     "relative_to_opt": ("annify.evaluate", "relative_to_opt"),
     "nearest_outputs": ("annify.evaluate", "nearest_outputs"),
     # sizes: a model's default input size, the size it runs at for given images, placement candidates
-    "default_input_size": ("annify.convert", "default_input_size"),
-    "fit_input_size": ("annify.convert", "fit_input_size"),
-    "placement_candidates": ("annify.convert", "placement_candidates"),
+    "default_input_size": ("annify.sources", "default_input_size"),
+    "fit_input_size": ("annify.sources", "fit_input_size"),
+    "placement_candidates": ("annify.placement", "placement_candidates"),
     # the cost of exiting at each output (early exit, calibration, runtime)
     "exit_flops": ("annify.cost", "exit_flops"),
     # calibration's loss matrix and threshold selection
@@ -401,7 +401,7 @@ _NOT_PUBLIC = {  # name here: (annify module, its name there; None: the module i
     "inflation": ("annify.eann", "inflation"),
     "uniform_inflation": ("annify.eann", "uniform_inflation"),
     "default_placement": ("annify.eann", "default_placement"),
-    "run_eann": ("annify.eann", "run_eann"),
+    "run_eann": ("annify.eann_run", "run_eann"),
     "format_eann": ("annify.eann", "format_eann"),
     # the trainer's settings resolved with their defaults, its optimizer and its device-side loss record
     "resolve_settings": ("annify.config", "resolve_settings"),
