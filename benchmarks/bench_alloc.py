@@ -9,7 +9,8 @@ user CPU time (computing), the system CPU time (the kernel: page faults on fresh
 - ``plain``: the timm model;
 - ``earlyon``: earlyon 0.3.0's all-exits forward on the same exits (skipped if it is not installed);
 - ``annify``: the converted network, every output;
-- ``segments``: the converted network's segments alone, no head (``run_segment(j, head=False)``),
+- ``segments``: the converted network's segments alone, no head (``run_segment(j, head=False)``);
+- ``fx``: the plain model traced by ``torch.fx.symbolic_trace`` as one graph (no cut, no head),
 
 each allocator mode (``release``: glibc's default; ``keep``: ``annify.keep_freed_memory()``) in a
 fresh process, the variants interleaved round by round (order rotated), one thread. CPU times come
@@ -57,7 +58,8 @@ def _variants(name: str, every: int, batch: int):
         for j in range(net.num_outputs):
             state, _ = net.run_segment(j, state, head=False)
 
-    fns = {"plain": lambda: plain(x), "annify": lambda: net(x), "segments": segments}
+    traced = torch.fx.symbolic_trace(plain)  # the plain model as one flat fx graph, no cut, no head
+    fns = {"plain": lambda: plain(x), "fx": lambda: traced(x), "annify": lambda: net(x), "segments": segments}
     try:
         from earlyon.models.custom import custom_ee
     except Exception:  # earlyon is optional (pip install earlyon==0.3.0)
@@ -119,6 +121,7 @@ def main() -> None:
         rec = measure(args.model, args.every, args.batch, args.rounds, args.mode)
         print(json.dumps(rec))
         return
+    set_threads(1)  # as in the measuring processes, so the machine line says so
     out = {"machine": machine(), "args": vars(args), "modes": {}}
     rows = []
     for mode in ("release", "keep"):  # each in a fresh process: glibc's state is per process
