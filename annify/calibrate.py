@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from annify.errors import InferenceError
+from annify.run_dir import RunDir
 
 __all__ = [
-    "FILE",
     "METHODS",
     "RISKS",
     "Calibration",
@@ -56,7 +56,6 @@ __all__ = [
     "select",
 ]
 
-FILE = "thresholds.json"
 RISKS = ("consistency", "accuracy-gap")
 METHODS = ("ltt", "crc")
 
@@ -282,7 +281,7 @@ def calibrate_run(
     from annify.cost import exit_flops
     from annify.data import build_datasets, make_batches
     from annify.early_exit import _collect, _inference
-    from annify.run_dir import CONFIG, find_run, weights_file
+    from annify.run_dir import find_run, weights_file
     from annify.spec import load_spec
 
     folder = find_run(run)
@@ -290,7 +289,7 @@ def calibrate_run(
         raise InferenceError(
             f"{run} is not a run folder (config.yaml and checkpoints/); pass what `annify train --out` wrote"
         )
-    spec = load_spec(folder / CONFIG)
+    spec = load_spec(RunDir(folder).config)
     weights = weights_file(folder)
     net = build(spec)
     load_weights(net, weights)
@@ -305,7 +304,7 @@ def calibrate_run(
     cal = calibrate(val_logits, flops, labels, risk, method, epsilon, delta, full_flops=full)
     cal.test = evaluate_thresholds(test_logits, test_labels, cal, flops)
     cal.weights_sha256 = _sha256(weights)
-    path = folder / FILE
+    path = RunDir(folder).thresholds
     atomic_write(path, cal.to_json())
     return cal, path
 
@@ -314,7 +313,7 @@ def read_thresholds(path: str | os.PathLike, weights: str | os.PathLike | None =
     """A ``thresholds.json`` (or the one in a run folder); with ``weights``, checked to be theirs."""
     p = Path(path)
     if p.is_dir():
-        p = p / FILE
+        p = RunDir(p).thresholds
     if not p.is_file():
         raise InferenceError(f"{p} does not exist; run `annify calibrate RUN` first")
     try:

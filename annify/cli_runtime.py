@@ -67,9 +67,10 @@ def _calibrated(res) -> dict | None:
     """The run's ``thresholds.json`` (checked to fit its weights) as a dict, if it has one."""
     import json as json_
 
-    from annify.calibrate import FILE, read_thresholds
+    from annify.calibrate import read_thresholds
+    from annify.run_dir import RunDir
 
-    if res.run is None or not (res.run / FILE).is_file():
+    if res.run is None or not RunDir(res.run).thresholds.is_file():
         return None
     return json_.loads(read_thresholds(res.run, res.weights).to_json())
 

@@ -35,6 +35,7 @@ from annify.eann_run import run_eann
 from annify.errors import TrainError
 from annify.evaluate import plot_anytime
 from annify.report import format_flops, format_rows
+from annify.run_dir import RESULTS, RunDir
 from annify.sources import fit_input_size
 from annify.spec import dump
 from annify.train import resolve_settings, run_label, train
@@ -108,12 +109,13 @@ def demo(
     text = side_by_side(tables) + "\n\n" + verdict(tables, default)
     atomic_write(out / "comparison.txt", text + "\n")
     log(text)
+    plot = RunDir(out).anytime_png  # a run's name for its curves: _foreign_results tells the two apart
     plot_anytime(
         {s: [(r["flops"], r["test_error"]) for r in rows] for s, rows in tables.items()},
-        out / "anytime.png",
+        plot,
         title=f"{spec.name} on {data}: test error against FLOPs",
     )
-    log(f"wrote {out / 'comparison.txt'} and {out / 'anytime.png'}")
+    log(f"wrote {out / 'comparison.txt'} and {plot}")
     if eann:
         log(f"EANN of {', '.join(eann)}, each trained with {default} for {epochs} epochs ...")
         run = run_eann(
@@ -132,10 +134,9 @@ def _foreign_results(out: Path) -> list[str]:
     A demo writes its spec, comparison.txt and anytime.png there (anytime.png after comparison.txt)
     and its runs in subfolders, which it resumes.
     """
-    from annify.run_dir import RESULTS
-
+    plot = RunDir(out).anytime_png.name
     names = [n for n in (*RESULTS, "eann.json", "eann.png") if (out / n).exists()]
-    return [n for n in names if n != "anytime.png" or not (out / "comparison.txt").exists()]
+    return [n for n in names if n != plot or not (out / "comparison.txt").exists()]
 
 
 def from_a_trained_network(spec_path: Path, out: Path, common: dict, log: Callable[[str], object]) -> str:

@@ -94,6 +94,7 @@ def run_eann(
     from annify._files import atomic_write
     from annify.data import data_info
     from annify.evaluate import evaluate_weights, fit_to_data, save_table
+    from annify.run_dir import RunDir, run_checkpoint
     from annify.spec import dump
 
     if len(members) < 2:
@@ -156,26 +157,28 @@ def run_eann(
     # ---------------------------------------------------------------- train or load, then evaluate
     tables, linear, runs = [], [], []
     for i, (spec, name) in enumerate(zip(specs, names, strict=True)):
-        folder = out / "members" / name
+        folder = RunDir(out / "members" / name)  # a member's run folder, or its evaluation's
         if checkpoints:
-            checkpoint = _checkpoint_path(checkpoints[i])
+            checkpoint = run_checkpoint(checkpoints[i])
             log(f"member {i + 1}/{len(specs)} {name}: evaluating {checkpoint}")
             spec, table = evaluate_weights(spec, checkpoint, source, device=device, workers=workers)
-            folder.mkdir(parents=True, exist_ok=True)
-            header = f"annify eval {folder / 'config.yaml'} --checkpoint {checkpoint}\nmember {name} of the EANN in {out}"
-            atomic_write(folder / "config.yaml", dump(spec, header))
-            save_table(table, folder)
+            folder.root.mkdir(parents=True, exist_ok=True)
+            header = (
+                f"annify eval {folder.config} --checkpoint {checkpoint}\nmember {name} of the EANN in {out}"
+            )
+            atomic_write(folder.config, dump(spec, header))
+            save_table(table, folder.root)
         else:
-            log(f"member {i + 1}/{len(specs)} {name}: training into {folder}")
+            log(f"member {i + 1}/{len(specs)} {name}: training into {folder.root}")
             result = trainer(
-                spec, out=folder, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
+                spec, out=folder.root, data=source, epochs=epochs, batch_size=batch_size, lr=lr,
                 weights=weights, seed=seed, device=device, resume=resume, workers=workers,
                 train_subset=train_subset, log=log,
             )  # fmt: skip
-            spec, table, checkpoint = result.spec, result.table, folder / "checkpoints" / "last"
+            spec, table, checkpoint = result.spec, result.table, folder.last
         tables.append(_table(name, table))
         runs.append(
-            {"name": name, "model": spec.model, "spec": str(folder / "config.yaml"),
+            {"name": name, "model": spec.model, "spec": str(folder.config),
              "checkpoint": str(checkpoint), "trained": not checkpoints,
              "num_classes": spec.num_classes, "input_size": list(spec.input_size)}
         )  # fmt: skip
@@ -223,11 +226,12 @@ def run_eann(
 def _member_spec(arg: str):
     """(spec, read from a file) of a member: a spec file, a run folder, or a timm model name."""
     from annify.convert import convert
+    from annify.run_dir import RunDir
     from annify.spec import load_spec
 
     path = Path(arg)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        return load_spec(path / "config.yaml"), True
+    if path.is_dir() and RunDir(path).config.is_file():
+        return load_spec(RunDir(path).config), True
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return load_spec(path), True
     return convert(arg, **default_placement(arg))[1], False
@@ -264,12 +268,6 @@ def _unique_names(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return out
-
-
-def _checkpoint_path(arg: str) -> Path:
-    """A run folder means its checkpoints/last; anything else goes to ``load_weights`` as given."""
-    path = Path(arg)
-    return path / "checkpoints" / "last" if (path / "checkpoints" / "last").is_dir() else path
 
 
 def _table(name: str, rows: list[dict]) -> MemberTable:

@@ -14,7 +14,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -237,13 +236,15 @@ def anytime_table(
 
 def save_table(rows: list[dict], folder: str | os.PathLike) -> None:
     """Write ``anytime.json`` and ``anytime.csv`` into ``folder`` (atomically)."""
-    folder = Path(folder)
-    atomic_write(folder / "anytime.json", json.dumps(rows, indent=1) + "\n")
+    from annify.run_dir import RunDir
+
+    run = RunDir(folder)
+    atomic_write(run.anytime_json, json.dumps(rows, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(folder / "anytime.csv", buf.getvalue())
+    atomic_write(run.anytime_csv, buf.getvalue())
 
 
 def format_table(rows: list[dict]) -> str:

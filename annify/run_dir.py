@@ -1,11 +1,21 @@
 """The run folder: its layout, and how every command resolves ``--checkpoint`` to what it needs.
 
-``annify train --out RUN`` writes::
+``RunDir`` owns every file name of a run folder; no other module spells one. ``annify train --out RUN``
+writes::
 
     RUN/config.yaml                       the resolved spec (refitted to the data) and its settings
     RUN/data.json                         the data source and the mean/std its images were normalised with
-    RUN/checkpoints/last/model.safetensors
-    RUN/checkpoints/best/model.safetensors
+    RUN/metrics.jsonl                     one line per epoch: losses, weights, val errors
+    RUN/anytime.json, RUN/anytime.csv     the anytime table of the final weights (val and test)
+    RUN/anytime.png, RUN/weights.png      its plot, and the weight scheme's history
+    RUN/original.json                     with --init: the original network's errors before training
+    RUN/checkpoints/last/model.safetensors, state.pt    the weights and what --resume needs
+    RUN/checkpoints/best/model.safetensors, best.json   the best by anytime quality, and its epoch
+    RUN/.lock                             held by the one process writing the run
+
+``annify calibrate RUN`` adds ``RUN/thresholds.json``. A checkpoint is replaced whole
+(``_files.atomic_folder``); a kill between its two renames leaves the previous one as
+``checkpoints/.old-last``, which ``RunDir.last_checkpoint`` finds as ``annify train --resume`` does.
 
 ``--checkpoint`` takes a run folder, a checkpoint folder or a ``.safetensors`` file. Inside a run,
 the run's own ``config.yaml`` is the network the weights fit (``annify train`` refits a spec to
@@ -29,28 +39,85 @@ from annify.errors import InferenceError, SpecError, TrainError
 from annify.spec import Spec, load_spec
 
 __all__ = [
+    "BEST_INFO",
     "CONFIG",
     "DATA",
     "RESULTS",
+    "STATE",
     "WEIGHTS",
     "Resolved",
+    "RunDir",
     "find_run",
     "RunLock",
     "find_checkpoint",
     "foreign_results",
+    "in_checkpoints",
     "lock",
     "normalization",
     "resolve",
+    "run_checkpoint",
     "weights_file",
 ]
 
 CONFIG, DATA, WEIGHTS = "config.yaml", "data.json", "model.safetensors"
-# what `annify train` writes at the top of a run folder, beside checkpoints/
-RESULTS = (CONFIG, DATA, "metrics.jsonl", "anytime.json", "anytime.csv", "anytime.png", "weights.png")
-_LAST = Path("checkpoints") / "last"
-
-
+STATE, BEST_INFO = "state.pt", "best.json"  # beside WEIGHTS: in checkpoints/last and checkpoints/best
+_CHECKPOINTS, _LAST, _BEST = "checkpoints", "last", "best"
 LOCK = ".lock"  # held (fcntl.flock) by the one process writing the run folder
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder (``root``): the path of each of its files, its last checkpoint and its normalisation."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    config = property(lambda self: self.root / CONFIG, doc="the resolved spec and settings")
+    data = property(lambda self: self.root / DATA, doc="the data source and its mean/std")
+    metrics = property(lambda self: self.root / "metrics.jsonl", doc="one JSON line per epoch")
+    anytime_json = property(lambda self: self.root / "anytime.json", doc="the anytime table")
+    anytime_csv = property(lambda self: self.root / "anytime.csv", doc="the anytime table as CSV")
+    anytime_png = property(lambda self: self.root / "anytime.png", doc="the anytime curves")
+    weights_png = property(lambda self: self.root / "weights.png", doc="the weight scheme's history")
+    original = property(lambda self: self.root / "original.json", doc="the --init network's errors")
+    thresholds = property(lambda self: self.root / "thresholds.json", doc="what `annify calibrate` wrote")
+    lock_file = property(lambda self: self.root / LOCK, doc="held by the process writing the run")
+    checkpoints = property(lambda self: self.root / _CHECKPOINTS, doc="the folder of the checkpoints")
+    last = property(lambda self: self.root / _CHECKPOINTS / _LAST, doc="the checkpoint --resume takes")
+    best = property(lambda self: self.root / _CHECKPOINTS / _BEST, doc="the best by anytime quality")
+
+    def last_checkpoint(self) -> Path | None:
+        """``checkpoints/last``, or the previous one a kill left mid-swap; None before the first."""
+        return find_checkpoint(self.checkpoints, _LAST)
+
+    def is_run(self) -> bool:
+        """Whether ``root`` is a run folder that ``annify train`` started (its config and checkpoints)."""
+        return self.config.is_file() and self.checkpoints.is_dir()
+
+    def normalization(self) -> tuple[list[float], list[float]] | None:
+        """(mean, std) from the run's ``data.json``; None when the run has none."""
+        record = self.data
+        if not record.is_file():
+            return None
+        try:
+            data = json.loads(record.read_text())
+            return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise InferenceError(
+                f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
+                "restore them (e.g. from the run's data source) or re-run `annify train`"
+            ) from None
+
+
+# what `annify train` writes at the top of a run folder, beside checkpoints/
+_TOP = RunDir("")
+RESULTS = tuple(
+    p.name
+    for p in (_TOP.config, _TOP.data, _TOP.metrics, _TOP.anytime_json, _TOP.anytime_csv, _TOP.anytime_png,
+              _TOP.weights_png)
+)  # fmt: skip
 
 
 class RunLock:
@@ -62,7 +129,9 @@ class RunLock:
     def release(self) -> None:
         if self.fd < 0:
             return
-        (self.out / LOCK).unlink(missing_ok=True)  # before unlocking: a waiting process then finds a new file
+        RunDir(self.out).lock_file.unlink(
+            missing_ok=True
+        )  # before unlocking: a waiting process then finds a new file
         os.close(self.fd)
         self.fd = -1
         if self.created:  # a run that stopped before writing anything leaves no empty folder
@@ -82,8 +151,9 @@ def lock(out: str | os.PathLike) -> RunLock:
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    path = RunDir(out).lock_file
     while True:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,7 +164,7 @@ def lock(out: str | os.PathLike) -> RunLock:
                 "choose another --out"
             ) from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(out / LOCK).st_ino
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:  # the holder let go and removed it between our open and our lock
             same = False
         if same:
@@ -105,7 +175,7 @@ def lock(out: str | os.PathLike) -> RunLock:
     return RunLock(out, fd, created)
 
 
-def find_checkpoint(root: str | os.PathLike, name: str = "last") -> Path | None:
+def find_checkpoint(root: str | os.PathLike, name: str = _LAST) -> Path | None:
     """``root/name``, or the previous one that a kill left mid-swap (see ``_files.atomic_folder``)."""
     root = Path(root)
     for folder in (root / name, previous_folder(root / name)):
@@ -121,26 +191,38 @@ def weights_file(checkpoint: str | os.PathLike) -> Path:
     ``annify train --resume`` finds it; a run folder with no checkpoint yet is a one-line error.
     """
     p = Path(checkpoint)
-    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / CONFIG).is_file()):  # a run folder
-        last = find_checkpoint(p / "checkpoints", _LAST.name)
+    run = RunDir(p)
+    if p.is_dir() and (run.checkpoints.is_dir() or run.config.is_file()):  # a run folder
+        last = run.last_checkpoint()
         if last is None:
             raise InferenceError(
                 f"run {p} has no checkpoint yet: train it (annify train SPEC --out {p}), or continue an "
                 "interrupted run with --resume"
             )
         return last / WEIGHTS
-    if not p.exists() and p.parent.name == "checkpoints":  # checkpoints/last, mid-swap
+    if not p.exists() and in_checkpoints(p):  # checkpoints/last, mid-swap
         found = find_checkpoint(p.parent, p.name)
         if found is not None:
             return found / WEIGHTS
     return p / WEIGHTS if p.is_dir() else p
 
 
+def in_checkpoints(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a checkpoint of a run's ``checkpoints/`` folder (which may be mid-swap)."""
+    p = Path(path)
+    return p.parent.name == _CHECKPOINTS and p.parent.is_dir()
+
+
+def run_checkpoint(path: str | os.PathLike) -> Path:
+    """A run folder's last checkpoint (``RunDir.last_checkpoint``); any other ``path`` as given."""
+    return RunDir(path).last_checkpoint() or Path(path)
+
+
 def find_run(checkpoint: str | os.PathLike) -> Path | None:
     """The run folder holding ``checkpoint`` (itself, or up to three folders above), if any."""
     p = Path(checkpoint).resolve()
     for folder in [p, *p.parents][:4]:
-        if (folder / CONFIG).is_file() and (folder / "checkpoints").is_dir():
+        if RunDir(folder).is_run():
             return folder
     return None
 
@@ -155,7 +237,7 @@ def foreign_results(out: Path, spec: Spec, settings: dict) -> list[str]:
     if not found:
         return []
     try:
-        previous = load_spec(out / CONFIG)
+        previous = load_spec(RunDir(out).config)
     except (SpecError, OSError):
         return found
     same = (previous.model, previous.taps, previous.train) == (spec.model, spec.taps, dict(settings))
@@ -163,18 +245,8 @@ def foreign_results(out: Path, spec: Spec, settings: dict) -> list[str]:
 
 
 def normalization(run: Path) -> tuple[list[float], list[float]] | None:
-    """(mean, std) from the run's ``data.json``; None when the run has none."""
-    record = run / DATA
-    if not record.is_file():
-        return None
-    try:
-        data = json.loads(record.read_text())
-        return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise InferenceError(
-            f"{record} is corrupt: it should be JSON with the run's 'mean' and 'std' lists; "
-            "restore them (e.g. from the run's data source) or re-run `annify train`"
-        ) from None
+    """(mean, std) from the run's ``data.json``; None when the run has none (``RunDir.normalization``)."""
+    return RunDir(run).normalization()
 
 
 def run_spec(given: Spec, checkpoint: str | os.PathLike, named: str = "the spec") -> tuple[Spec, Path | None]:
@@ -183,11 +255,11 @@ def run_spec(given: Spec, checkpoint: str | os.PathLike, named: str = "the spec"
     run = find_run(checkpoint)
     if run is None:
         return given, None
-    spec = load_spec(run / CONFIG)
+    spec = load_spec(RunDir(run).config)
     if spec.model != given.model:
         raise SpecError(
             f"{checkpoint} is a checkpoint of {spec.model} (run {run}), but {named} describes "
-            f"{given.model}; pass the run's own {run / CONFIG}"
+            f"{given.model}; pass the run's own {RunDir(run).config}"
         )
     return spec, run
 
@@ -226,7 +298,7 @@ def resolve(
         given.num_classes, tuple(given.input_size), given.model_kwargs, given.taps
     ):  # fmt: skip
         note = (
-            f"note: using the run's resolved spec {run / CONFIG} ({spec.num_classes} classes at "
+            f"note: using the run's resolved spec {RunDir(run).config} ({spec.num_classes} classes at "
             f"{'×'.join(map(str, spec.input_size))}), which its weights fit"
         )
     if mean is None and run is not None:

@@ -594,10 +594,10 @@ def serve(
     """
     import uvicorn
 
-    from annify.calibrate import FILE, read_thresholds
+    from annify.calibrate import read_thresholds
     from annify.convert import build, load_weights
     from annify.images import image_transform
-    from annify.run_dir import resolve
+    from annify.run_dir import RunDir, resolve
 
     res = resolve(spec_path, checkpoint, mean, std, need_normalization=True)
     if res.note:
@@ -605,7 +605,7 @@ def serve(
     net = build(res.spec)
     load_weights(net, res.weights)
     thresholds = None
-    if res.run is not None and (res.run / FILE).is_file():
+    if res.run is not None and RunDir(res.run).thresholds.is_file():
         thresholds = read_thresholds(res.run, res.weights).thresholds
     if early_exit and thresholds is None:
         raise InferenceError("--early-exit needs the run's thresholds.json; run `annify calibrate RUN` first")

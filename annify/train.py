@@ -152,7 +152,7 @@ def train(
         return RunResult(out, run.spec, run.net, done, table, seconds, rank, run.original)
     except KeyboardInterrupt:
         if rank == 0:
-            last = _find_checkpoint(out / "checkpoints", "last")
+            last = run_dir.RunDir(out).last_checkpoint()
             log(
                 f"interrupted: {out} keeps its last checkpoint ({last}); continue it with the same command "
                 "and --resume (annify demo resumes by itself)"
@@ -206,8 +206,8 @@ class _Run:
         return [h.node for h in self.spec.heads]
 
     @property
-    def ckpt_root(self) -> Path:
-        return self.out / "checkpoints"
+    def folder(self) -> run_dir.RunDir:
+        return run_dir.RunDir(self.out)
 
 
 def _start_distributed(device: str) -> tuple[int, int, torch.device, bool]:
@@ -228,8 +228,7 @@ def _setup(
     cuda = dev.type == "cuda"
     use_amp = cuda if amp is None else amp
     use_cl = cuda if channels_last is None else channels_last
-    ckpt_root = out / "checkpoints"
-    last = _find_checkpoint(ckpt_root, "last")
+    last = run_dir.RunDir(out).last_checkpoint()
     if last is not None and not resume:
         raise TrainError(
             f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
@@ -331,16 +330,16 @@ def _scheme(cfg: dict, spec: Spec, num_outputs: int) -> weighting.WeightScheme:
 
 def _start_run_folder(out: Path, spec: Spec, cfg: dict, start_epoch: int, machine: str) -> None:
     """config.yaml, data.json and the metrics of the epochs kept; leftovers of an interrupted write go."""
-    ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(ckpt_root)  # a write that a kill interrupted
-    header = f"annify eval {out / 'config.yaml'} --checkpoint {out / 'checkpoints/last'}\n"
+    folder = run_dir.RunDir(out)
+    folder.checkpoints.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder.checkpoints)  # a write that a kill interrupted
+    header = f"annify eval {folder.config} --checkpoint {folder.last}\n"
     header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
-    atomic_write(out / "config.yaml", dump(spec, header))
+    atomic_write(folder.config, dump(spec, header))
     info = data_info(cfg["data"])  # what `annify predict` must normalise images with
     record = {"source": cfg["data"], "mean": list(info.mean), "std": list(info.std)}
-    atomic_write(out / "data.json", json.dumps(record, indent=1) + "\n")
-    _keep_metrics(out / "metrics.jsonl", start_epoch)
+    atomic_write(folder.data, json.dumps(record, indent=1) + "\n")
+    _keep_metrics(folder.metrics, start_epoch)
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict:
@@ -481,7 +480,7 @@ def _check(seen: tuple[list[float], list[int]], run: _Run, epoch: int, bar) -> l
         i = codes.index(first)
         node = "the model's classifier" if run.nodes[i] == "model" else run.nodes[i]
         where = (
-            f"last good checkpoint: {run.ckpt_root / 'last'}"
+            f"last good checkpoint: {run.folder.last}"
             if run.resumed or epoch > run.start_epoch
             else "no checkpoint was written yet"
         )
@@ -499,10 +498,10 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
     score = sum(val.errors) / len(val.errors)
     if run.rank == 0:
         try:
-            with open(run.out / "metrics.jsonl", "a") as f:
+            with open(run.folder.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk, most often: the checkpoint kept is the one to resume from
-            raise _unwritable(run.out / "metrics.jsonl", e, run.ckpt_root) from None
+            raise _unwritable(run.folder.metrics, e, run.folder) from None
         run.say(_epoch_line(row, run.cfg["epochs"]))
         state = {
             "epoch": epoch + 1,
@@ -514,11 +513,13 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
             "rng": _rng_state(),
         }
         weights_file = _weights_writer(run.net)
-        _write_folder(run.ckpt_root / "last", {"model.safetensors": weights_file, "state.pt": _saver(state)})
+        _write_folder(
+            run.folder, run.folder.last, {run_dir.WEIGHTS: weights_file, run_dir.STATE: _saver(state)}
+        )
         if score < run.best:
             info = {"epoch": epoch + 1, "val_error": val.errors}
             _write_folder(
-                run.ckpt_root / "best", {"model.safetensors": weights_file, "best.json": _json(info)}
+                run.folder, run.folder.best, {run_dir.WEIGHTS: weights_file, run_dir.BEST_INFO: _json(info)}
             )
     run.best = min(run.best, score)
 
@@ -536,10 +537,10 @@ def _finish(run: _Run, val: Evaluation | None) -> list[dict]:
         o = run.original
         marks = {f"original, {s}": (o["flops"], o[f"{s}_error"]) for s in ("val", "test")} if o else None
         title = f"{run.spec.name}, {cfg['weights']}, {cfg['data']}"
-        plot_anytime(curves, out / "anytime.png", title=title, marks=marks)
-        history = [(r["epoch"], r["weights"]) for r in _read_metrics(out / "metrics.jsonl")]
+        plot_anytime(curves, run.folder.anytime_png, title=title, marks=marks)
+        history = [(r["epoch"], r["weights"]) for r in _read_metrics(run.folder.metrics)]
         if history:
-            plot_weights(history, out / "weights.png", title=f"{cfg['weights']} weights")
+            plot_weights(history, run.folder.weights_png, title=f"{cfg['weights']} weights")
     if run.world > 1:
         dist.barrier()
     return table
@@ -788,12 +789,10 @@ def _set_rng_state(state: dict) -> None:
 # -------------------------------------------------------------------- checkpoints and run files
 
 
-_find_checkpoint = run_dir.find_checkpoint  # root/name, or the previous one a kill left mid-swap
-
-
-def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Write a checkpoint folder atomically (``_files.atomic_folder``): the previous one is untouched
-    until every file is complete, and a kill mid-swap leaves it where ``_find_checkpoint`` takes it."""
+def _write_folder(run: run_dir.RunDir, dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write checkpoint ``dest`` of ``run`` atomically (``_files.atomic_folder``): the previous one is
+    untouched until every file is complete, and a kill mid-swap leaves it where
+    ``RunDir.last_checkpoint`` takes it."""
     target = dest
     try:
         with atomic_folder(dest) as stage:
@@ -803,14 +802,14 @@ def _write_folder(dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
             target = dest  # past the writers: the fsyncs and the swap
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
         # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
-        raise _unwritable(target, e, dest.parent, "checkpoint ") from None
+        raise _unwritable(target, e, run, "checkpoint ") from None
 
 
-def _unwritable(path: Path, e: Exception, ckpt_root: Path, what: str = "") -> CheckpointError:
+def _unwritable(path: Path, e: Exception, run: run_dir.RunDir, what: str = "") -> CheckpointError:
     """The one line for a run file that could not be written: why, and the checkpoint a resume takes."""
     text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
     why = text.splitlines()[0] if text else type(e).__name__
-    previous = _find_checkpoint(ckpt_root, "last")  # what --resume continues from
+    previous = run.last_checkpoint()  # what --resume continues from
     kept = f"the last good checkpoint {previous} is kept" if previous else "no checkpoint was written yet"
     return CheckpointError(
         f"cannot write {what}{path} ({why}); {kept}; free disk space and continue with --resume"
@@ -839,9 +838,9 @@ _BEFORE_SETTINGS = {
 
 def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int, float]:
     """Load optimizer, scheduler, weight scheme and RNG states; return (epochs done, best score)."""
-    path = folder / "state.pt"
+    path = folder / run_dir.STATE
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {folder} has no state.pt; delete it to start over")
+        raise CheckpointError(f"checkpoint {folder} has no {run_dir.STATE}; delete it to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, ... all mean the same to the user

@@ -22,11 +22,10 @@ from torch import nn
 
 from annify._files import atomic_write
 from annify.errors import TrainError
+from annify.run_dir import RunDir
 from annify.spec import Spec
 
-__all__ = ["ORIGINAL", "init_state", "load_init", "original_row", "read_original", "teacher_from"]
-
-ORIGINAL = "original.json"  # in the run folder: the --init network's errors, measured before training
+__all__ = ["init_state", "load_init", "original_row", "read_original", "teacher_from"]
 
 
 def init_state(source: str, spec: Spec) -> dict[str, torch.Tensor]:
@@ -56,9 +55,9 @@ def init_state(source: str, spec: Spec) -> dict[str, torch.Tensor]:
 def _weights_path(p: Path) -> Path:
     """The weights file of a run folder, a checkpoint folder or a file (``run_dir.weights_file``)."""
     from annify.errors import InferenceError
-    from annify.run_dir import weights_file
+    from annify.run_dir import in_checkpoints, weights_file
 
-    if not p.exists() and not (p.parent.name == "checkpoints" and p.parent.is_dir()):
+    if not p.exists() and not in_checkpoints(p):
         raise TrainError(
             f"--init {p}: no such file or folder; pass 'timm', a run folder, a checkpoint folder or a file"
         )
@@ -128,12 +127,12 @@ def original_row(val_error: float, test_error: float | None, flops: int, last_fl
 
 
 def write_original(out: Path, row: dict, source: str) -> None:
-    atomic_write(out / ORIGINAL, json.dumps({**row, "source": source}, indent=1) + "\n")
+    atomic_write(RunDir(out).original, json.dumps({**row, "source": source}, indent=1) + "\n")
 
 
 def read_original(out: Path) -> dict | None:
     """The original's row from a run folder, None when the run did not start from one."""
-    path = out / ORIGINAL
+    path = RunDir(out).original
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
