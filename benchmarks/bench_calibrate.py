@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import annify
+from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
     build_datasets,
@@ -37,8 +38,8 @@ from benchmarks._common import (
 
 
 def logits_of(run: Path):
-    spec = annify.load_spec(run / "config.yaml")
-    net = annify.load(spec, run / "checkpoints" / "last").eval()
+    spec = annify.load_spec(RunDir(run).config)
+    net = annify.load(spec, RunDir(run).last).eval()
     data = build_datasets(spec.train.get("data") or "digits", input_size=spec.input_size, augment=False)
     outs, labels, n_val = [], [], len(data["val"])
     with torch.inference_mode():

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import annify
+from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
     build_datasets,
@@ -112,8 +113,9 @@ def overhead(label: str, plain, net, batch: int, repeats: int) -> list[object]:
 
 def _digits_net(run: Path, epochs: int):
     """A digits-trained CIFAR ResANN: the finished run in ``run``, else trained there now."""
-    if (run / "anytime.json").is_file() and (run / "checkpoints/last").is_dir():
-        return annify.load(run / "config.yaml", run / "checkpoints/last").eval(), f"reused {run}"
+    folder = RunDir(run)
+    if folder.anytime_json.is_file() and folder.last.is_dir():
+        return annify.load(folder.config, folder.last).eval(), f"reused {run}"
     spec = annify.convert(CIFAR, every=default_placement(CIFAR)["every"], input_size=(3, 32, 32))[1]
     tic = time.perf_counter()
     result = annify.train(spec, out=run, data="digits", epochs=epochs, device="cpu", log=lambda *_: None)

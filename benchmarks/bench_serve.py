@@ -53,6 +53,7 @@ from pathlib import Path
 
 import httpx
 
+from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
     build_datasets,
@@ -74,7 +75,7 @@ def annify(*args: str, **kwargs) -> subprocess.Popen:
 
 def prepare_run(args) -> Path:
     run = Path(args.run or Path(args.workdir) / "run")
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config.is_file():
         print(f"training {args.train_spec} on digits for {args.epochs} epochs into {run}", flush=True)
         train = [
             "train",
@@ -87,7 +88,7 @@ def prepare_run(args) -> Path:
             str(run),
         ]
         assert annify(*train, stdout=subprocess.DEVNULL).wait() == 0
-    if not (run / "thresholds.json").is_file():
+    if not RunDir(run).thresholds.is_file():
         assert annify("calibrate", str(run), "--epsilon", "0.02", "--delta", "0.1").wait() == 0
     return run
 
@@ -120,7 +121,7 @@ class ServerProcess:
             self.port = s.getsockname()[1]
         early = ["--early-exit"] if policy == "anytime+calibrated" else []
         self.proc = annify(
-            "serve", str(run / "config.yaml"), "--checkpoint", str(run), "--port", str(self.port),
+            "serve", str(RunDir(run).config), "--checkpoint", str(run), "--port", str(self.port),
             "--policy", policy.split("+")[0], "--max-queue", str(max_queue), "--guard-ms", str(guard_ms), *early, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
@@ -243,7 +244,7 @@ def main() -> None:
     args = p.parse_args()
 
     run = prepare_run(args)
-    table_rows = json.loads((run / "anytime.json").read_text())
+    table_rows = json.loads(RunDir(run).anytime_json.read_text())
     last = table_rows[-1]["val_error"]
     fixed = next(r["output"] for r in table_rows if r["val_error"] <= last + 0.01)
     policies = [f"exit:{fixed}" if x == "exit" else x for x in args.policies.split(",")]

@@ -13,6 +13,7 @@ from annify._files import previous_folder
 from annify.run_dir import RunDir
 
 PACKAGE = Path(annify.__file__).parent
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # they read runs' files too
 _FILES = (
     "config",
     "data",
@@ -60,9 +61,9 @@ def test_no_module_but_run_dir_spells_a_run_folder_file_name():
     assert spelled(literal, names, folders) == {"checkpoints/last", "config.yaml", "checkpoints", "best"}
     assert spelled("teacher = 'last'; option = 'checkpoints'", names, folders) == set()
     offenders = {
-        path.name: sorted(found)
-        for path in sorted(PACKAGE.glob("*.py"))
-        if path.name != "run_dir.py" and (found := spelled(path.read_text(), names, folders))
+        f"{path.parent.name}/{path.name}": sorted(found)
+        for path in sorted([*PACKAGE.glob("*.py"), *BENCHMARKS.rglob("*.py")])
+        if path != PACKAGE / "run_dir.py" and (found := spelled(path.read_text(), names, folders))
     }
     assert offenders == {}, "spell these through annify.run_dir.RunDir"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import annify
+from annify.run_dir import RunDir
 from benchmarks._common import (
     TensorBatches,
     build_datasets,
@@ -70,7 +71,7 @@ def run_one(job: Job) -> dict:
             log=lambda s: print(s, file=log, flush=True),
             **job.settings,
         )
-    metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = [json.loads(x) for x in RunDir(folder).metrics.read_text().splitlines() if x.strip()]
     record = {
         "scheme": job.label,
         "head": job.head,

@@ -35,6 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
+from annify.run_dir import RunDir
 from benchmarks._common import data_spec, figure, machine_line, save_figure, table, write_json, write_text
 from benchmarks.sweeps._runs import RESULTS, Job, run_all
 
@@ -87,7 +88,7 @@ def _job(
 
 
 def _original(folder: Path) -> dict:
-    return json.loads((folder / "original.json").read_text())
+    return json.loads(RunDir(folder).original.read_text())
 
 
 def collect(out: Path, cfg: dict, jobs: int) -> dict:
