@@ -30,12 +30,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from annify._files import previous_folder
-from annify.errors import InferenceError, SpecError, TrainError
+from annify._files import atomic_folder, previous_folder
+from annify.errors import CheckpointError, InferenceError, SpecError, TrainError
 from annify.spec import Spec, load_spec
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "foreign_results",
     "in_checkpoints",
     "lock",
+    "read_state",
     "normalization",
     "resolve",
     "run_checkpoint",
@@ -91,6 +92,34 @@ class RunDir:
     def last_checkpoint(self) -> Path | None:
         """``checkpoints/last``, or the previous one a kill left mid-swap; None before the first."""
         return find_checkpoint(self.checkpoints, _LAST)
+
+    def write_checkpoint(self, dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
+        """Write checkpoint ``dest`` (``last`` or ``best``), each file by ``files[name](path)``, atomically
+        (``_files.atomic_folder``): the previous one is untouched until every file is complete, and a kill
+        mid-swap leaves it where ``last_checkpoint`` takes it. A failed write is a one-line
+        ``CheckpointError`` (``unwritable``)."""
+        from safetensors import SafetensorError
+
+        target = dest
+        try:
+            with atomic_folder(dest) as stage:
+                for name, write in files.items():
+                    target = dest / name
+                    write(stage / name)
+                target = dest  # past the writers: the fsyncs and the swap
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
+            # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
+            raise self.unwritable(target, e, "checkpoint ") from None
+
+    def unwritable(self, path: Path, e: Exception, what: str = "") -> CheckpointError:
+        """The one line for a run file that could not be written: why, and the checkpoint a resume takes."""
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
+        why = text.splitlines()[0] if text else type(e).__name__
+        previous = self.last_checkpoint()  # what --resume continues from
+        kept = f"the last good checkpoint {previous} is kept" if previous else "no checkpoint was written yet"
+        return CheckpointError(
+            f"cannot write {what}{path} ({why}); {kept}; free disk space and continue with --resume"
+        )
 
     def is_run(self) -> bool:
         """Whether ``root`` is a run folder that ``annify train`` started (its config and checkpoints)."""
@@ -216,6 +245,23 @@ def in_checkpoints(path: str | os.PathLike) -> bool:
 def run_checkpoint(path: str | os.PathLike) -> Path:
     """A run folder's last checkpoint (``RunDir.last_checkpoint``); any other ``path`` as given."""
     return RunDir(path).last_checkpoint() or Path(path)
+
+
+def read_state(checkpoint: Path) -> dict:
+    """The training state (``state.pt``: epoch, best, settings, optimizer, scheduler, scheme, RNG) of
+    checkpoint folder ``checkpoint``; a missing or unreadable one is a one-line ``CheckpointError``."""
+    import torch
+
+    path = checkpoint / STATE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} has no {STATE}; delete it to start over")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, ... all mean the same to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint state {path} is unreadable ({msg}); delete {checkpoint} to start over"
+        ) from None
 
 
 def find_run(checkpoint: str | os.PathLike) -> Path | None:

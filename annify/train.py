@@ -39,11 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch import nn
 
 from annify import run_dir, trained_start, weighting
-from annify._files import atomic_folder, atomic_write, remove_leftovers
+from annify._files import atomic_write, remove_leftovers
 from annify.config import DEFAULTS, head_epochs, resolve_settings, run_label
 from annify.convert import build, load_weights
 from annify.cost import count, with_costs
@@ -501,7 +500,7 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
             with open(run.folder.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk, most often: the checkpoint kept is the one to resume from
-            raise _unwritable(run.folder.metrics, e, run.folder) from None
+            raise run.folder.unwritable(run.folder.metrics, e) from None
         run.say(_epoch_line(row, run.cfg["epochs"]))
         state = {
             "epoch": epoch + 1,
@@ -513,13 +512,13 @@ def _end_epoch(run: _Run, epoch: int, row: dict, val: Evaluation) -> None:
             "rng": _rng_state(),
         }
         weights_file = _weights_writer(run.net)
-        _write_folder(
-            run.folder, run.folder.last, {run_dir.WEIGHTS: weights_file, run_dir.STATE: _saver(state)}
+        run.folder.write_checkpoint(
+            run.folder.last, {run_dir.WEIGHTS: weights_file, run_dir.STATE: _saver(state)}
         )
         if score < run.best:
             info = {"epoch": epoch + 1, "val_error": val.errors}
-            _write_folder(
-                run.folder, run.folder.best, {run_dir.WEIGHTS: weights_file, run_dir.BEST_INFO: _json(info)}
+            run.folder.write_checkpoint(
+                run.folder.best, {run_dir.WEIGHTS: weights_file, run_dir.BEST_INFO: _json(info)}
             )
     run.best = min(run.best, score)
 
@@ -789,33 +788,6 @@ def _set_rng_state(state: dict) -> None:
 # -------------------------------------------------------------------- checkpoints and run files
 
 
-def _write_folder(run: run_dir.RunDir, dest: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Write checkpoint ``dest`` of ``run`` atomically (``_files.atomic_folder``): the previous one is
-    untouched until every file is complete, and a kill mid-swap leaves it where
-    ``RunDir.last_checkpoint`` takes it."""
-    target = dest
-    try:
-        with atomic_folder(dest) as stage:
-            for name, write in files.items():
-                target = dest / name
-                write(stage / name)
-            target = dest  # past the writers: the fsyncs and the swap
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save's zip writer
-        # raises RuntimeError, safetensors its own error; the previous checkpoint is untouched
-        raise _unwritable(target, e, run, "checkpoint ") from None
-
-
-def _unwritable(path: Path, e: Exception, run: run_dir.RunDir, what: str = "") -> CheckpointError:
-    """The one line for a run file that could not be written: why, and the checkpoint a resume takes."""
-    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()
-    why = text.splitlines()[0] if text else type(e).__name__
-    previous = run.last_checkpoint()  # what --resume continues from
-    kept = f"the last good checkpoint {previous} is kept" if previous else "no checkpoint was written yet"
-    return CheckpointError(
-        f"cannot write {what}{path} ({why}); {kept}; free disk space and continue with --resume"
-    )
-
-
 def _weights_writer(net: nn.Module) -> Callable[[Path], None]:
     from safetensors.torch import save_file
 
@@ -838,16 +810,8 @@ _BEFORE_SETTINGS = {
 
 def _restore(folder: Path, cfg: dict, optimizer, scheduler, scheme) -> tuple[int, float]:
     """Load optimizer, scheduler, weight scheme and RNG states; return (epochs done, best score)."""
+    state = run_dir.read_state(folder)
     path = folder / run_dir.STATE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {folder} has no {run_dir.STATE}; delete it to start over")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, ... all mean the same to the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint state {path} is unreadable ({msg}); delete {folder} to start over"
-        ) from None
     # a setting a run predates had, for that run, the value of the behaviour before it existed
     saved = {**_BEFORE_SETTINGS, **state.get("settings", {})}
     changed = [k for k in cfg if saved.get(k, DEFAULTS[k]) != cfg[k]]

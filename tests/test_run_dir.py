@@ -7,9 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
+
 import annify
 from annify import run_dir
 from annify._files import previous_folder
+from annify.errors import CheckpointError
 from annify.run_dir import RunDir
 
 PACKAGE = Path(annify.__file__).parent
@@ -109,3 +113,20 @@ def test_a_run_dir_is_a_value():
     assert RunDir("runs/x") == RunDir(Path("runs/x"))
     assert RunDir("runs/x").root == Path("runs/x")
     assert RunDir("runs/x").last == Path("runs/x") / RunDir("").last
+
+
+def test_checkpoints_are_written_whole_and_their_state_read_back(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    run.write_checkpoint(run.last, {run_dir.STATE: lambda p: torch.save({"epoch": 1}, p)})
+    assert run.last_checkpoint() == run.last and run_dir.read_state(run.last) == {"epoch": 1}
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError, match=f"the last good checkpoint {run.last} is kept"):
+        run.write_checkpoint(run.last, {run_dir.STATE: full_disk})
+    assert run_dir.read_state(run.last) == {"epoch": 1}  # the previous one, untouched
+    (run.last / run_dir.STATE).write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        run_dir.read_state(run.last)
