@@ -414,6 +414,8 @@ _NOT_PUBLIC = {  # name here: (annify module, its name there; None: the module i
     "heads": ("annify.heads", None),
     # ONNX / TorchScript export
     "export": ("annify.export", "export"),
+    # a run folder's files, named by their one owner
+    "RunDir": ("annify.run_dir", "RunDir"),
     # FLOPs as text, figures off-screen
     "format_flops": ("annify.report", "format_flops"),
     "figure": ("annify.report", "figure"),

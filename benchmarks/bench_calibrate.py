@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 import annify
-from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
+    RunDir,
     build_datasets,
     exit_flops,
     loss_matrix,

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 import annify
-from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
+    RunDir,
     build_datasets,
     build_loaders,
     cell,

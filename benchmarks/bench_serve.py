@@ -53,9 +53,9 @@ from pathlib import Path
 
 import httpx
 
-from annify.run_dir import RunDir
 from benchmarks._common import (
     RESULTS,
+    RunDir,
     build_datasets,
     figure,
     machine,

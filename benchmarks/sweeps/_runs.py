@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import annify
-from annify.run_dir import RunDir
 from benchmarks._common import (
+    RunDir,
     TensorBatches,
     build_datasets,
     evaluate,

@@ -35,8 +35,16 @@ import statistics
 import time
 from pathlib import Path
 
-from annify.run_dir import RunDir
-from benchmarks._common import data_spec, figure, machine_line, save_figure, table, write_json, write_text
+from benchmarks._common import (
+    RunDir,
+    data_spec,
+    figure,
+    machine_line,
+    save_figure,
+    table,
+    write_json,
+    write_text,
+)
 from benchmarks.sweeps._runs import RESULTS, Job, run_all
 
 PLAIN = {"weights": "opt", "head_local": False, "distill": 0.0, "bn_recalibrate": 2048}
