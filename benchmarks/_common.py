@@ -370,6 +370,83 @@ def twin(net):
     return other.to(next(net.parameters()).device).train(net.training)
 
 
+# -------------------------------------------------------------------- training steps
+# One step of the trainer and of the plain model, shared by bench_train, bench_threads and bench_cpu_memory.
+
+MODELS = {  # name: (timm model, placement, input size, classes, batch)
+    "cifar": ("cifar_resnet_n7_c16", 1, (3, 32, 32), 10, 64),
+    "resnet50": ("resnet50", 2, (3, 224, 224), 1000, 8),
+}
+
+
+def step_optimizer(model, fused: bool = True):
+    """The trainer's optimizer at lr 0.01; ``fused=False``: the per-tensor loop."""
+    if fused:
+        return _not_public("trainer_optimizer")(model, _not_public("resolve_settings")({}, {"lr": 0.01}))[0]
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9, nesterov=False)
+
+
+def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, model=None):
+    """One step exactly as ``annify.train.train`` takes it (single process), returning nothing.
+
+    ``model`` is what the forward calls (``torch.compile(net)`` with ``--compile``, as the trainer
+    does); parameters, hooks and the optimizer belong to ``net``."""
+    from annify import weighting
+
+    optimizer = step_optimizer(net)
+    trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
+    scheme.to(x.device)
+    local = weighting.HeadLocal(net) if head_local else None
+    watch, steps = _not_public("EpochLosses")(net.num_outputs, x.device), [0]
+
+    def step() -> None:
+        if local is not None:
+            local.set(scheme.weights)
+        losses = annify.train.output_objectives(net if model is None else model, x, y, amp)[0]  # (K,)
+        annify.train.weighted_update(losses, scheme, optimizer, trunk, local)
+        steps[0] += 1
+        watch.add(losses, steps[0])
+        if watch.due(steps[0]):  # the trainer's rate-limited look at the losses (finiteness, progress)
+            watch.read(steps[0])
+
+    return step
+
+
+def plain_step(model, x, y, amp: bool = False, compiled=None):
+    """The plain timm model's step: cross-entropy on its one output, the trainer's optimizer
+    (``compiled``: what the forward calls instead of ``model``)."""
+    optimizer = step_optimizer(model)
+    dev = x.device
+    forward = model if compiled is None else compiled
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = forward(x)  # (B, classes)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def train_pair(name: str, device: str):
+    """(plain timm model, converted network with the same trunk weights, spec, batch, input size,
+    classes) of ``MODELS[name]``, both in training mode on ``device``."""
+    model, every, size, classes, batch = MODELS[name]
+    plain, net = model_pair(model, every=every, input_size=size, num_classes=classes)
+    return plain.to(device).train(), net.to(device).train(), net.spec, batch, size, classes
+
+
+def cifar_step():
+    """One trainer step of the CIFAR ResANN (``MODELS["cifar"]``, head-local AdaLoss) on random data."""
+    _, net, _, batch, size, classes = train_pair("cifar", "cpu")
+    x, y = torch.randn(batch, *size), torch.randint(0, classes, (batch,))
+    return annify_step(net, annify.weighting.get("adaloss", net.num_outputs), x, y)
+
+
 # -------------------------------------------------------------------- not public (yet)
 # What the benchmarks need that annify/__init__.py does not export: imported here alone, on first use
 # (``from benchmarks._common import build_datasets``), each with the capability it stands for. Each is a

@@ -72,13 +72,13 @@ def _build(name: str, batch: int):
 
         return infer
     if name == "resnet50-train":
-        from benchmarks.bench_train import plain_step
+        from benchmarks._common import plain_step
 
         model = timm.create_model("resnet50").train()
         x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
         return plain_step(model, x, y)
     if name == "cifar-train":
-        from benchmarks.bench_threads import cifar_step
+        from benchmarks._common import cifar_step
 
         return cifar_step()
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

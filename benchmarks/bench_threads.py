@@ -40,6 +40,7 @@ from benchmarks._common import (
     RESULTS,
     EpochLosses,
     build_datasets,
+    cifar_step,
     command,
     fit_to_data,
     machine,
@@ -91,14 +92,6 @@ def tiny_epoch(tmp: Path):
         watch.read(step)
 
     return run
-
-
-def cifar_step():
-    from benchmarks.bench_train import annify_step, train_pair
-
-    _, net, _, batch, size, classes = train_pair("cifar", "cpu")
-    x, y = torch.randn(batch, *size), torch.randint(0, classes, (batch,))
-    return annify_step(net, annify.weighting.get("adaloss", net.num_outputs), x, y)
 
 
 class Neighbour:

@@ -56,21 +56,21 @@ import annify
 import benchmarks._common as common
 from benchmarks._common import (
     RESULTS,
-    EpochLosses,
+    annify_step,
     command,
     heads,
     heads_share,
     interleaved,
     machine,
     machine_line,
-    model_pair,
+    plain_step,
     ratios,
-    resolve_settings,
     set_threads,
     spread,
+    step_optimizer,
     summary,
     table,
-    trainer_optimizer,
+    train_pair,
     twin,
     write_json,
     write_text,
@@ -78,48 +78,9 @@ from benchmarks._common import (
 
 # the step part's clock: CPU time of this thread, all of torch's work at 1 thread (``_common.interleaved``)
 CLOCK = time.thread_time
-MODELS = {  # name: (timm model, placement, input size, classes, batch)
-    "cifar": ("cifar_resnet_n7_c16", 1, (3, 32, 32), 10, 64),
-    "resnet50": ("resnet50", 2, (3, 224, 224), 1000, 8),
-}
 
 
 # -------------------------------------------------------------------- the steps
-
-
-def _optimizer(model, fused: bool = True):
-    """The trainer's optimizer at lr 0.01; ``fused=False``: the per-tensor loop."""
-    if fused:
-        return trainer_optimizer(model, resolve_settings({}, {"lr": 0.01}))[0]
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9, nesterov=False)
-
-
-def annify_step(net, scheme, x, y, amp: bool = False, head_local: bool = True, model=None):
-    """One step exactly as ``annify.train.train`` takes it (single process), returning nothing.
-
-    ``model`` is what the forward calls (``torch.compile(net)`` with ``--compile``, as the trainer
-    does); parameters, hooks and the optimizer belong to ``net``."""
-    from annify import weighting
-
-    optimizer = _optimizer(net)
-    trunk = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith(net.exits_prefix)]
-    scheme.to(x.device)
-    local = weighting.HeadLocal(net) if head_local else None
-    watch, steps = EpochLosses(net.num_outputs, x.device), [0]
-
-    def step() -> None:
-        if local is not None:
-            local.set(scheme.weights)
-        losses = annify.train.output_objectives(net if model is None else model, x, y, amp)[0]  # (K,)
-        annify.train.weighted_update(losses, scheme, optimizer, trunk, local)
-        steps[0] += 1
-        watch.add(losses, steps[0])
-        if watch.due(steps[0]):  # the trainer's rate-limited look at the losses (finiteness, progress)
-            watch.read(steps[0])
-
-    return step
 
 
 def before_step(net, x, y):
@@ -127,7 +88,7 @@ def before_step(net, x, y):
     step the losses copied to the host, checked for finiteness, summed and formatted for the bar."""
     from annify import weighting
 
-    optimizer = _optimizer(net, fused=False)
+    optimizer = step_optimizer(net, fused=False)
     scheme, local = weighting.get("adaloss", net.num_outputs), weighting.HeadLocal(net)
     loss_sum = torch.zeros(net.num_outputs, dtype=torch.float64)
 
@@ -151,7 +112,7 @@ def before_step(net, x, y):
 
 def trunk_step(net, x, y):
     """Diagnostic: the converted network's segments without any head, cross-entropy on the last output."""
-    optimizer = _optimizer(net)
+    optimizer = step_optimizer(net)
 
     def step() -> None:
         state = (x,)
@@ -190,32 +151,6 @@ def _pool_linear_heads(net):
     for j, head in enumerate(net.exits):
         net.exits[j] = _PoolLinear(head)
     return net
-
-
-def plain_step(model, x, y, amp: bool = False, compiled=None):
-    """The plain timm model's step: cross-entropy on its one output, the trainer's optimizer
-    (``compiled``: what the forward calls instead of ``model``)."""
-    optimizer = _optimizer(model)
-    dev = x.device
-    forward = model if compiled is None else compiled
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = forward(x)  # (B, classes)
-        loss = F.cross_entropy(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def train_pair(name: str, device: str):
-    """(plain timm model, converted network with the same trunk weights, spec, batch, input size,
-    classes) of ``MODELS[name]``, both in training mode on ``device``."""
-    model, every, size, classes, batch = MODELS[name]
-    plain, net = model_pair(model, every=every, input_size=size, num_classes=classes)
-    return plain.to(device).train(), net.to(device).train(), net.spec, batch, size, classes
 
 
 # -------------------------------------------------------------------- the CPU parts
@@ -342,7 +277,7 @@ def optimizer_part(name: str, repeats: int) -> tuple[str, dict]:
     gen = torch.Generator().manual_seed(0)
     for p in net.parameters():
         p.grad = torch.randn(p.shape, generator=gen)
-    opts = {"loop": _optimizer(net, fused=False), "fused": _optimizer(net)}
+    opts = {"loop": step_optimizer(net, fused=False), "fused": step_optimizer(net)}
     for o in opts.values():  # lr 0 would skip nothing; a tiny lr keeps the weights near where they were
         for g in o.param_groups:
             g["lr"] = 1e-9
