@@ -47,3 +47,15 @@ def test_benchmarks_use_the_public_api():
             elif module == "annify" and (private := [n for n in names if n not in public]):
                 bad.append(f"{where}: from annify import {', '.join(private)}: not in annify.__all__")
     assert not bad, "benchmarks reach into annify's internals:\n" + "\n".join(bad)
+
+
+def test_benchmarks_never_import_another_benchmark():
+    """What two benchmarks share lives in a helper module (``_common``, ``sweeps/_runs``, ``sweeps/_breadth``),
+    so a benchmark can change or go without breaking another."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in sorted((ROOT / "benchmarks").rglob("*.py"))
+        for line, module, _ in _imports(path)
+        if module.startswith("benchmarks.") and module.rsplit(".", 1)[-1].startswith("bench_")
+    ]
+    assert not bad, "benchmarks import other benchmarks:\n" + "\n".join(bad)
