@@ -13,6 +13,8 @@ import importlib.util
 import sys
 import types
 
+from annify import _lazy
+
 # Re-exports load on first use (PEP 562), so `import annify` and the command line's `--help` do not
 # pay for importing torch and timm: name -> the module that defines it.
 _EXPORTS = {
@@ -48,13 +50,9 @@ _EXPORTS = {
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
     if name in ("weighting", *_CALLABLE):
         return importlib.import_module(f"annify.{name}")
-    raise AttributeError(f"module 'annify' has no attribute {name!r}")
+    return _lazy.load(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:

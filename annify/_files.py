@@ -43,7 +43,16 @@ TEMP_PREFIX = ".tmp-"
 
 
 def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it: set it straight back
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``):
+    setting it to read it would, for an instant, give files another thread creates mode 0666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)  # elsewhere the only way to read it is to set it: set it straight back
     os.umask(umask)
     return umask
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
 
+from annify._lazy import load
 from annify.report import format_flops, format_rows
 
 __all__ = [
@@ -418,12 +419,9 @@ def format_eann(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_STAGE = ("EANNRun", "plot_eann", "run_eann")  # annify.eann_run's, named here as they always were
+# annify.eann_run's, named here as they always were
+_STAGE = {name: "annify.eann_run" for name in ("EANNRun", "plot_eann", "run_eann")}
 
 
 def __getattr__(name: str):
-    if name in _STAGE:
-        import annify.eann_run
-
-        return getattr(annify.eann_run, name)
-    raise AttributeError(f"module 'annify.eann' has no attribute {name!r}")
+    return load(globals(), _STAGE, name)

@@ -15,9 +15,9 @@ Reading an image file for inference is ``annify.images``. The names below load o
 so the command line's help, which lists the sources, does not import torch.
 """
 
-import importlib
 import textwrap
 
+from annify._lazy import load
 from annify.data.sources import (
     DEBIAN_FASHION_MNIST,
     SOURCES,
@@ -50,11 +50,7 @@ _EXPORTS = {
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'annify.data' has no attribute {name!r}")
+    return load(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:
