@@ -123,12 +123,44 @@ def _plain_norm_act(m: nn.Module) -> bool:
 
 @dataclass
 class Segment:
-    """One piece of the graph: runs from the carried tensors to the next tap."""
+    """One piece of the graph: runs from the carried tensors to the next tap.
+
+    ``boxed`` is the same code taking the carried values in one list that it empties before it
+    computes (torch's compilers call graphs the same way, "boxed"): the segment then holds the only
+    references, and torch.fx's code frees each value right after its last use instead of when the
+    caller lets go of it. ``AnytimeNet.run_segment`` uses it when handed a list.
+    """
 
     fn: Callable  # fn(module, *carried) -> tuple of tensors leaving the segment
     tap: int | None  # position of the tap value in the returned tuple (None for the last segment)
     carry: int  # how many of the returned values are carried to the next segment
     graph: fx.Graph
+    boxed: Callable | None = None  # boxed(module, carried: list) -> as fn; None for the graph's input
+
+
+class _BoxedInputs(fx.graph.CodeGen):
+    """torch.fx code that takes its inputs as one list and empties it (``def forward(self, values)``)."""
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **kw) -> str:
+        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+        lines = [f"def {self._func_name}(self, values){maybe_return_annotation}:"]
+        if names:
+            lines.append(f"    {', '.join(names)}, = values")
+            lines.append("    values.clear()")
+        return "\n".join(lines)
+
+
+def _boxed(graph: fx.Graph, tag: str) -> tuple[Callable, Callable]:
+    """(fn, boxed) for a graph whose placeholders are all carried values (no defaults, no varargs)."""
+    g = fx.Graph()
+    g.output(g.graph_copy(graph, {}))
+    g.set_codegen(_BoxedInputs())
+    boxed = _compile(g, tag)
+
+    def fn(module, *values):
+        return boxed(module, list(values))
+
+    return fn, boxed
 
 
 def _compile(graph: fx.Graph, tag: str) -> Callable:
@@ -178,6 +210,13 @@ def cut(
     def consumers(n: fx.Node) -> set[int]:
         return {len(bounds) - 1 if u.op == "output" else seg_of.get(u, -1) for u in n.users}
 
+    def segment(g: fx.Graph, s: int, tap: int | None, carry: int) -> Segment:
+        name = f"{tag} {s}"
+        if s == 0:  # the graph's own inputs (they may have defaults): their signature stays
+            return Segment(_compile(g, name), tap, carry, g)
+        fn, boxed = _boxed(g, name)
+        return Segment(fn, tap, carry, g, boxed)
+
     segments, carried = [], list(placeholders)
     for s in range(len(bounds) - 1):
         g = fx.Graph()
@@ -199,7 +238,7 @@ def cut(
         last = s == len(bounds) - 2
         if last:
             g.output(fx.map_arg(output.args[0], arg))
-            segments.append(Segment(_compile(g, f"{tag} {s}"), None, 0, g))
+            segments.append(segment(g, s, None, 0))
             break
         alive = [n for n in [*carried, *own] if any(c > s for c in consumers(n))]
         tap_node = nodes[bounds[s + 1]]
@@ -207,7 +246,7 @@ def cut(
         tap_pos = outs.index(tap_node) if tap_node in outs else len(outs)
         values = [env[n] for n in outs] + ([env[tap_node]] if tap_pos == len(outs) else [])
         g.output(tuple(values))
-        segments.append(Segment(_compile(g, f"{tag} {s}"), tap_pos, len(outs), g))
+        segments.append(segment(g, s, tap_pos, len(outs)))
         carried = alive
     return segments
 
@@ -312,15 +351,26 @@ class AnytimeNet(nn.Module):
             return self._train_segments
         return self._eval_segments
 
-    def run_segment(self, j: int, state: tuple, head: bool = True) -> tuple[tuple, object]:
+    def run_segment(self, j: int, state: tuple | list, head: bool = True) -> tuple[tuple, object]:
         """Run segment ``j`` on the carried ``state``; return (next state, output j).
 
         With ``head=False`` output j is the tap's feature tensor instead of the head's logits (an
         ensemble runtime skips heads whose predictions it never uses). For the last segment the
         output is the model's own output and the next state is empty.
+
+        A ``state`` given as a list is handed over: the segment empties it before computing, so each
+        carried value is freed right after its last use inside the segment, as eager code frees a
+        block's input, instead of staying alive until the segment returns (with glibc's default
+        allocator that keeps fewer large blocks alive and faults fewer pages in: BENCHMARKS.md §22).
+        Keep no other reference to the values to get that. A tuple is left as it is.
         """
         seg = self.segments[j]
-        values = seg.fn(self, *state)
+        if type(state) is list and seg.boxed is not None:
+            values = seg.boxed(self, state)
+        else:
+            values = seg.fn(self, *state)
+            if type(state) is list:
+                state.clear()
         if seg.tap is None:
             return (), values
         feature = values[seg.tap]
@@ -331,9 +381,11 @@ class AnytimeNet(nn.Module):
     def stream(self, x: torch.Tensor, k: int | None = None) -> Iterator[object]:
         """Yield the outputs one at a time, computing each segment only when the next one is asked for."""
         k = self.num_outputs if k is None else k
-        state: tuple = (x,)
+        state: list = [x]
         for j in range(k):
-            state, out = self.run_segment(j, state)
+            carried, out = self.run_segment(j, state)  # empties ``state``: see run_segment
+            state = list(carried)
+            del carried
             yield out
 
     def forward_until(self, x: torch.Tensor, k: int) -> list:

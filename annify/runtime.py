@@ -67,9 +67,11 @@ class _NetSchedule:
         self.exits = [Exit(None, k, f) for k, f in enumerate(exit_flops(net))]
 
     def events(self, x: torch.Tensor) -> Iterator[tuple[float, int | None, torch.Tensor | None]]:
-        state: tuple = (x,)
+        state: list = [x]
         for j, e in enumerate(self.exits):
-            state, out = self.net.run_segment(j, state)
+            carried, out = self.net.run_segment(j, state)  # empties ``state``: values die at their last use
+            state = list(carried)
+            del carried
             yield e.flops, j, out
 
 
@@ -126,9 +128,11 @@ class EANNRuntime(nn.Module):
     def events(self, x: torch.Tensor) -> Iterator[tuple[float, int | None, torch.Tensor | None]]:
         """After every segment run: (cumulative FLOPs, exit index or None, logits or None)."""
         for m, steps in enumerate(self._plan):
-            net, state = self.members[m], (x,)
+            net, state = self.members[m], [x]
             for j, head, flops, exit_index in steps:
-                state, out = net.run_segment(j, state, head=head)
+                carried, out = net.run_segment(j, state, head=head)  # empties ``state`` (see run_segment)
+                state = list(carried)
+                del carried
                 yield flops, exit_index, (out if exit_index is not None else None)
 
     def stream(self, x: torch.Tensor) -> Iterator[tuple[float, torch.Tensor]]:

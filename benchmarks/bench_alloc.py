@@ -8,19 +8,25 @@ user CPU time (computing), the system CPU time (the kernel: page faults on fresh
 
 - ``plain``: the timm model;
 - ``earlyon``: earlyon 0.3.0's all-exits forward on the same exits (skipped if it is not installed);
-- ``annify``: the converted network, every output;
+- ``annify``: the converted network, every output, as a user calls it (``net(x)``);
+- ``annify, state held``: the same, but each segment's carried input held by the caller until the
+  segment returns (``run_segment`` given tuples): how annify ran before segments took their input
+  as a list they empty (``Segment.boxed``), kept to show what that changed;
 - ``segments``: the converted network's segments alone, no head (``run_segment(j, head=False)``);
 - ``fx``: the plain model traced by ``torch.fx.symbolic_trace`` as one graph (no cut, no head),
 
-each allocator mode (``release``: glibc's default; ``keep``: ``annify.keep_freed_memory()``) in a
-fresh process, the variants interleaved round by round (order rotated), one thread. CPU times come
-from ``getrusage(RUSAGE_THREAD)`` around each call, so time the core spent on other processes is not
-counted (this machine is shared); ratios are taken within a round and summarised by their median.
+each allocator mode (``release``: glibc's default; ``keep``: ``annify.keep_freed_memory()``) in
+``--processes`` fresh processes, the variants interleaved round by round (order rotated), one
+thread. Several processes because glibc's page faults depend on the process's heap history (the
+same forward faults 25,000 times a call in one process and 44,000 in the next); the rounds of all
+processes are pooled. CPU times come from ``getrusage(RUSAGE_THREAD)`` around each call, so time the
+core spent on other processes is not counted (this machine is shared); ratios are taken within a
+round and summarised by their median.
 
 Usage::
 
-    python -m benchmarks.bench_alloc                       # resnet50 --every 2, batch 8, 21 rounds
-    python -m benchmarks.bench_alloc --batch 32 --rounds 11
+    python -m benchmarks.bench_alloc                       # resnet50 --every 2, batch 8, 3 x 9 rounds
+    python -m benchmarks.bench_alloc --batch 32 --rounds 5 --processes 2
 
 Results: printed as Markdown and written to ``benchmarks/results/alloc.json``.
 """
@@ -54,12 +60,25 @@ def _variants(name: str, every: int, batch: int):
     x = torch.randn(batch, *net.spec.input_size)
 
     def segments():
+        state = [x]
+        for j in range(net.num_outputs):
+            carried, _ = net.run_segment(j, state, head=False)
+            state = list(carried)
+            del carried
+
+    def held():  # tuples: run_segment leaves them as they are, so the caller keeps each input alive
         state = (x,)
         for j in range(net.num_outputs):
-            state, _ = net.run_segment(j, state, head=False)
+            state, _ = net.run_segment(j, state)
 
     traced = torch.fx.symbolic_trace(plain)  # the plain model as one flat fx graph, no cut, no head
-    fns = {"plain": lambda: plain(x), "fx": lambda: traced(x), "annify": lambda: net(x), "segments": segments}
+    fns = {
+        "plain": lambda: plain(x),
+        "fx": lambda: traced(x),
+        "annify": lambda: net(x),
+        "annify, state held": held,
+        "segments": segments,
+    }
     try:
         from earlyon.models.custom import custom_ee
     except Exception:  # earlyon is optional (pip install earlyon==0.3.0)
@@ -114,7 +133,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds per process")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes per allocator mode")
     ap.add_argument("--mode", choices=["keep", "release"], help=argparse.SUPPRESS)  # one child process
     args = ap.parse_args()
     if args.mode:
@@ -124,14 +144,24 @@ def main() -> None:
     set_threads(1)  # as in the measuring processes, so the machine line says so
     out = {"machine": machine(), "args": vars(args), "modes": {}}
     rows = []
-    for mode in ("release", "keep"):  # each in a fresh process: glibc's state is per process
-        cmd = [sys.executable, "-m", "benchmarks.bench_alloc", "--mode", mode]
-        cmd += ["--model", args.model, "--every", str(args.every), "--batch", str(args.batch)]
-        cmd += ["--rounds", str(args.rounds)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode:
-            raise SystemExit(f"the {mode} run failed: {res.stderr.strip().splitlines()[-1]}")
-        rec = json.loads(res.stdout.strip().splitlines()[-1])
+    recs: dict[str, dict] = {"release": {}, "keep": {}}
+    for p in range(args.processes):
+        for mode in ("release", "keep"):  # each in fresh processes: glibc's state is per process
+            cmd = [sys.executable, "-m", "benchmarks.bench_alloc", "--mode", mode]
+            cmd += ["--model", args.model, "--every", str(args.every), "--batch", str(args.batch)]
+            cmd += ["--rounds", str(args.rounds)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode:
+                raise SystemExit(f"the {mode} run failed: {res.stderr.strip().splitlines()[-1]}")
+            rec = json.loads(res.stdout.strip().splitlines()[-1])
+            for n, r in rec.items():
+                pooled = recs[mode].setdefault(n, {k: [] for k in r})
+                for k, v in r.items():
+                    pooled[k] += v
+            print(f"process {p + 1}/{args.processes}, {mode}: median faults a call "
+                  + ", ".join(f"{n} {statistics.median(r['faults']):.0f}" for n, r in rec.items()),
+                  file=sys.stderr)  # fmt: skip
+    for mode, rec in recs.items():
         out["modes"][mode] = rec
         for n in rec:
             med = {k: statistics.median(v) for k, v in rec[n].items()}
@@ -147,7 +177,7 @@ def main() -> None:
     print(machine_line(out["machine"]))
     print(
         f"\n{args.model} --every {args.every}, batch {args.batch}, eval, no_grad, 1 thread, "
-        f"{args.rounds} interleaved rounds per allocator mode (each mode a fresh process)\n"
+        f"{args.rounds} interleaved rounds in each of {args.processes} fresh processes per allocator mode\n"
     )
     print(table(
         ["allocator", "forward", "user ms", "sys ms", "page faults", "CPU / plain (IQR)", "user / plain",

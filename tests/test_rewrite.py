@@ -1,5 +1,7 @@
 """The rewrite: segments that change nothing, stop early, keep timm's state dict, and train."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,12 +54,15 @@ def _spy_segments(monkeypatch, net) -> list[int]:
     """Record the index of every segment the network runs."""
     ran: list[int] = []
     for j, seg in enumerate(net.segments):
+        for attr in ("fn", "boxed"):  # a segment runs one or the other (see run_segment)
+            if getattr(seg, attr) is None:
+                continue
 
-        def fn(*args, _fn=seg.fn, _j=j):
-            ran.append(_j)
-            return _fn(*args)
+            def fn(*args, _fn=getattr(seg, attr), _j=j):
+                ran.append(_j)
+                return _fn(*args)
 
-        monkeypatch.setattr(seg, "fn", fn)
+            monkeypatch.setattr(seg, attr, fn)
     return ran
 
 
@@ -418,3 +423,36 @@ def test_adds_that_must_not_write_into_their_left_operand_stay_out_of_place():
         assert torch.equal(seen[0], model.c[1](model.act(model.c[0](x)) + x))  # the tap as computed
     net.train()
     sum(F.cross_entropy(o, torch.tensor([0, 2])) for o in net(x)).backward()  # no in-place error
+
+
+class _Chain(nn.Module):
+    """Four convolutions in a row: the tap after the first leaves a segment of two before the next tap."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.d(self.c(self.b(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("handed_over", [True, False])
+def test_a_state_handed_over_as_a_list_is_freed_at_its_last_use(handed_over):
+    """run_segment given a list empties it, so the carried value dies once the segment's first operation
+    has read it (before the second runs); given a tuple, the caller's values stay as they are."""
+    model, net, x, expected, _ = _small_net(_Chain, ["a", "c"])
+    seen: list[bool] = []
+    net.c.register_forward_pre_hook(lambda m, args: seen.append(ref() is None))
+    with torch.no_grad():
+        carried, _ = net.eval().run_segment(0, [x])
+        ref = weakref.ref(carried[0])
+        state = list(carried) if handed_over else tuple(carried)
+        del carried
+        nxt, _ = net.run_segment(1, state)
+        outs = [net.run_segment(2, list(nxt))[1]]
+    assert seen == [handed_over]
+    assert (state == []) if handed_over else (len(state) == 1 and state[0] is not None)
+    assert torch.equal(outs[-1], expected)
+    with torch.no_grad():
+        assert torch.equal(net(x)[-1], expected)
