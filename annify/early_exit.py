@@ -216,7 +216,7 @@ def _take(v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _Exits:
     """The state of an early exit over one or more batches: per output, the samples waiting to run its
     segment (chunks of carried state, with each sample's batch and place in it), and per batch the
-    logits and exit found so far.
+    outputs holding the logits of its exited samples and each sample's exit so far.
 
     A segment runs once ``pool`` samples wait for it (or, when the input ends, on whatever waits), on
     all of them at once: samples still undecided from several batches share one call, so late
