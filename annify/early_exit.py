@@ -216,7 +216,7 @@ def _take(v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _Exits:
     """The state of an early exit over one or more batches: per output, the samples waiting to run its
     segment (chunks of carried state, with each sample's batch and place in it), and per batch the
-    logits and exit found so far.
+    outputs holding the logits of its exited samples and each sample's exit so far.
 
     A segment runs once ``pool`` samples wait for it (or, when the input ends, on whatever waits), on
     all of them at once: samples still undecided from several batches share one call, so late
@@ -237,7 +237,11 @@ class _Exits:
                 f"thresholds {list(thresholds)} hold nan; give each output a confidence in [0, 1] "
                 "(math.inf where no sample may exit), e.g. from fit_thresholds"
             )
-        self.net, self.thresholds, self.pool = net, list(thresholds), pool
+        self.net, self.thresholds, self.pool, self.k_out = net, list(thresholds), pool, k_out
+        # the confidences are float32, and torch compares a float32 tensor with a Python number in
+        # float32: each threshold rounded to float32 is what a confidence (a float32 read out as a
+        # Python float) must reach, compared in Python, with no tensor operation per output
+        self.limits = torch.tensor([float(t) for t in self.thresholds], dtype=torch.float32).tolist()
         self.temps = list(temperatures) if temperatures is not None else [1.0] * k_out
         # a max softmax is at most 1: above that no sample can exit, so the head is skipped
         self.runs = [j == k_out - 1 or not self.thresholds[j] > 1.0 for j in range(k_out)]
@@ -245,7 +249,8 @@ class _Exits:
         self.batched = _batched_carry(net)
         # waiting[j]: chunks (carried state, [(batch, index in batch), ...]) to run segment j on
         self.waiting: list[list[tuple[tuple, list[tuple[int, int]]]]] = [[] for _ in range(k_out)]
-        self.results: list[torch.Tensor | None] = []
+        # per batch, the outputs its exited samples are in: (logits, their rows, their places in the batch)
+        self.found: list[list[tuple[torch.Tensor, list[int], list[int]]]] = []
         self.exits: list[list[int]] = []
         self.open: list[int] = []  # per batch, how many of its samples have not exited yet
         self.shape: tuple | None = None  # a sample's shape: batches of another shape are not pooled
@@ -256,21 +261,21 @@ class _Exits:
         if self.shape is not None and tuple(x.shape[1:]) != self.shape:
             self.run(flush=True)  # carried shapes (and ints such as a width) differ: do not mix
         self.shape = tuple(x.shape[1:])
-        b = len(self.results)
-        self.results.append(None)
-        self.exits.append([self.net.num_outputs - 1] * x.shape[0])
+        b = len(self.found)
+        self.found.append([])
+        self.exits.append([self.k_out - 1] * x.shape[0])
         self.open.append(x.shape[0])
         self.waiting[0].append(((x,), [(b, i) for i in range(x.shape[0])]))
 
     def run(self, flush: bool) -> None:
         """Run every segment that has ``pool`` samples waiting (with ``flush``: any waiting), in order."""
         with _inference(self.net):
-            for j in range(self.net.num_outputs):
+            for j in range(self.k_out):
                 if sum(len(ids) for _, ids in self.waiting[j]) >= (1 if flush else self.pool):
                     self._segment(j)
 
     def _segment(self, j: int) -> None:
-        net, chunks, last = self.net, self.waiting[j], j == self.net.num_outputs - 1
+        net, chunks, last = self.net, self.waiting[j], j == self.k_out - 1
         self.waiting[j] = []
         ids = [i for _, c in chunks for i in c]
         flags = [True] if j == 0 else self.batched[j - 1]
@@ -283,47 +288,63 @@ class _Exits:
             passed = [True] * len(ids)
         else:
             z = logits.float() if self.temps[j] == 1.0 else logits.float() / self.temps[j]
-            passed = (torch.softmax(z, dim=-1).amax(dim=-1) >= self.thresholds[j]).tolist()
+            limit = self.limits[j]
+            passed = [c >= limit for c in torch.softmax(z, dim=-1).amax(dim=-1).tolist()]
         # the bookkeeping is in Python lists (a batch is tens to hundreds of samples): every tensor
         # operation costs a dispatch, and with few samples left a segment takes well under a millisecond
         done = [r for r, p in enumerate(passed) if p]
         if not done:
             self.waiting[j + 1].append((state, ids))
             return
-        self._store(j, logits, [(r, ids[r]) for r in done], everyone=len(done) == len(ids))
+        self._store(j, logits, [(r, ids[r]) for r in done])
         if len(done) < len(ids):
             kept = [r for r, p in enumerate(passed) if not p]
-            keep, b = torch.tensor(kept, device=logits.device), len(ids)  # index_select's index: same device
+            # index_select's index, on the state's device (a dtype given: torch.tensor need not infer it)
+            keep, b = torch.tensor(kept, dtype=torch.int64, device=logits.device), len(ids)
             state = tuple(
                 _take(v, keep) if flag and _has_batch(v, b) else v
                 for v, flag in zip(state, self.batched[j], strict=True)
             )
             self.waiting[j + 1].append((state, [ids[r] for r in kept]))
 
-    def _store(self, j: int, logits: torch.Tensor, done: list, everyone: bool) -> None:
+    def _store(self, j: int, logits: torch.Tensor, done: list) -> None:
+        """Record the samples ``done`` = [(row of logits, (batch, place)), ...] as exiting at output j.
+
+        Only Python lists change here: each batch's logits are gathered once, in ``result``, from the
+        outputs that hold them (a copy per output would cost several tensor operations at every exit).
+        """
         by_batch: dict[int, tuple[list[int], list[int]]] = {}
         for r, (b, i) in done:
             rows, places = by_batch.setdefault(b, ([], []))
             rows.append(r)
             places.append(i)
         for b, (rows, places) in by_batch.items():
-            if self.results[b] is None:
-                self.results[b] = logits.new_empty((len(self.exits[b]), *logits.shape[1:]))
-            whole = everyone and len(by_batch) == 1  # rows are then all of logits, in order
-            self.results[b][torch.tensor(places)] = logits if whole else logits[torch.tensor(rows)]
+            self.found[b].append((logits, rows, places))
+            exits = self.exits[b]
             for i in places:
-                self.exits[b][i] = j
+                exits[i] = j
             self.open[b] -= len(places)
 
     def finished(self, b: int) -> bool:
         return self.open[b] == 0
 
     def result(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.results[b]
-        assert logits is not None and self.open[b] == 0
+        """Batch b's logits (each sample's row of the output it exited at, in the first exiting
+        output's dtype), exits and FLOPs: one concatenation and one gather, made outside inference mode."""
+        parts = self.found[b]
+        assert parts and self.open[b] == 0
+        dtype, src, at, chunks = parts[0][0].dtype, [0] * len(self.exits[b]), 0, []
+        for logits, rows, places in parts:
+            for r, i in zip(rows, places, strict=True):
+                src[i] = at + r
+            at += len(logits)
+            chunks.append(logits.to(dtype))  # what writing it into a tensor of that dtype would do
+        first = chunks[0]
+        index = torch.tensor(src, dtype=torch.int64, device=first.device)
+        logits = torch.cat(chunks).index_select(0, index) if len(chunks) > 1 else first.index_select(0, index)
         exit_at = torch.tensor(self.exits[b])
-        self.results[b], self.exits[b] = None, []  # handed out: a long stream keeps nothing per batch
-        return logits.clone(), exit_at, self.flops[exit_at]
+        self.found[b], self.exits[b] = [], []  # handed out: a long stream keeps nothing per batch
+        return logits, exit_at, self.flops[exit_at]
 
 
 def _has_batch(v, b: int) -> bool:

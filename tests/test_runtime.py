@@ -351,6 +351,26 @@ def test_early_exit_shrinks_the_batch_and_matches_the_full_network(tiny, half_co
     assert cost.tolist() == [flops[k] for k in exit_at.tolist()]
 
 
+def test_early_exit_compares_each_confidence_with_its_threshold_in_float32(tiny, half_cost):
+    """A float32 max softmax is compared with the threshold rounded to float32, as torch compares a
+    float32 tensor with a Python number: a threshold one double step above a sample's confidence still
+    lets it exit (the test is done on Python floats, so the rounding has to be explicit)."""
+    net, _, _ = tiny
+    thresholds, temps, x = half_cost
+    with torch.no_grad():
+        full = net(x)
+    conf = torch.softmax(full[0] / temps[0], dim=-1).amax(dim=-1)
+    i = int(conf.argmin())  # the least confident sample: a threshold at its confidence lets all go
+    c = float(conf[i])
+    above = math.nextafter(c, math.inf)  # > c as a double, c once rounded to float32
+    assert above > c and float(torch.tensor(above, dtype=torch.float32)) == c
+    _, exit_at, _ = early_exit(net, x, [above, *thresholds[1:]], temps)
+    assert exit_at.tolist() == [0] * len(x)
+    next32 = float(torch.nextafter(conf[i], torch.tensor(math.inf)))  # the next float32: it stays
+    _, exit_at, _ = early_exit(net, x, [next32, *thresholds[1:]], temps)
+    assert int(exit_at[i]) != 0 and 0 in exit_at.tolist()
+
+
 def test_early_exit_skips_the_heads_no_sample_can_exit_at(tiny, half_cost, monkeypatch):
     """Outputs whose threshold is above 1 (inf before the first exit allowed) run their segment but
     not their head, and the FLOPs returned are the trunk plus the heads that did run."""
