@@ -279,7 +279,8 @@ class _Exits:
         self.waiting[j] = []
         ids = [i for _, c in chunks for i in c]
         flags = [True] if j == 0 else self.batched[j - 1]
-        state = _pooled(chunks, flags)
+        state = list(_pooled(chunks, flags))
+        chunks.clear()  # the segment holds its input alone and frees it at its last use (run_segment)
         state, logits = net.run_segment(j, state, head=self.runs[j])
         if not self.runs[j]:
             self.waiting[j + 1].append((state, ids))

@@ -7,6 +7,14 @@ tensor still needed after a cut is carried across it (inside a DenseNet block th
 map produced so far, not one tensor), so running the segments one after another executes exactly
 the original sequence of operations and the final output is bit-identical to the plain model's.
 
+Segments after the first take their carried values as one list that they empty before computing
+(``Segment.boxed``, the calling convention torch's own compilers use): the generated code then holds
+the only references and frees each value right after its last use, as eager code frees a block's
+input once the block is done, instead of keeping a segment's whole input alive until the segment
+returns. ``AnytimeNet.run_segment`` takes that path when handed a list; ``forward``, ``stream`` and the
+runtimes hand their state over that way. With glibc's default allocator the values held longer were
+what made the converted network page-fault more than the plain model (BENCHMARKS.md §22).
+
 One rewrite is applied on the way: torch.fx records timm's ``x += shortcut`` as an out-of-place
 ``add`` (a Proxy has no ``__iadd__``), so every residual sum would allocate a fresh full-size tensor
 that eager timm does not; ``residual_adds`` finds the adds that may write into their left operand
