@@ -12,8 +12,8 @@ Segments after the first take their carried values as one list that they empty b
 the only references and frees each value right after its last use, as eager code frees a block's
 input once the block is done, instead of keeping a segment's whole input alive until the segment
 returns. ``AnytimeNet.run_segment`` takes that path when handed a list; ``forward``, ``stream`` and the
-runtimes hand their state over that way. With glibc's default allocator the values held longer were
-what made the converted network page-fault more than the plain model (BENCHMARKS.md §22).
+runtimes hand their state over that way. Memory in use then follows eager code's; with glibc's default
+allocator that measured 1-3 % faster for every output of resnet50 ``--every 2`` (BENCHMARKS.md §22a).
 
 One rewrite is applied on the way: torch.fx records timm's ``x += shortcut`` as an out-of-place
 ``add`` (a Proxy has no ``__iadd__``), so every residual sum would allocate a fresh full-size tensor
@@ -368,9 +368,8 @@ class AnytimeNet(nn.Module):
 
         A ``state`` given as a list is handed over: the segment empties it before computing, so each
         carried value is freed right after its last use inside the segment, as eager code frees a
-        block's input, instead of staying alive until the segment returns (with glibc's default
-        allocator that keeps fewer large blocks alive and faults fewer pages in: BENCHMARKS.md §22).
-        Keep no other reference to the values to get that. A tuple is left as it is.
+        block's input, instead of staying alive until the segment returns (fewer large blocks alive:
+        BENCHMARKS.md §22a). Keep no other reference to the values to get that. A tuple is left as it is.
         """
         seg = self.segments[j]
         if type(state) is list and seg.boxed is not None:
