@@ -482,6 +482,14 @@ def _npy(body: bytes, max_images: int, max_pixels: int):
     return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
 
+def _npy_bytes(a) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 def _decode_npy(a, preprocess, split, channels: int) -> list:
     from PIL import Image
 
@@ -553,8 +561,19 @@ def create_app(
         lambda: scheduler.pending
     )
 
+    def warm_up() -> None:
+        """Decode a PNG and an x-npy image once before serving: the first requests would otherwise pay for
+        the imports and first calls on the event loop, and every request that arrived meanwhile with them."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("L", (8, 8)).save(buf, format="PNG")
+        decode([buf.getvalue()], None)
+        decode(None, _npy(_npy_bytes(np.zeros((1, 8, 8), np.uint8)), 1, max_pixels))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await asyncio.to_thread(warm_up)
         scheduler.start()
         try:
             yield
@@ -566,6 +585,8 @@ def create_app(
     def error(status: int, message: str, headers: dict | None = None):
         requests.labels(str(status)).inc()
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    import numpy as np
 
     split = _split(preprocess)
 

@@ -237,6 +237,7 @@ async def open_loop(
         results.append((status, latency, deadline, labels, body, lag))
 
     async with session(1024) as http:
+        await post(http, url, encoded[0])  # not counted: the client's own first-call costs (imports)
         start = time.perf_counter() + 0.05
         await asyncio.gather(*(one(http, at, d, i, start) for at, d, i in arrivals))
     answered = [r for r in results if r[0] == 200]
