@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import math
 import sys
@@ -769,6 +770,10 @@ def serve(
         raise InferenceError("--early-exit needs the run's thresholds.json; run `annify calibrate RUN` first")
     scheduler = Scheduler(net, policy, thresholds, max_queue, max_batch)
     scheduler.warm_up(res.spec.input_size)
+    # torch, timm and the model are hundreds of thousands of long-lived objects: moved out of the
+    # collector's reach, a full collection no longer walks them all, a pause of tens of ms on the loop
+    gc.collect()
+    gc.freeze()
     # The scheduler thread runs Python between torch kernels; with the interpreter's default 5 ms
     # switch interval the event loop would wait that long for the GIL at every step of a request.
     sys.setswitchinterval(0.0005)

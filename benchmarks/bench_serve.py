@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -226,6 +227,8 @@ async def open_loop(
         arrivals.append((t, rng.uniform(*deadlines), rng.randrange(len(images))))
     encoded = bodies(images, per_request, kind)
     results = []
+    gc.collect()
+    gc.freeze()  # the client's long-lived objects (torch, the data) out of the collector's full passes
 
     async def one(http, at, deadline, i, start):
         due = start + at  # the arrival's time: latency counts from it, so a client late to send is late
