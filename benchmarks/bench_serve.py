@@ -1,15 +1,18 @@
 """Load test of `annify serve` on loopback: anytime serving against full-network serving and a fixed exit.
 
 One server process per policy (`annify serve RUN/config.yaml --checkpoint RUN --policy P`, bound to
-127.0.0.1), driven by this process with httpx:
+127.0.0.1), driven by this process with aiohttp, every body encoded once up front (the client shares the
+machine's cores with the server: it costs ~0.9 ms of CPU a request, httpx building multipart bodies
+~3 ms, BENCHMARKS §20b):
 
 1. capacity: the full network's throughput (images/s) with ``--clients`` closed-loop clients sending one
-   image each, back to back, for ``--capacity-s`` seconds (policy ``full``);
+   request each, back to back, for ``--capacity-s`` seconds (policy ``full``);
 2. for each load in ``--loads`` (multiples of that capacity) and each policy, open-loop Poisson
    arrivals for ``--duration`` seconds (at most ``--max-requests`` requests): one digit of the test
    split per request, a deadline drawn uniformly from ``--deadline-ms`` sent as X-Deadline-Ms.
 
-Each request carries ``--images`` digits (a multipart batch; default 8): on a small network one image's
+Each request carries ``--images`` digits (default 8), as one ``application/x-npy`` array of their
+pixels or, with ``--body multipart``, as PNG files: on a small network one image's
 compute is shorter than an HTTP round trip through Python on both ends, which would then be all
 that is measured. Capacity, load and goodput are counted in images.
 
@@ -20,8 +23,9 @@ last output's, from the run's anytime.json), ``anytime`` (each image stops at it
 
 Per (policy, load): goodput (images answered within their deadline per second of the arrival window),
 deadline misses (requests answered late, shed with 503, or unanswered, over all sent), accuracy of the
-answers, p50/p99 latency of the answered requests (client side; the client shares the machine), and
-the share of answers the server itself reports late (its clock, from the body's arrival). The targets (issue 21): at 1.5× load at least
+answers, p50/p99 latency of the answered requests (client side, counted from each arrival's
+intended send time, so a client late to send counts against the deadline), the p99 of that send lag,
+and the share of answers the server itself reports late (its clock, from the body's arrival). The targets (issue 21): at 1.5× load at least
 2× the full network's goodput with at most 1 % deadline misses; accuracy within 1 point of the full
 network's at 0.5× load.
 
