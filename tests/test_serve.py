@@ -357,6 +357,7 @@ def test_a_composed_preprocess_runs_its_tensor_steps_once_per_batch_with_the_sam
     want = torch.stack([preprocess(im) for im in ims])
     assert torch.equal(_stack([_prepare(im, preprocess, split) for im in ims], split), want)
     assert _split(lambda im: torch.zeros(SIZE)) is None  # anything else runs per image
+    assert _split(transforms.Compose([transforms.ToTensor(), transforms.Resize(4)])) is None
 
 
 def test_http_takes_a_batch_as_one_npy_array_like_multipart_pngs(serve, net):
