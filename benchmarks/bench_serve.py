@@ -1,15 +1,18 @@
 """Load test of `annify serve` on loopback: anytime serving against full-network serving and a fixed exit.
 
 One server process per policy (`annify serve RUN/config.yaml --checkpoint RUN --policy P`, bound to
-127.0.0.1), driven by this process with httpx:
+127.0.0.1), driven by this process with aiohttp, every body encoded once up front (the client shares the
+machine's cores with the server: it costs ~0.9 ms of CPU a request, httpx building multipart bodies
+~3 ms, BENCHMARKS §20b):
 
 1. capacity: the full network's throughput (images/s) with ``--clients`` closed-loop clients sending one
-   image each, back to back, for ``--capacity-s`` seconds (policy ``full``);
+   request each, back to back, for ``--capacity-s`` seconds (policy ``full``);
 2. for each load in ``--loads`` (multiples of that capacity) and each policy, open-loop Poisson
    arrivals for ``--duration`` seconds (at most ``--max-requests`` requests): one digit of the test
    split per request, a deadline drawn uniformly from ``--deadline-ms`` sent as X-Deadline-Ms.
 
-Each request carries ``--images`` digits (a multipart batch; default 8): on a small network one image's
+Each request carries ``--images`` digits (default 8), as one ``application/x-npy`` array of their
+pixels or, with ``--body multipart``, as PNG files: on a small network one image's
 compute is shorter than an HTTP round trip through Python on both ends, which would then be all
 that is measured. Capacity, load and goodput are counted in images.
 
@@ -20,8 +23,9 @@ last output's, from the run's anytime.json), ``anytime`` (each image stops at it
 
 Per (policy, load): goodput (images answered within their deadline per second of the arrival window),
 deadline misses (requests answered late, shed with 503, or unanswered, over all sent), accuracy of the
-answers, p50/p99 latency of the answered requests (client side; the client shares the machine), and
-the share of answers the server itself reports late (its clock, from the body's arrival). The targets (issue 21): at 1.5× load at least
+answers, p50/p99 latency of the answered requests (client side, counted from each arrival's
+intended send time, so a client late to send counts against the deadline), the p99 of that send lag,
+and the share of answers the server itself reports late (its clock, from the body's arrival). The targets (issue 21): at 1.5× load at least
 2× the full network's goodput with at most 1 % deadline misses; accuracy within 1 point of the full
 network's at 0.5× load.
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -52,6 +57,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from benchmarks._common import (
     RESULTS,
@@ -93,9 +99,8 @@ def prepare_run(args) -> Path:
     return run
 
 
-def test_images(n: int) -> list[tuple[bytes, int]]:
-    """(PNG bytes, label) of the first n digits of the test split, as 8-bit grey images."""
-    import numpy as np
+def test_images(n: int) -> list[tuple[bytes, int, np.ndarray]]:
+    """(PNG bytes, label, the 8-bit grey pixels the PNG decodes to) of the first n digits of the test split."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -106,10 +111,10 @@ def test_images(n: int) -> list[tuple[bytes, int]]:
     out = []
     for i in range(min(n, len(test))):
         x, y = test[i]
-        raw = (x[0].numpy() * std[0] + mean[0]) * 255
+        raw = ((x[0].numpy() * std[0] + mean[0]) * 255).clip(0, 255).round().astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(raw.clip(0, 255).round().astype(np.uint8), mode="L").save(buf, format="PNG")
-        out.append((buf.getvalue(), int(y)))
+        Image.fromarray(raw, mode="L").save(buf, format="PNG")
+        out.append((buf.getvalue(), int(y), raw))
     assert digits.images.shape[1:] == (8, 8)
     return out
 
@@ -138,32 +143,85 @@ class ServerProcess:
         self.proc.wait(timeout=60)
 
 
-def files(images, first: int, n: int) -> list:
-    return [("images", (f"{k}.png", images[(first + k) % len(images)][0], "image/png")) for k in range(n)]
+BOUNDARY = "annify-bench-serve"
 
 
-async def capacity(url: str, images, clients: int, seconds: float, per_request: int) -> float:
+def bodies(images, n: int, kind: str) -> list[tuple[bytes, str]]:
+    """Per first image i, the body of a request of images i..i+n-1 and its Content-Type, encoded once
+    up front (the client's own work per request is then only sending it): ``multipart`` (n PNG files)
+    or ``npy`` (one uint8 n×8×8 array of the pixels those PNGs decode to)."""
+    out = []
+    for first in range(len(images)):
+        batch = [images[(first + k) % len(images)] for k in range(n)]
+        if kind == "npy":
+            buf = io.BytesIO()
+            np.save(buf, np.stack([raw for _, _, raw in batch]))
+            out.append((buf.getvalue(), "application/x-npy"))
+        else:
+            parts = [
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{k}.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n".encode()
+                + png
+                + b"\r\n"
+                for k, (png, _, _) in enumerate(batch)
+            ]
+            out.append(
+                (
+                    b"".join(parts) + f"--{BOUNDARY}--\r\n".encode(),
+                    f"multipart/form-data; boundary={BOUNDARY}",
+                )
+            )
+    return out
+
+
+def session(connections: int):
+    """An aiohttp client session (its per-request cost is a fraction of httpx's, which matters on a
+    machine the client shares with the server)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=30)
+    )
+
+
+async def post(
+    http, url: str, body: tuple[bytes, str], headers: dict | None = None
+) -> tuple[int, dict | None]:
+    """(status, JSON body of a 200) of one POST /predict; status 0 where it failed or timed out."""
+    import aiohttp
+
+    try:
+        async with http.post(
+            f"{url}/predict", data=body[0], headers={"Content-Type": body[1], **(headers or {})}
+        ) as r:
+            return r.status, (await r.json() if r.status == 200 else None)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return 0, None
+
+
+async def capacity(url: str, images, clients: int, seconds: float, per_request: int, kind: str) -> float:
     done = 0
     stop = time.perf_counter() + seconds
+    encoded = bodies(images, per_request, kind)
 
-    async def client(c: int, http: httpx.AsyncClient):
+    async def client(c: int, http):
         nonlocal done
         i = c * per_request
         while time.perf_counter() < stop:
-            r = await http.post(f"{url}/predict", files=files(images, i, per_request))
-            done += per_request * (r.status_code == 200)
+            status, _ = await post(http, url, encoded[i % len(encoded)])
+            done += per_request * (status == 200)
             i += clients * per_request
 
-    limits = httpx.Limits(max_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+    async with session(clients + 8) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(c, http) for c in range(clients)))
         return done / (time.perf_counter() - start)
 
 
 async def open_loop(
-    url: str, images, rate: float, seconds: float, deadlines, max_requests: int, seed: int, per_request: int
-) -> dict:
+    url: str, images, rate: float, seconds: float, deadlines, max_requests: int, seed: int, per_request: int,
+    kind: str,
+) -> dict:  # fmt: skip
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     while len(arrivals) < max_requests:
@@ -171,28 +229,28 @@ async def open_loop(
         if t > seconds:
             break
         arrivals.append((t, rng.uniform(*deadlines), rng.randrange(len(images))))
+    encoded = bodies(images, per_request, kind)
     results = []
+    gc.collect()
+    gc.freeze()  # the client's long-lived objects (torch, the data) out of the collector's full passes
 
     async def one(http, at, deadline, i, start):
-        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        sent = time.perf_counter()
+        due = start + at  # the arrival's time: latency counts from it, so a client late to send is late
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        lag = (time.perf_counter() - due) * 1000
         labels = [images[(i + k) % len(images)][1] for k in range(per_request)]
-        headers = {"X-Deadline-Ms": f"{deadline:.3f}"}
-        try:
-            r = await http.post(f"{url}/predict", files=files(images, i, per_request), headers=headers)
-            status, body = r.status_code, (r.json() if r.status_code == 200 else None)
-        except httpx.HTTPError:
-            status, body = 0, None
-        latency = (time.perf_counter() - sent) * 1000
-        results.append((status, latency, deadline, labels, body))
+        status, body = await post(http, url, encoded[i], {"X-Deadline-Ms": f"{deadline:.3f}"})
+        latency = (time.perf_counter() - due) * 1000
+        results.append((status, latency, deadline, labels, body, lag))
 
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
-        start = time.perf_counter()
+    async with session(1024) as http:
+        await post(http, url, encoded[0])  # not counted: the client's own first-call costs (imports)
+        start = time.perf_counter() + 0.05
         await asyncio.gather(*(one(http, at, d, i, start) for at, d, i in arrivals))
     answered = [r for r in results if r[0] == 200]
     good = [r for r in answered if r[1] <= r[2]]
     lat = sorted(r[1] for r in answered)
+    lags = sorted(r[5] for r in results)
     q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: float("nan"))
     exits = [p["exit"] for r in answered for p in r[4]["predictions"]]
     right = [p["class"] == y for r in answered for p, y in zip(r[4]["predictions"], r[3], strict=True)]
@@ -206,6 +264,7 @@ async def open_loop(
         "server_late": sum(r[4]["late"] for r in answered) / max(1, len(answered)),
         "p50_ms": q(0.5),
         "p99_ms": q(0.99),
+        "send_lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else float("nan"),
         "mean_exit": statistics.fmean(exits) + 1 if exits else None,
     }
 
@@ -232,8 +291,16 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=4000, help="requests per (policy, load) at most")
     p.add_argument("--deadline-ms", default="20,100", help="deadlines drawn uniformly from LO,HI ms")
     p.add_argument("--clients", type=int, default=8, help="closed-loop clients measuring capacity")
-    p.add_argument("--images", type=int, default=8, help="images per request (a multipart batch)")
+    p.add_argument("--images", type=int, default=8, help="images per request (a batch)")
+    p.add_argument(
+        "--body", choices=("npy", "multipart"), default="npy",
+        help="a request's images as one application/x-npy array of pixels, or as multipart PNG files",
+    )  # fmt: skip
     p.add_argument("--capacity-s", type=float, default=8.0)
+    p.add_argument(
+        "--capacity", type=float,
+        help="images/s taken as the full network's capacity instead of measuring it (to offer another run's rates)",
+    )  # fmt: skip
     p.add_argument("--max-queue", type=int, default=256, help="the servers' --max-queue (images)")
     p.add_argument(
         "--guard-ms", type=float, default=15.0,
@@ -252,16 +319,22 @@ def main() -> None:
     deadlines = tuple(float(v) for v in args.deadline_ms.split(","))
     loads = [float(v) for v in args.loads.split(",")]
 
-    server = ServerProcess(run, "full", args.max_queue)
-    try:
-        asyncio.run(capacity(server.url, images, args.clients, 2.0, args.images))  # warm-up
-        cap = asyncio.run(capacity(server.url, images, args.clients, args.capacity_s, args.images))
-    finally:
-        server.stop()
-    print(
-        f"full network capacity: {cap:.1f} images/s ({args.clients} closed-loop clients, {args.images} images each)",
-        flush=True,
-    )
+    if args.capacity is not None:
+        cap = args.capacity
+        print(f"full network capacity: {cap:.1f} images/s (given, not measured)", flush=True)
+    else:
+        server = ServerProcess(run, "full", args.max_queue)
+        try:
+            asyncio.run(capacity(server.url, images, args.clients, 2.0, args.images, args.body))  # warm-up
+            cap = asyncio.run(
+                capacity(server.url, images, args.clients, args.capacity_s, args.images, args.body)
+            )
+        finally:
+            server.stop()
+        print(
+            f"full network capacity: {cap:.1f} images/s ({args.clients} closed-loop clients, {args.images} images each)",
+            flush=True,
+        )
 
     rows = []
     for policy in policies:
@@ -278,6 +351,7 @@ def main() -> None:
                         args.max_requests,
                         args.seed,
                         args.images,
+                        args.body,
                     )  # fmt: skip
                 )
                 rows.append({"policy": policy, "load": load, **r})
@@ -295,10 +369,11 @@ def main() -> None:
         "accuracy %",
         "p50 ms",
         "p99 ms",
+        "send lag p99 ms",
         "mean output",
         "server late %",
     ]
-    print(f"\nfull network capacity {cap:.1f} images/s; {args.images} images per request; deadlines uniform "
+    print(f"\nfull network capacity {cap:.1f} images/s; {args.images} images per request ({args.body}); deadlines uniform "
           f"in {deadlines} ms; {args.duration:g} s of Poisson arrivals per row; run {run}\n")  # fmt: skip
     print(
         table(
@@ -314,6 +389,7 @@ def main() -> None:
                     "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}",
                     f"{r['p50_ms']:.1f}",
                     f"{r['p99_ms']:.1f}",
+                    f"{r['send_lag_p99_ms']:.1f}",
                     "-" if r["mean_exit"] is None else f"{r['mean_exit']:.1f}",
                     f"{100 * r['server_late']:.1f}",
                 ]

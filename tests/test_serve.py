@@ -7,15 +7,17 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
 from PIL import Image
+from torchvision import transforms
 
 from annify.cost import exit_flops
 from annify.early_exit import early_exit
 from annify.errors import InferenceError
-from annify.serve import Overloaded, Scheduler, create_app
+from annify.serve import Overloaded, Scheduler, _prepare, _split, _stack, create_app
 
 SIZE = (1, 8, 8)
 
@@ -226,10 +228,10 @@ def serve(net):
     """``serve(**scheduler_kwargs)`` -> a running Server; stopped after the test."""
     running = []
 
-    def start(seconds=0.0, app_kwargs=None, **kwargs):
+    def start(seconds=0.0, app_kwargs=None, preprocess=None, **kwargs):
         s = Scheduler(net, **kwargs)
         s.warm_up(SIZE)
-        app = create_app(s, lambda im: torch.zeros(SIZE), channels=1, **(app_kwargs or {}))
+        app = create_app(s, preprocess or (lambda im: torch.zeros(SIZE)), channels=1, **(app_kwargs or {}))
         running.append(Server(app))
         running[-1].scheduler = s
         return running[-1]
@@ -313,6 +315,80 @@ def test_http_bad_requests_get_4xx_with_one_line(serve, net):
         ),
     ]
     for r, status, fragment in cases:
+        assert r.status_code == status, r.text
+        message = r.json()["error"]
+        assert fragment in message and "\n" not in message, message
+
+
+def npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def digits(n):
+    return (
+        torch.randint(0, 256, (n, *SIZE[1:]), generator=torch.Generator().manual_seed(1))
+        .to(torch.uint8)
+        .numpy()
+    )
+
+
+def pngs(a) -> list[bytes]:
+    out = []
+    for im in a:
+        buf = io.BytesIO()
+        Image.fromarray(im, mode="L").save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_a_composed_preprocess_runs_its_tensor_steps_once_per_batch_with_the_same_numbers():
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(8),
+            transforms.CenterCrop(8),
+            transforms.ToTensor(),
+            transforms.Normalize([0.3], [0.4]),
+        ]
+    )
+    split = _split(preprocess)
+    ims = [Image.fromarray(a, mode="L") for a in digits(5)]
+    want = torch.stack([preprocess(im) for im in ims])
+    assert torch.equal(_stack([_prepare(im, preprocess, split) for im in ims], split), want)
+    assert _split(lambda im: torch.zeros(SIZE)) is None  # anything else runs per image
+    assert _split(transforms.Compose([transforms.ToTensor(), transforms.Resize(4)])) is None
+
+
+def test_http_takes_a_batch_as_one_npy_array_like_multipart_pngs(serve, net):
+    preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.3], [0.4])])
+    server = serve(preprocess=preprocess)
+    a = digits(3)
+    files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs(a))]
+    want = post(server.url, files=files).json()["predictions"]
+    for body in (a, a[..., None], np.asfortranarray(a)):  # N×H×W, N×H×W×1, column-major
+        r = post(server.url, {"Content-Type": "application/x-npy"}, content=npy(body))
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == want
+    with torch.no_grad():
+        logits = net(torch.stack([preprocess(Image.fromarray(im, mode="L")) for im in a]))[-1]
+    assert [p["class"] for p in want] == logits.argmax(-1).tolist()
+
+
+def test_http_bad_npy_bodies_get_4xx_with_one_line(serve, net):
+    server = serve(app_kwargs={"max_images": 2})
+    kind = {"Content-Type": "application/x-npy"}
+    cases = [
+        (npy(digits(1).astype(np.float32)), 400, "must be a uint8 array"),
+        (npy(digits(1)[0]), 400, "must be a uint8 array N×H×W"),
+        (npy(np.zeros((1, 8, 8, 2), np.uint8)), 400, "(C 1 or 3)"),
+        (npy(digits(2))[:-10], 400, "its data has"),
+        (b"not an npy file", 400, "bad application/x-npy body"),
+        (npy(np.zeros((0, 8, 8), np.uint8)), 400, "no image"),
+        (npy(digits(3)), 413, "3 images in one request, over the 2 allowed"),
+    ]
+    for body, status, fragment in cases:
+        r = post(server.url, kind, content=body)
         assert r.status_code == status, r.text
         message = r.json()["error"]
         assert fragment in message and "\n" not in message, message
