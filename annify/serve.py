@@ -231,8 +231,9 @@ class Scheduler:
             if j is None:
                 return False
         flags = [True] if j == 0 else self.batched[j - 1]
-        state = _pooled(chunks, flags)
         ids = [i for _, c in chunks for i in c]
+        state = list(_pooled(chunks, flags))
+        chunks.clear()  # the segment holds its input alone and frees it at its last use (run_segment)
         head = self.fixed is None or j == self.fixed  # a fixed policy needs its own output's head only
         start = self.clock()
         try:

@@ -58,7 +58,9 @@ def _spy_segments(monkeypatch, net) -> list[int]:
             if getattr(seg, attr) is None:
                 continue
 
-            def fn(*args, _fn=getattr(seg, attr), _j=j):
+            real = getattr(seg, attr)
+
+            def fn(*args, _fn=real, _j=j):
                 ran.append(_j)
                 return _fn(*args)
 
