@@ -279,8 +279,7 @@ class _Exits:
         self.waiting[j] = []
         ids = [i for _, c in chunks for i in c]
         flags = [True] if j == 0 else self.batched[j - 1]
-        state = list(_pooled(chunks, flags))
-        chunks.clear()  # the segment holds its input alone and frees it at its last use (run_segment)
+        state = _pooled(chunks, flags)
         state, logits = net.run_segment(j, state, head=self.runs[j])
         if not self.runs[j]:
             self.waiting[j + 1].append((state, ids))
@@ -352,16 +351,22 @@ def _has_batch(v, b: int) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
 
 
-def _pooled(chunks: list[tuple[tuple, list]], flags: Sequence[bool]) -> tuple:
+def _pooled(chunks: list[tuple[tuple, list]], flags: Sequence[bool]) -> list:
     """The carried state of several chunks (state, sample ids) as one batch: the values that have the
-    batch dimension (``flags``) concatenated, the others (the same in every chunk) taken once."""
+    batch dimension (``flags``) concatenated, the others (the same in every chunk) taken once.
+
+    Empties ``chunks`` and returns a list, for ``run_segment`` to be handed the only references (each
+    value is then freed at its last use in the segment)."""
     state = chunks[0][0]
-    if len(chunks) == 1:
-        return state
-    return tuple(
-        torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, len(chunks[0][1])) else v
-        for p, (v, flag) in enumerate(zip(state, flags, strict=True))
-    )
+    if len(chunks) > 1:
+        b = len(chunks[0][1])
+        state = [
+            torch.cat([c[0][p] for c in chunks]) if flag and _has_batch(v, b) else v
+            for p, (v, flag) in enumerate(zip(state, flags, strict=True))
+        ]
+    state = list(state)
+    chunks.clear()
+    return state
 
 
 def early_exit(

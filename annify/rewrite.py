@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import linecache
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -385,15 +385,23 @@ class AnytimeNet(nn.Module):
             return tuple(values[: seg.carry]), feature
         return tuple(values[: seg.carry]), self.exits[j](feature.clone() if self._copy_tap[j] else feature)
 
+    def run_segments(self, x: torch.Tensor, heads: Sequence[bool]) -> Iterator[object]:
+        """Run segments 0, 1, ... lazily, one per item of ``heads``, yielding ``run_segment``'s output j
+        (the head's logits, or with ``heads[j]`` false the tap's features).
+
+        Each segment is handed its state as a list (see ``run_segment``): no reference stays behind
+        here, so every carried value is freed right after its last use.
+        """
+        state: list = [x]
+        for j, head in enumerate(heads):
+            carried, out = self.run_segment(j, state, head=head)
+            state = list(carried)
+            del carried  # held while the caller runs, it would keep the next segment's input alive
+            yield out
+
     def stream(self, x: torch.Tensor, k: int | None = None) -> Iterator[object]:
         """Yield the outputs one at a time, computing each segment only when the next one is asked for."""
-        k = self.num_outputs if k is None else k
-        state: list = [x]
-        for j in range(k):
-            carried, out = self.run_segment(j, state)  # empties ``state``: see run_segment
-            state = list(carried)
-            del carried
-            yield out
+        return self.run_segments(x, [True] * (self.num_outputs if k is None else k))
 
     def forward_until(self, x: torch.Tensor, k: int) -> list:
         """Compute only what the first ``k`` outputs need and return those ``k`` outputs."""

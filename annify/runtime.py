@@ -67,12 +67,8 @@ class _NetSchedule:
         self.exits = [Exit(None, k, f) for k, f in enumerate(exit_flops(net))]
 
     def events(self, x: torch.Tensor) -> Iterator[tuple[float, int | None, torch.Tensor | None]]:
-        state: list = [x]
-        for j, e in enumerate(self.exits):
-            carried, out = self.net.run_segment(j, state)  # empties ``state``: values die at their last use
-            state = list(carried)
-            del carried
-            yield e.flops, j, out
+        for e, out in zip(self.exits, self.net.stream(x), strict=True):
+            yield e.flops, e.output, out
 
 
 class EANNRuntime(nn.Module):
@@ -128,11 +124,8 @@ class EANNRuntime(nn.Module):
     def events(self, x: torch.Tensor) -> Iterator[tuple[float, int | None, torch.Tensor | None]]:
         """After every segment run: (cumulative FLOPs, exit index or None, logits or None)."""
         for m, steps in enumerate(self._plan):
-            net, state = self.members[m], [x]
-            for j, head, flops, exit_index in steps:
-                carried, out = net.run_segment(j, state, head=head)  # empties ``state`` (see run_segment)
-                state = list(carried)
-                del carried
+            outs = self.members[m].run_segments(x, [head for _, head, _, _ in steps])
+            for (_, _, flops, exit_index), out in zip(steps, outs, strict=True):
                 yield flops, exit_index, (out if exit_index is not None else None)
 
     def stream(self, x: torch.Tensor) -> Iterator[tuple[float, torch.Tensor]]:

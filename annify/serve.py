@@ -232,8 +232,7 @@ class Scheduler:
                 return False
         flags = [True] if j == 0 else self.batched[j - 1]
         ids = [i for _, c in chunks for i in c]
-        state = list(_pooled(chunks, flags))
-        chunks.clear()  # the segment holds its input alone and frees it at its last use (run_segment)
+        state = _pooled(chunks, flags)  # empties ``chunks``: the segment holds its input alone
         head = self.fixed is None or j == self.fixed  # a fixed policy needs its own output's head only
         start = self.clock()
         try:
@@ -415,18 +414,16 @@ def _stack(items: list, split) -> torch.Tensor:
     preprocess's tensor steps run on at once, exactly as ``to_tensor`` and those steps per image would."""
     import numpy as np
 
+    def tensors(arrays):  # to_tensor of H×W×C uint8 arrays, as a batch
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+
     if (
         split is not None
         and all(isinstance(a, np.ndarray) for a in items)
         and len({a.shape for a in items}) == 1
     ):
-        x = torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).float().div(255)
-        return split[1](x)
-    return torch.stack([split[1](_to_tensor(a)) if isinstance(a, np.ndarray) else a for a in items])
-
-
-def _to_tensor(a) -> torch.Tensor:
-    return torch.from_numpy(a).permute(2, 0, 1).float().div(255)
+        return split[1](tensors(items))
+    return torch.stack([split[1](tensors([a]))[0] if isinstance(a, np.ndarray) else a for a in items])
 
 
 def _decode(blob: bytes, index: int, preprocess, channels: int, max_pixels: int, split=None):

@@ -458,3 +458,17 @@ def test_a_state_handed_over_as_a_list_is_freed_at_its_last_use(handed_over):
     assert torch.equal(outs[-1], expected)
     with torch.no_grad():
         assert torch.equal(net(x)[-1], expected)
+
+
+def test_forward_frees_each_carried_value_at_its_last_use():
+    """net(x) (stream, run_segments) keeps no reference to a segment's input: the value carried out of
+    segment 0 is dead before segment 1's second operation runs."""
+    model, net, x, expected, _ = _small_net(_Chain, ["a", "c"])
+    refs: list = []
+    seen: list[bool] = []
+    net.a.register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out)))
+    net.c.register_forward_pre_hook(lambda m, args: seen.append(refs[-1]() is None))
+    with torch.no_grad():
+        outs = net.eval()(x)
+    assert seen == [True]
+    assert torch.equal(outs[-1], expected)
