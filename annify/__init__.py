@@ -18,7 +18,7 @@ from annify import _lazy
 # Re-exports load on first use (PEP 562), so `import annify` and the command line's `--help` do not
 # pay for importing torch and timm: name -> the module that defines it.
 _EXPORTS = {
-    "ConvertError": "annify.convert",
+    "ConvertError": "annify.errors",
     "build": "annify.convert",
     "convert": "annify.convert",
     "create_model": "annify.sources",
@@ -26,7 +26,7 @@ _EXPORTS = {
     "load": "annify.convert",
     "load_weights": "annify.convert",
     "plain_model": "annify.convert",
-    "spec_name": "annify.convert",
+    "spec_name": "annify.spec",
     "CONVENTION": "annify.cost",
     "Costs": "annify.cost",
     "count": "annify.cost",

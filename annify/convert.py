@@ -20,7 +20,7 @@ from torch import nn
 from annify import heads as head_registry
 from annify.cost import CONVENTION, Costs, count, head_flops
 from annify.errors import ConvertError
-from annify.placement import choose, unknown_node
+from annify.placement import choose, trunk_segments, unknown_node
 from annify.rewrite import AnytimeNet
 from annify.sources import create_model, default_input_size, spec_model
 from annify.spec import HeadSpec, Spec, load_spec, spec_name
@@ -65,19 +65,6 @@ def _classes(traced: Traced, wanted: int | None, model: str) -> int:
             "change its classifier or leave num_classes out"
         )
     return own
-
-
-def _trunk_segments(counted: dict, nodes: list[str]) -> tuple[list[int], dict[str, int]] | None:
-    """Each segment's trunk FLOPs of a network cut at ``nodes``, from a finer cut counted before.
-
-    Every operation of the trunk lies in exactly one segment of either cut, so a coarse segment
-    costs the sum of the fine ones it spans (and fvcore's unsupported operators are the same).
-    None where nothing was counted (placement by blocks or names) or a node was not a candidate.
-    """
-    if not counted or any(n not in counted["cum"] for n in nodes):
-        return None
-    cum = [counted["cum"][n] for n in nodes] + [counted["total"]]
-    return [b - a for a, b in zip([0, *cum[:-1]], cum, strict=True)], dict(counted["unsupported"])
 
 
 def _build_net(
@@ -195,7 +182,7 @@ def convert(
         counted,
     )
     net = _build_net(traced, nodes, num_classes, head_type)
-    costs = count(net, trunk=_trunk_segments(counted, nodes))  # the trunk is counted once
+    costs = count(net, trunk=trunk_segments(counted, nodes))  # the trunk is counted once
     if num_classes != 1000 or "num_classes" in kwargs:
         kwargs.pop("num_classes", None)
     spec = Spec(

@@ -36,7 +36,7 @@ def data_config(spec) -> dict:
         cfg = None
     if cfg is not None:
         return resolve_data_config(args, pretrained_cfg=cfg.to_dict())
-    from annify.convert import create_model
+    from annify.sources import create_model
 
     return resolve_data_config(args, model=create_model(spec.model, spec.num_classes, **spec.model_kwargs))
 

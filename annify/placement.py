@@ -23,7 +23,15 @@ from annify.rewrite import AnytimeNet
 from annify.sources import create_model, default_input_size
 from annify.trace import TapPoint, Traced, tap_points, trace
 
-__all__ = ["FINAL_FRACTION", "MAX_PERIODS", "choose", "inspect_model", "placement_candidates", "unknown_node"]
+__all__ = [
+    "FINAL_FRACTION",
+    "MAX_PERIODS",
+    "choose",
+    "inspect_model",
+    "placement_candidates",
+    "trunk_segments",
+    "unknown_node",
+]
 
 
 # Automatic placement leaves out tap points past this fraction of the trunk's cost.
@@ -45,6 +53,19 @@ def inspect_model(
     taps = tap_points(traced, trunk=True)
     cum, total = _trunk_costs(traced, taps)
     return taps, cum, total
+
+
+def trunk_segments(counted: dict, nodes: list[str]) -> tuple[list[int], dict[str, int]] | None:
+    """Each segment's trunk FLOPs of a network cut at ``nodes``, from a finer cut counted before.
+
+    Every operation of the trunk lies in exactly one segment of either cut, so a coarse segment
+    costs the sum of the fine ones it spans (and fvcore's unsupported operators are the same).
+    None where nothing was counted (placement by blocks or names) or a node was not a candidate.
+    """
+    if not counted or any(n not in counted["cum"] for n in nodes):
+        return None
+    cum = [counted["cum"][n] for n in nodes] + [counted["total"]]
+    return [b - a for a, b in zip([0, *cum[:-1]], cum, strict=True)], dict(counted["unsupported"])
 
 
 def _trunk_costs(traced: Traced, taps: list[TapPoint], counted: dict | None = None) -> tuple[list[int], int]:

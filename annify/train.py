@@ -331,7 +331,8 @@ def _start_run_folder(out: Path, spec: Spec, cfg: dict, start_epoch: int, machin
     """config.yaml, data.json and the metrics of the epochs kept; leftovers of an interrupted write go."""
     folder = run_dir.RunDir(out)
     folder.checkpoints.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder.checkpoints)  # a write that a kill interrupted
+    for place in (folder.root, folder.checkpoints):  # what a kill left of a write in progress
+        remove_leftovers(place)
     header = f"annify eval {folder.config} --checkpoint {folder.last}\n"
     header += f"resolved spec and settings of the run in {out}, written by `annify train`\n{machine}"
     atomic_write(folder.config, dump(spec, header))

@@ -301,12 +301,10 @@ def finite(x):
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` through a temporary file and a rename, so a reader never sees half a result."""
+    """Write ``text`` whole (annify's atomic write: a reader never sees half a result), making its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _not_public("atomic_write")(path, text)
     return path
 
 
@@ -493,6 +491,8 @@ _NOT_PUBLIC = {  # name here: (annify module, its name there; None: the module i
     "export": ("annify.export", "export"),
     # a run folder's files, named by their one owner
     "RunDir": ("annify.run_dir", "RunDir"),
+    # files written whole (the one place that writes safely)
+    "atomic_write": ("annify._files", "atomic_write"),
     # FLOPs as text, figures off-screen
     "format_flops": ("annify.report", "format_flops"),
     "figure": ("annify.report", "figure"),

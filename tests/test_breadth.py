@@ -16,6 +16,7 @@ import torch
 from timm.models import _registry
 
 import annify
+from annify.sources import default_input_size
 
 MAX_PARAMS = 100_000_000  # a family whose smallest model is larger is skipped
 
@@ -64,8 +65,7 @@ def convert_about(name: str, heads: int, classes: int | None):
         if "--heads must be between" not in str(e) and "found no tap point" not in str(e):
             raise
     model = annify.create_model(name, num_classes=classes).eval()
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
-    blocks = annify.tap_points(annify.trace(model, size, train_graph=False))
+    blocks = annify.tap_points(annify.trace(model, default_input_size(model), train_graph=False))
     torch.manual_seed(0)
     return annify.convert(name, every=max(1, len(blocks) // heads), num_classes=classes)[0], False
 

@@ -74,6 +74,18 @@ def test_fashion_mnist_default_path_and_errors(tmp_path):
         parse_source("mnist")  # mnist needs a path
 
 
+def test_a_damaged_gzip_stream_is_a_data_error(tmp_path):
+    """A .gz whose header is fine but whose deflate stream is damaged (zlib.error, not an OSError)."""
+    src = tmp_path / "damaged"
+    write_idx(src)
+    name = src / "train-images-idx3-ubyte.gz"
+    blob = bytearray(name.read_bytes())
+    blob[20:40] = b"\xff" * 20  # inside the deflate stream, past the 10-byte gzip header
+    name.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="is not a readable IDX file"):
+        data_info(f"mnist:{src}")
+
+
 def test_cache_is_reused_and_refreshed(tmp_path):
     src = tmp_path / "src"
     write_idx(src)

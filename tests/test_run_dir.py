@@ -66,7 +66,7 @@ def test_no_module_but_run_dir_spells_a_run_folder_file_name():
     assert spelled("teacher = 'last'; option = 'checkpoints'", names, folders) == set()
     offenders = {
         f"{path.parent.name}/{path.name}": sorted(found)
-        for path in sorted([*PACKAGE.glob("*.py"), *BENCHMARKS.rglob("*.py")])
+        for path in sorted([*PACKAGE.rglob("*.py"), *BENCHMARKS.rglob("*.py")])
         if path != PACKAGE / "run_dir.py" and (found := spelled(path.read_text(), names, folders))
     }
     assert offenders == {}, "spell these through annify.run_dir.RunDir"
@@ -130,3 +130,15 @@ def test_checkpoints_are_written_whole_and_their_state_read_back(tmp_path):
     (run.last / run_dir.STATE).write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="is unreadable"):
         run_dir.read_state(run.last)
+
+
+def test_resuming_removes_what_a_killed_write_left_in_the_run_folder(run, tmp_path, spec_path):
+    """atomic_write's temporary files sit beside their target: in the run folder itself and in checkpoints/."""
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    (out / ".tmp-config.yaml-abc").write_text("half")
+    (out / "checkpoints" / ".tmp-last-x1y2").mkdir()
+    from annify.train import train
+
+    train(spec_path, out=out, epochs=1, resume=True, log=lambda _: None)
+    assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))

@@ -64,6 +64,7 @@ def _mnist_root(kind: str, path: str) -> Path:
     import gzip
     import hashlib
     import shutil
+    import zlib
 
     from annify._files import atomic_file
 
@@ -95,7 +96,7 @@ def _mnist_root(kind: str, path: str) -> Path:
                 (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f,
             ):
                 shutil.copyfileobj(f, out)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged .gz stream
             if isinstance(err, OSError) and err.errno in (
                 errno.ENOSPC,
                 errno.EDQUOT,

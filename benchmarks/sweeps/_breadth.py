@@ -21,11 +21,10 @@ import torch
 from timm.models import _registry
 
 import annify
-from benchmarks._common import default_input_size, fit_input_size
+from benchmarks._common import default_input_size, fit_input_size, write_json
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES_JSON = RESULTS / "families.json"
-MODEL_PARAMS_JSON = RESULTS / "model_params.json"
 MAX_PARAMS = 100_000_000
 SWEEP_MAX_PARAMS = 30_000_000  # bench_breadth.py --all: every timm model up to this size
 
@@ -94,40 +93,7 @@ def families(refresh: bool = False) -> list[dict]:
         if cached.get("timm") == timm.__version__ and cached.get("version") == 2:
             return cached["families"]
     found = [smallest(m) for m in timm_modules()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    FAMILIES_JSON.write_text(
-        json.dumps({"timm": timm.__version__, "version": 2, "families": found}, indent=1)
-    )
-    return found
-
-
-def family(module: str) -> dict:
-    """One family's entry: from the cache when it is there, else counted now (seconds, not minutes)."""
-    if FAMILIES_JSON.is_file():
-        cached = json.loads(FAMILIES_JSON.read_text())
-        if cached.get("timm") == timm.__version__ and cached.get("version") == 2:
-            for f in cached["families"]:
-                if f["module"] == module:
-                    return f
-    return smallest(module)
-
-
-def model_params(refresh: bool = False) -> dict[str, int | str]:
-    """Parameter count of every registered, non-deprecated model of timm's own modules (a string: why it
-    could not be built on the meta device), cached in ``results/model_params.json`` (a few minutes)."""
-    if MODEL_PARAMS_JSON.is_file() and not refresh:
-        cached = json.loads(MODEL_PARAMS_JSON.read_text())
-        if cached.get("timm") == timm.__version__:
-            return cached["params"]
-    found: dict[str, int | str] = {}
-    for module in timm_modules():
-        for name in _models_of(module):
-            try:
-                found[name] = count_params(name)
-            except Exception as e:  # a model whose __init__ needs real data; rare
-                found[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    MODEL_PARAMS_JSON.write_text(json.dumps({"timm": timm.__version__, "params": found}, indent=1))
+    write_json(FAMILIES_JSON, {"timm": timm.__version__, "version": 2, "families": found})
     return found
 
 
@@ -135,7 +101,7 @@ def every_model(seed: int = 0) -> list[dict]:
     """Rows (as ``families()``'s, one model each) of every registered, non-deprecated model of timm's
     own modules, in a seeded random order, so that the first N checked are a seeded sample of all.
     Parameters are left to the sweep to count (``params`` None): counting all of timm on the meta
-    device takes longer than the sweep can wait on a busy machine (``model_params`` caches it)."""
+    device takes longer than the sweep can wait on a busy machine)."""
     import random
 
     names = sorted(n for module in timm_modules() for n in _models_of(module))

@@ -17,7 +17,7 @@ from benchmarks._common import (
     build_datasets,
     evaluate,
     set_threads,
-    write_text,
+    write_json,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,7 +89,7 @@ def run_one(job: Job) -> dict:
     theirs = [round(r["test_error"] * record["test_count"]) for r in res.table]
     if ours != theirs:  # the same network and images, batched differently
         print(f"warning: {folder}: test errors differ between train() and re-evaluation: {theirs} vs {ours}")
-    write_text(done, json.dumps(record) + "\n")
+    write_json(done, record, indent=None)
     return record
 
 
