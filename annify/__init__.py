@@ -20,6 +20,7 @@ from annify import _lazy
 _EXPORTS = {
     "ConvertError": "annify.errors",
     "build": "annify.convert",
+    "freeze": "annify.freeze",
     "convert": "annify.convert",
     "create_model": "annify.sources",
     "inspect_model": "annify.placement",
@@ -130,6 +131,7 @@ __all__ = [
     "budget_curve",
     "early_exit",
     "early_exit_stream",
+    "freeze",
     "ConvertError",
     "Costs",
     "HeadSpec",

@@ -390,8 +390,11 @@ def early_exit(
     On a CPU, time follows the FLOPs skipped far more closely with freed memory kept
     (``annify.keep_freed_memory()``, once per process; annify's commands do it) and the network and
     batch in channels-last format: resann50 at batch 64 then gets 0.87 of its 4.5× FLOP cut as
-    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §15b). With many batches to
-    classify, ``early_exit_stream`` also pools the last undecided samples of several batches.
+    wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §15b). Run it on ``annify.freeze(net)``
+    (the same outputs bit for bit) where the last segments see a few samples each: their module calls'
+    fixed cost goes, and the CIFAR ResANN's 5.1× cut at batch 64 gives 0.76-0.77 of it instead of 0.73.
+    With many batches to classify, ``early_exit_stream`` also pools the last undecided samples of
+    several batches.
 
     Returns:
         (logits at each sample's exit, N×classes; exit output index, N; per-sample FLOPs, N).

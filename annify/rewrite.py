@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from annify.errors import InferenceError
 from annify.trace import Traced, overwritten
 
 if TYPE_CHECKING:
     from annify.spec import Spec
 
-__all__ = ["AnytimeNet", "Segment", "add_into", "cut", "residual_adds"]
+__all__ = ["AnytimeNet", "Segment", "add_into", "cut", "make_segment", "residual_adds"]
 
 # Producers whose output is a fresh tensor (never a view of an input) that their own backward does not
 # save: writing into it later changes nothing autograd needs. Exact types only: a subclass may do more
@@ -171,6 +172,15 @@ def _boxed(graph: fx.Graph, tag: str) -> tuple[Callable, Callable]:
     return fn, boxed
 
 
+def make_segment(graph: fx.Graph, first: bool, tap: int | None, carry: int, tag: str) -> Segment:
+    """The segment running ``graph`` (its code generated and compiled here). The first segment takes the
+    graph's own inputs, which may have defaults, so its signature stays; the others also get ``boxed``."""
+    if first:
+        return Segment(_compile(graph, tag), tap, carry, graph)
+    fn, boxed = _boxed(graph, tag)
+    return Segment(fn, tap, carry, graph, boxed)
+
+
 def _compile(graph: fx.Graph, tag: str) -> Callable:
     code = graph.python_code(root_module="self")
     filename = f"<annify {tag}>"
@@ -218,13 +228,6 @@ def cut(
     def consumers(n: fx.Node) -> set[int]:
         return {len(bounds) - 1 if u.op == "output" else seg_of.get(u, -1) for u in n.users}
 
-    def segment(g: fx.Graph, s: int, tap: int | None, carry: int) -> Segment:
-        name = f"{tag} {s}"
-        if s == 0:  # the graph's own inputs (they may have defaults): their signature stays
-            return Segment(_compile(g, name), tap, carry, g)
-        fn, boxed = _boxed(g, name)
-        return Segment(fn, tap, carry, g, boxed)
-
     segments, carried = [], list(placeholders)
     for s in range(len(bounds) - 1):
         g = fx.Graph()
@@ -246,7 +249,7 @@ def cut(
         last = s == len(bounds) - 2
         if last:
             g.output(fx.map_arg(output.args[0], arg))
-            segments.append(segment(g, s, None, 0))
+            segments.append(make_segment(g, s == 0, None, 0, f"{tag} {s}"))
             break
         alive = [n for n in [*carried, *own] if any(c > s for c in consumers(n))]
         tap_node = nodes[bounds[s + 1]]
@@ -254,7 +257,7 @@ def cut(
         tap_pos = outs.index(tap_node) if tap_node in outs else len(outs)
         values = [env[n] for n in outs] + ([env[tap_node]] if tap_pos == len(outs) else [])
         g.output(tuple(values))
-        segments.append(segment(g, s, tap_pos, len(outs)))
+        segments.append(make_segment(g, s == 0, tap_pos, len(outs), f"{tag} {s}"))
         carried = alive
     return segments
 
@@ -320,7 +323,36 @@ class AnytimeNet(nn.Module):
         # its head reads a copy, or backward would find the value it saved already changed
         modes = [False, True] if traced.train_graph is not None else [False]
         self._copy_tap = [any(overwritten(traced.node(q, m), traced.model) for m in modes) for q in taps]
+        # set by annify.freeze on its copy: the heads as plain functions, and the refusals of a frozen net
+        self.frozen = False
+        self._frozen_heads: list[Callable] | None = None
         self.train(traced.model.training)
+
+    def train(self, mode: bool = True) -> AnytimeNet:
+        if mode and getattr(self, "frozen", False):
+            raise InferenceError(
+                "this network is frozen for inference (annify.freeze): train the network it was frozen "
+                "from, then freeze it again"
+            )
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        if getattr(
+            self, "frozen", False
+        ):  # its code holds the tensors it was frozen with: they would not follow
+            raise InferenceError(
+                "a frozen network cannot be moved or converted: do it before freezing, "
+                "annify.freeze(net.to(...))"
+            )
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if getattr(self, "frozen", False):
+            raise InferenceError(
+                "a frozen network holds the weights it was frozen with: load them into the network "
+                "it was frozen from, then freeze it again"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def describe(self, spec: Spec) -> AnytimeNet:
         """Record ``spec`` as this network's description (name, source, input size, per-output costs).
@@ -383,7 +415,8 @@ class AnytimeNet(nn.Module):
         feature = values[seg.tap]
         if not head:
             return tuple(values[: seg.carry]), feature
-        return tuple(values[: seg.carry]), self.exits[j](feature.clone() if self._copy_tap[j] else feature)
+        fn = self.exits[j] if self._frozen_heads is None else self._frozen_heads[j]
+        return tuple(values[: seg.carry]), fn(feature.clone() if self._copy_tap[j] else feature)
 
     def run_segments(self, x: torch.Tensor, heads: Sequence[bool]) -> Iterator[object]:
         """Run segments 0, 1, ... lazily, one per item of ``heads``, yielding ``run_segment``'s output j

@@ -1,0 +1,209 @@
+"""Freeze an anytime network for inference: the same outputs, bit for bit, at less cost per call.
+
+``freeze(net)`` returns a copy of ``net`` in eval mode whose segments and heads call torch's functions
+directly, with the weights held as constants, instead of going through ``nn.Module`` calls:
+
+- a convolution, linear layer, max pooling or eval BatchNorm becomes the very function call its
+  ``forward`` makes (``torch.conv2d(x, weight, bias, stride, ...)``, ``torch.batch_norm(..., False, ...)``),
+  without ``nn.Module.__call__``, its hook checks, BatchNorm's bookkeeping of momentum and counters,
+  and the attribute lookups of the generated code: a few microseconds per module, tens per segment,
+  which at the few samples the last segments of an early exit run was a fifth of a segment's time;
+- a ReLU of a value nothing else reads (a convolution's or BatchNorm's fresh output) runs in place;
+  ``nn.Identity`` and eval-mode dropout disappear;
+- the paper's head (``bn_relu_pool_linear``) becomes the same chain of calls.
+
+Modules of any other type keep their call. Nothing is folded or reordered, so every output equals the
+unfrozen network's in eval mode exactly (``torch.equal``; tests/test_freeze.py). BatchNorm folded into
+the convolution before it, or computed as ``shift + x * scale``, changes the last bits and measured no
+faster in an early exit on the CPU (BENCHMARKS.md §15b).
+
+A frozen network is for inference only: ``train()``, ``.to()`` and ``load_state_dict`` refuse with one
+line (its code holds the tensors it was frozen with), so freeze last, after moving the network to its
+device and memory format. Later changes to ``net`` do not reach the copy. Gradients still flow to the
+input (saliency maps work); the weights are constants and get none.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from annify.heads import _EVAL_SLICE_BYTES, PaperHead, _slices
+from annify.rewrite import AnytimeNet, make_segment
+
+__all__ = ["freeze", "lowered"]
+
+
+def freeze(net: AnytimeNet) -> AnytimeNet:
+    """A frozen copy of ``net`` for inference (see the module doc): ``net(x)``, ``early_exit``, ``stream``
+    and the runtimes give the same outputs, bit for bit, as ``net`` in eval mode, at less cost per call
+    (BENCHMARKS.md §15b). ``net`` itself is left as it is."""
+    if not isinstance(net, AnytimeNet):
+        raise TypeError(
+            f"annify.freeze takes an AnytimeNet (annify.load / annify.convert), not {type(net).__name__}"
+        )
+    if getattr(net, "frozen", False):
+        return net
+    frozen = copy.deepcopy(net).eval()
+    frozen._train_segments = None
+    frozen._eval_segments = [
+        _lower_segment(frozen, seg.graph, j == 0, seg.tap, seg.carry, j)
+        for j, seg in enumerate(net._eval_segments)
+    ]
+    frozen._frozen_heads = [lowered(h) or h for h in frozen.exits]
+    frozen.frozen = True
+    return frozen
+
+
+def _lower_segment(net: nn.Module, graph: fx.Graph, first: bool, tap, carry, j: int):
+    g = fx.Graph()
+    g.output(g.graph_copy(graph, {}))
+    fresh: set[fx.Node] = set()  # nodes whose value is a tensor allocated by their own call
+    for n in list(g.nodes):
+        if n.op != "call_module":
+            continue
+        m = net.get_submodule(n.target)
+        if type(m) is nn.Identity or (type(m) in _DROPOUT and not m.training):
+            if len(n.args) == 1 and not n.kwargs:
+                n.replace_all_uses_with(n.args[0])
+                g.erase_node(n)
+            continue
+        if (
+            type(m) is nn.ReLU
+            and not m.inplace
+            and n.args
+            and n.args[0] in fresh
+            and len(n.args[0].users) == 1
+        ):
+            n.op, n.target = "call_function", torch.relu_  # nothing else reads its input: same values
+            continue
+        fn = lowered(m)
+        if fn is not None:
+            n.op, n.target = "call_function", fn
+            if getattr(fn, "fresh", False):
+                fresh.add(n)
+    g.lint()
+    return make_segment(g, first, tap, carry, f"frozen segment {j}")
+
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_LOWER: dict[type, Callable[[nn.Module], Callable | None]] = {}
+
+
+def _lowers(*types: type):
+    def deco(fn):
+        for t in types:
+            _LOWER[t] = fn
+        return fn
+
+    return deco
+
+
+def lowered(m: nn.Module) -> Callable | None:
+    """``m``'s eval forward as a plain function of its input with ``m``'s tensors as constants, or
+    None where ``m``'s type (exactly: a subclass may do more) has no lowering. The function computes
+    what ``m(x)`` computes in eval mode, bit for bit."""
+    lower = _LOWER.get(type(m))
+    return None if lower is None else lower(m)
+
+
+def _fresh(fn: Callable) -> Callable:
+    fn.fresh = True  # its output is a new tensor: a ReLU after it may run in place
+    return fn
+
+
+def _const(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+@_lowers(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Callable | None:
+    if m.padding_mode != "zeros":  # the module pads itself first
+        return None
+    op = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(m.kernel_size)]
+    w, b, stride, padding, dilation, groups = (
+        _const(m.weight),
+        _const(m.bias),
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+    )
+
+    def conv(x):
+        return op(x, w, b, stride, padding, dilation, groups)
+
+    return _fresh(conv)
+
+
+@_lowers(nn.Linear)
+def _linear(m: nn.Linear) -> Callable:
+    w, b = _const(m.weight), _const(m.bias)
+
+    def linear(x):
+        return F.linear(x, w, b)
+
+    return _fresh(linear)
+
+
+@_lowers(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+def _max_pool(m) -> Callable | None:
+    if m.return_indices:
+        return None
+    op = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}[type(m)]
+    args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, False)
+
+    def max_pool(x):
+        return op(x, *args)
+
+    return _fresh(max_pool)
+
+
+@_lowers(nn.ReLU)
+def _relu(m: nn.ReLU) -> Callable:
+    return torch.relu_ if m.inplace else torch.relu
+
+
+@_lowers(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm(m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> Callable | None:
+    if m.running_mean is None or m.running_var is None:  # eval uses the batch's statistics
+        return None
+    w, b, mean, var, eps = (
+        _const(m.weight),
+        _const(m.bias),
+        m.running_mean.detach(),
+        m.running_var.detach(),
+        m.eps,
+    )
+    cudnn = torch.backends.cudnn
+
+    def batch_norm(x):  # the call F.batch_norm makes in eval mode
+        return torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, cudnn.enabled)
+
+    return _fresh(batch_norm)
+
+
+@_lowers(PaperHead)
+def _paper_head(m: PaperHead) -> Callable | None:
+    bn, fc = _batch_norm(m.norm), _linear(m.fc)
+    if bn is None or type(m.act) is not nn.ReLU:
+        return None
+
+    def head(x):
+        # PaperHead's eval path: pooled in cache-sized slices without autograd on the CPU
+        if (
+            not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and x.dim() == 4
+            and x.device.type == "cpu"
+            and x.numel() * x.element_size() > _EVAL_SLICE_BYTES
+        ):
+            return fc(torch.cat([torch.relu_(bn(x[s])).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]))
+        return fc(torch.relu_(bn(x)).mean((2, 3)))
+
+    return head
