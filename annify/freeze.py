@@ -12,7 +12,7 @@ directly, with the weights held as constants, instead of going through ``nn.Modu
   ``nn.Identity`` and eval-mode dropout disappear;
 - the paper's head (``bn_relu_pool_linear``) becomes the same chain of calls.
 
-Modules of any other type keep their call. Nothing is folded or reordered, so every output equals the
+Modules of any other type, and modules with forward hooks, keep their call. Nothing is folded or reordered, so every output equals the
 unfrozen network's in eval mode exactly (``torch.equal``; tests/test_freeze.py). BatchNorm folded into
 the convolution before it, or computed as ``shift + x * scale``, changes the last bits and measured no
 faster in an early exit on the CPU (BENCHMARKS.md §15b).
@@ -106,9 +106,12 @@ def _lowers(*types: type):
 def lowered(m: nn.Module) -> Callable | None:
     """``m``'s eval forward as a plain function of its input with ``m``'s tensors as constants, or
     None where ``m``'s type (exactly: a subclass may do more) has no lowering. The function computes
-    what ``m(x)`` computes in eval mode, bit for bit."""
+    what ``m(x)`` computes in eval mode, bit for bit. A module with forward hooks keeps its call, so the
+    hooks still run (the copy's modules carry the hooks ``net``'s had when it was frozen)."""
     lower = _LOWER.get(type(m))
-    return None if lower is None else lower(m)
+    if lower is None or m._forward_hooks or m._forward_pre_hooks:  # a hook of the user's must still run
+        return None
+    return lower(m)
 
 
 def _fresh(fn: Callable) -> Callable:

@@ -25,11 +25,17 @@ batches) with ``early_exit_stream``, which pools the samples still undecided acr
 full forward on each of the N batches; its FLOP reduction is the one realised over all N·64 samples,
 and the script prints the batch of every segment call the stream made.
 
+With ``--freeze`` both the full forward and the early exit run ``annify.freeze(net)`` (the same outputs
+bit for bit, so the same thresholds and exits), and each round also runs the unfrozen network's
+``net(x)``: the frozen full forward's speed against it is printed too. The full forward runs under
+``torch.inference_mode``, as ``early_exit`` does (before 2026-12-07: ``no_grad``).
+
 Usage::
 
     python -m benchmarks.bench_early_exit                       # both networks, as in BENCHMARKS.md
     python -m benchmarks.bench_early_exit --nets cifar --repeats 20 --reductions 4.6,2.5
     python -m benchmarks.bench_early_exit --nets cifar --repeats 40 --channels-last --cpu-memory keep --stream 8
+    python -m benchmarks.bench_early_exit --nets cifar --repeats 40 --channels-last --cpu-memory keep --freeze
 
 Results are printed as Markdown and written to ``benchmarks/results/early_exit.json``.
 """
@@ -71,14 +77,23 @@ GOAL = 0.75
 
 
 def _timed_segments(net, x, seg_times: list[list[float]]) -> list:
-    """``net(x)``, segment by segment (what ``stream`` does), appending each segment's time."""
-    state, outs = (x,), []
-    for j in range(net.num_outputs):
-        t0 = time.perf_counter()
-        state, out = net.run_segment(j, state)
-        seg_times[j].append(time.perf_counter() - t0)
-        outs.append(out)
+    """``net(x)`` under ``torch.inference_mode`` (as ``early_exit`` runs), segment by segment with the
+    state handed over (what ``run_segments`` does), appending each segment's time."""
+    state, outs = [x], []
+    with torch.inference_mode():
+        for j in range(net.num_outputs):
+            t0 = time.perf_counter()
+            carried, out = net.run_segment(j, state)
+            seg_times[j].append(time.perf_counter() - t0)
+            state = list(carried)
+            del carried
+            outs.append(out)
     return outs
+
+
+def _full(net, x) -> list:
+    with torch.inference_mode():
+        return net(x)
 
 
 def _inside(net, x, thresholds, repeats: int) -> dict:
@@ -88,9 +103,10 @@ def _inside(net, x, thresholds, repeats: int) -> dict:
     real, seen = net.run_segment, {}
 
     def clocked(j, state, head=True):
+        n = state[0].shape[0]  # read first: a state handed over as a list is emptied by the call
         t0 = time.perf_counter()
         out = real(j, state, head)
-        seen.setdefault(j, []).append((state[0].shape[0], time.perf_counter() - t0))
+        seen.setdefault(j, []).append((n, time.perf_counter() - t0))
         return out
 
     totals = []
@@ -154,7 +170,7 @@ def _row(label, red, realised, full, early, s, bound_cell, counts) -> list:
         f"{statistics.median(full) * 1e3:.0f}",
         f"{statistics.median(early) * 1e3:.0f}",
         f"**{s['median']:.2f}×** ({spread(s, 2, min_max=False)})",
-        f"**{eff:.2f}**",
+        f"**{eff:.3f}**",
         "yes" if eff >= GOAL else "no",
         bound_cell,
         len(full),
@@ -163,7 +179,13 @@ def _row(label, red, realised, full, early, s, bound_cell, counts) -> list:
 
 
 def run_net(
-    label: str, batch: int, repeats: int, reductions: list[float], channels_last: bool, stream: int = 0
+    label: str,
+    batch: int,
+    repeats: int,
+    reductions: list[float],
+    channels_last: bool,
+    stream: int = 0,
+    freeze: bool = False,
 ) -> tuple[list[list], dict]:
     model, placement, size, classes, n_val = NETS[label]
     net = model_pair(model, input_size=size, num_classes=classes, **placement)[1]
@@ -179,6 +201,9 @@ def run_net(
     with torch.no_grad():
         outs = [torch.cat(o) for o in zip(*(net(c) for c in val.split(batch)), strict=True)]
     probs = [torch.softmax(o, dim=-1) for o in outs]
+    unfrozen = net
+    if freeze:  # the same outputs bit for bit (tests/test_freeze.py), so the same thresholds and exits
+        net = annify.freeze(net)
     policies = {}
     for red in reductions:
         th = annify.early_exit.fit_thresholds(probs, flops[-1] / red, flops)
@@ -188,6 +213,8 @@ def run_net(
         policies[red] = (th, counts, flops[-1] / float(per_sample.mean()))
     seg_times: list[list[float]] = [[] for _ in range(net.num_outputs)]
     fns = {"full": lambda: _timed_segments(net, x, seg_times)}
+    if freeze:  # the network before freezing, computing every output as a user calls it
+        fns["full, not frozen"] = lambda: _full(unfrozen, x)
     for red, (th, _, _) in policies.items():
         fns[f"exit {red}"] = lambda th=th: annify.early_exit(net, x, th)
     streamed = {}
@@ -250,6 +277,12 @@ def main() -> None:
     ap.add_argument("--reductions", default="4.6,2.5", help="target FLOP reductions (full / average)")
     ap.add_argument("--channels-last", action="store_true", help="network and images in channels-last format")
     ap.add_argument(
+        "--freeze",
+        action="store_true",
+        help="time annify.freeze(net) (full forward and early exit), and its full forward against the "
+        "network before freezing",
+    )
+    ap.add_argument(
         "--stream",
         type=int,
         default=0,
@@ -261,6 +294,8 @@ def main() -> None:
     set_threads(args.threads)
     memory = common.set_cpu_memory(args.cpu_memory)
     settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
+    if args.freeze:
+        settings += ", frozen"
     if args.stream > 1:
         settings += f", stream of {args.stream}"
     print(machine_line())
@@ -268,7 +303,9 @@ def main() -> None:
     reductions = [float(r) for r in args.reductions.split(",")]
     rows, result = [], {"command": command(), "machine": machine()}
     for label in args.nets.split(","):
-        r, res = run_net(label, args.batch, args.repeats, reductions, args.channels_last, args.stream)
+        r, res = run_net(
+            label, args.batch, args.repeats, reductions, args.channels_last, args.stream, args.freeze
+        )
         rows += r
         result[label] = res
         print(f"{label} done", flush=True)
@@ -297,6 +334,13 @@ def main() -> None:
             + " ".join(f"{t / args.batch * 1e3:.3f}" for t in full)
             + " ms per segment"
         )
+        if "full, not frozen" in result[label]["times_s"]:
+            t = result[label]["times_s"]
+            s = summary(ratios(t["full, not frozen"], t["full"]))
+            print(
+                f"- {label}, the frozen network's full forward against the network before freezing: "
+                f"**{s['median']:.3f}×** as fast ({spread(s, 3)}, {len(t['full'])} rounds)"
+            )
         for key, res in result[label].items():
             if key.startswith("stream"):
                 calls = " ".join(f"{j}:{b}" for j, b in res["segment_calls"])
@@ -322,6 +366,7 @@ def main() -> None:
                 "machine_after": after,
                 "channels_last": args.channels_last,
                 "cpu_memory": args.cpu_memory,
+                "frozen": args.freeze,
             }
             for label in args.nets.split(",")
         }

@@ -92,6 +92,19 @@ def test_a_module_without_a_lowering_keeps_its_call():
         assert torch.equal(lowered(m)(x), m(x)), type(m).__name__
 
 
+def test_a_module_with_a_forward_hook_keeps_its_call_and_the_hook_runs(trained_looking):
+    net = trained_looking
+    conv = next(m for m in net.modules() if type(m) is nn.Conv2d)
+    seen = []
+    conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    frozen = annify.freeze(net)
+    assert nn.Conv2d in _call_modules(frozen)  # that one convolution, not lowered
+    seen.clear()
+    x = torch.randn(2, *annify_size(net))
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(net, x), _outputs(frozen, x), strict=True))
+    assert len(seen) == 2  # the hook ran in both networks
+
+
 def test_frozen_early_exit_gives_the_same_exits_logits_and_flops(trained_looking):
     net = trained_looking
     frozen = annify.freeze(net)
