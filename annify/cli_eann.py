@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from annify._cli_common import cpu_options, device_options, friendly, setting_help, writable_dir
-from annify.cli_train import SCHEME_HELP, SOURCES
+from annify.cli_train import DATA_HELP, SCHEME_HELP
 
 
 @click.command("eann")
 @click.argument("members", nargs=-1, required=True)
-@click.option("--data", help=f"Data source: {SOURCES} (default: the first spec's train.data, else digits).")
+@click.option("--data", help=f"Data source: {DATA_HELP} (default: the first spec's train.data, else digits).")
 @click.option("--epochs", type=int, help=setting_help("Epochs per member", "epochs", init=False))
 @click.option("--weights", metavar="SCHEME", help=setting_help(SCHEME_HELP, "weights", init=False))
 @click.option(

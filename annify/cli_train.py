@@ -10,7 +10,7 @@ from annify.config import TEACHERS
 from annify.data import sources_help
 
 SCHEME_HELP = "Loss weighting: a weight scheme of annify.weighting's registry, an unknown name lists them"
-SOURCES = sources_help()  # every registered data source, as written: digits | fashion-mnist[:PATH] | ...
+DATA_HELP = sources_help()  # every registered data source, as written: digits | fashion-mnist[:PATH] | ...
 
 
 def _hparams(values: tuple[str, ...]) -> dict | None:
@@ -28,7 +28,7 @@ def _hparams(values: tuple[str, ...]) -> dict | None:
 
 @click.command("train")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
+@click.option("--data", help=f"Data source: {DATA_HELP} (default: the spec's train.data, else digits).")
 @click.option("--weights", metavar="SCHEME", help=setting_help(SCHEME_HELP, "weights"))
 @click.option(
     "--head",
@@ -248,7 +248,7 @@ def _own_module(ref: str):
     help="Weights: a run folder, a checkpoint folder or a .safetensors file (default: SPEC, when it is a run "
     "folder).",
 )
-@click.option("--data", help=f"Data source: {SOURCES} (default: the spec's train.data, else digits).")
+@click.option("--data", help=f"Data source: {DATA_HELP} (default: the spec's train.data, else digits).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch.")
 @device_options
 @cpu_options

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SIZE_LADDER",
-    "SOURCES",
+    "MODEL_SOURCES",
     "create_model",
     "default_input_size",
     "fit_input_size",
@@ -30,7 +30,7 @@ __all__ = [
 
 
 # Where a spec's model comes from: a prefix of its name (none for timm's registry).
-SOURCES = {
+MODEL_SOURCES = {
     "hf-hub": "hf-hub:ORG/NAME (timm, configuration from the Hugging Face Hub)",
     "torchvision": "torchvision:NAME (torchvision.models.get_model)",
     "module": "module:CLASS (a module of your own, passed again to annify.load(spec, model=...))",
@@ -46,11 +46,11 @@ def model_source(model: str) -> tuple[str, str]:
     prefix, sep, name = model.partition(":")
     if not sep:
         return "timm", model
-    if prefix not in SOURCES:
-        known = "; ".join(["a timm name", *SOURCES.values()])
+    if prefix not in MODEL_SOURCES:
+        known = "; ".join(["a timm name", *MODEL_SOURCES.values()])
         raise SpecError(f"unknown model source '{prefix}:' in '{model}' (known: {known})")
     if not name:
-        raise SpecError(f"'{model}' names no model after '{prefix}:' (expected {SOURCES[prefix]})")
+        raise SpecError(f"'{model}' names no model after '{prefix}:' (expected {MODEL_SOURCES[prefix]})")
     if prefix == "module" and not name.isidentifier():
         raise SpecError(
             f"'{model}': after 'module:' comes the class name of your module, such as module:MyNet"
