@@ -70,7 +70,7 @@ def fit_to_data(spec: Spec, source: str) -> tuple[Spec, str | None]:
     c, h, w = spec.input_size
     kwargs = dict(spec.model_kwargs)
     timm_model = model_source(spec.model)[0] in ("timm", "hf-hub")  # others take no in_chans
-    if info.input_size[0] == 1 and kind != "digits" and timm_model:
+    if info.input_size[0] == 1 and not SOURCES[kind].keeps_channels and timm_model:
         c = kwargs["in_chans"] = 1
     size = (c, *info.input_size[1:]) if SOURCES[kind].fixed_size else (c, h, w)
     how = ""

@@ -65,6 +65,9 @@ class Source:
     fixed_size: bool  # its images have one native H×W, which a spec fitted to the data takes
     reader: str  # the module defining info() and datasets()
     default: str | None = None  # the argument when the source is written without one
+    # gray images repeated to the spec's channel count, instead of a timm model rebuilt at one channel
+    # (the digits: the specs written for them say how many channels they want)
+    keeps_channels: bool = False
 
     @property
     def syntax(self) -> str:
@@ -112,7 +115,7 @@ def describe_sources() -> str:
 _IDX = "its four IDX files, gzipped or not (28x28 gray)"
 # fmt: off
 register(Source("digits", "", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), offline; the default",
-                fixed_size=True, reader="annify.data.digits"))
+                fixed_size=True, reader="annify.data.digits", keeps_channels=True))
 register(Source("fashion-mnist", "PATH", f"Fashion-MNIST, {_IDX}; without PATH, Debian's dataset-fashion-mnist",
                 fixed_size=True, reader="annify.data.mnist", default=str(DEBIAN_FASHION_MNIST)))
 register(Source("mnist", "PATH", f"MNIST, {_IDX}",
