@@ -184,3 +184,16 @@ def test_frozen_timm_models_equal_theirs_bit_for_bit(model, placement):
             x = x.contiguous(memory_format=torch.channels_last)
         for a, b in zip(_outputs(net, x), _outputs(frozen, x), strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_frozen_equals_the_network_on_cuda(monkeypatch, trained_looking):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    net = trained_looking.to("cuda")
+    frozen = annify.freeze(net)  # frozen after the move: its constants live on the GPU
+    x = torch.randn(8, *annify_size(net), device="cuda")
+    got = _outputs(frozen, x)
+    assert all(o.device.type == "cuda" for o in got)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(net, x), got, strict=True))
