@@ -294,6 +294,8 @@ def main() -> None:
     set_threads(args.threads)
     memory = common.set_cpu_memory(args.cpu_memory)
     settings = f"{'channels-last' if args.channels_last else 'contiguous'}, {memory}"
+    if args.batch != 64:  # the results file keeps one entry per network and settings
+        settings += f", batch {args.batch}"
     if args.freeze:
         settings += ", frozen"
     if args.stream > 1:
