@@ -67,6 +67,8 @@ def _lower_segment(net: nn.Module, graph: fx.Graph, first: bool, tap, carry, j: 
         if n.op != "call_module":
             continue
         m = net.get_submodule(n.target)
+        if _hooked(m):  # a hook of the user's must still run
+            continue
         if type(m) is nn.Identity or (type(m) in _DROPOUT and not m.training):
             if len(n.args) == 1 and not n.kwargs:
                 n.replace_all_uses_with(n.args[0])
@@ -109,9 +111,11 @@ def lowered(m: nn.Module) -> Callable | None:
     what ``m(x)`` computes in eval mode, bit for bit. A module with forward hooks keeps its call, so the
     hooks still run (the copy's modules carry the hooks ``net``'s had when it was frozen)."""
     lower = _LOWER.get(type(m))
-    if lower is None or m._forward_hooks or m._forward_pre_hooks:  # a hook of the user's must still run
-        return None
-    return lower(m)
+    return None if lower is None or _hooked(m) else lower(m)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _fresh(fn: Callable) -> Callable:

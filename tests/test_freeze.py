@@ -95,14 +95,17 @@ def test_a_module_without_a_lowering_keeps_its_call():
 def test_a_module_with_a_forward_hook_keeps_its_call_and_the_hook_runs(trained_looking):
     net = trained_looking
     conv = next(m for m in net.modules() if type(m) is nn.Conv2d)
+    relu = next(m for m in net.modules() if type(m) is nn.ReLU)  # a ReLU freeze would make in place
     seen = []
-    conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    conv.register_forward_hook(lambda mod, args, out: seen.append("conv"))
+    relu.register_forward_pre_hook(lambda mod, args: seen.append("relu"))
     frozen = annify.freeze(net)
-    assert nn.Conv2d in _call_modules(frozen)  # that one convolution, not lowered
+    kept = _call_modules(frozen)
+    assert nn.Conv2d in kept and nn.ReLU in kept  # those two, not lowered
     seen.clear()
     x = torch.randn(2, *annify_size(net))
     assert all(torch.equal(a, b) for a, b in zip(_outputs(net, x), _outputs(frozen, x), strict=True))
-    assert len(seen) == 2  # the hook ran in both networks
+    assert sorted(seen) == ["conv", "conv", "relu", "relu"]  # the hooks ran in both networks
 
 
 def test_frozen_early_exit_gives_the_same_exits_logits_and_flops(trained_looking):
