@@ -392,8 +392,8 @@ def early_exit(
     batch in channels-last format: resann50 at batch 64 then gets 0.87 of its 4.5× FLOP cut as
     wall-clock speed-up, against 0.56 with neither (BENCHMARKS.md §15b). Run it on ``annify.freeze(net)``
     (the same outputs bit for bit) where the last segments see a few samples each: their module calls'
-    fixed cost goes, and the CIFAR ResANN's 5.1× cut at batch 64 gives 0.75-0.77 of it (median 0.76 over
-    7 runs) instead of 0.72-0.74.
+    fixed cost goes, and the CIFAR ResANN's 5.1× cut at batch 64 gives 0.751-0.77 of it in 8 of 10 runs
+    (median 0.757; 0.743-0.75 in the other two) instead of 0.722-0.741.
     With many batches to classify, ``early_exit_stream`` also pools the last undecided samples of
     several batches.
 

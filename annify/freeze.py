@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from annify.heads import _EVAL_SLICE_BYTES, PaperHead, _slices
-from annify.rewrite import AnytimeNet, make_segment
+from annify.heads import PaperHead, eval_pool
+from annify.rewrite import AnytimeNet, Segment, fresh_module, make_segment
 
 __all__ = ["freeze", "lowered"]
 
@@ -46,50 +46,40 @@ def freeze(net: AnytimeNet) -> AnytimeNet:
         raise TypeError(
             f"annify.freeze takes an AnytimeNet (annify.load / annify.convert), not {type(net).__name__}"
         )
-    if getattr(net, "frozen", False):
+    if net.frozen:
         return net
-    frozen = copy.deepcopy(net).eval()
-    frozen._train_segments = None
-    frozen._eval_segments = [
-        _lower_segment(frozen, seg.graph, j == 0, seg.tap, seg.carry, j)
-        for j, seg in enumerate(net._eval_segments)
-    ]
+    # the segments are rebuilt below: not copied only to be replaced
+    frozen = copy.deepcopy(net, {id(net._train_segments): None, id(net._eval_segments): None}).eval()
+    frozen._eval_segments = [_lower_segment(frozen, seg, j) for j, seg in enumerate(net._eval_segments)]
     frozen._frozen_heads = [lowered(h) or h for h in frozen.exits]
-    frozen.frozen = True
     return frozen
 
 
-def _lower_segment(net: nn.Module, graph: fx.Graph, first: bool, tap, carry, j: int):
+def _lower_segment(net: nn.Module, seg: Segment, j: int) -> Segment:
     g = fx.Graph()
-    g.output(g.graph_copy(graph, {}))
-    fresh: set[fx.Node] = set()  # nodes whose value is a tensor allocated by their own call
+    g.output(g.graph_copy(seg.graph, {}))
+    fresh: set[fx.Node] = set()  # nodes whose value is a new tensor its own backward does not save
     for n in list(g.nodes):
         if n.op != "call_module":
             continue
         m = net.get_submodule(n.target)
-        if _hooked(m):  # a hook of the user's must still run
+        if _hooked(m):  # a hook of the user's must still run (and may return anything)
             continue
         if type(m) is nn.Identity or (type(m) in _DROPOUT and not m.training):
             if len(n.args) == 1 and not n.kwargs:
                 n.replace_all_uses_with(n.args[0])
                 g.erase_node(n)
             continue
-        if (
-            type(m) is nn.ReLU
-            and not m.inplace
-            and n.args
-            and n.args[0] in fresh
-            and len(n.args[0].users) == 1
-        ):
-            n.op, n.target = "call_function", torch.relu_  # nothing else reads its input: same values
-            continue
-        fn = lowered(m)
+        if fresh_module(m):
+            fresh.add(n)
+        if type(m) is nn.ReLU and n.args and n.args[0] in fresh and len(n.args[0].users) == 1:
+            fn = torch.relu_  # nothing else reads its input: the same values, no new tensor
+        else:
+            fn = lowered(m)
         if fn is not None:
             n.op, n.target = "call_function", fn
-            if getattr(fn, "fresh", False):
-                fresh.add(n)
     g.lint()
-    return make_segment(g, first, tap, carry, f"frozen segment {j}")
+    return make_segment(g, j == 0, seg.tap, seg.carry, f"frozen segment {j}")
 
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -118,11 +108,6 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _fresh(fn: Callable) -> Callable:
-    fn.fresh = True  # its output is a new tensor: a ReLU after it may run in place
-    return fn
-
-
 def _const(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -132,19 +117,12 @@ def _conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Callable | None:
     if m.padding_mode != "zeros":  # the module pads itself first
         return None
     op = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(m.kernel_size)]
-    w, b, stride, padding, dilation, groups = (
-        _const(m.weight),
-        _const(m.bias),
-        m.stride,
-        m.padding,
-        m.dilation,
-        m.groups,
-    )
+    w, b, args = _const(m.weight), _const(m.bias), (m.stride, m.padding, m.dilation, m.groups)
 
     def conv(x):
-        return op(x, w, b, stride, padding, dilation, groups)
+        return op(x, w, b, *args)
 
-    return _fresh(conv)
+    return conv
 
 
 @_lowers(nn.Linear)
@@ -154,7 +132,7 @@ def _linear(m: nn.Linear) -> Callable:
     def linear(x):
         return F.linear(x, w, b)
 
-    return _fresh(linear)
+    return linear
 
 
 @_lowers(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -167,7 +145,7 @@ def _max_pool(m) -> Callable | None:
     def max_pool(x):
         return op(x, *args)
 
-    return _fresh(max_pool)
+    return max_pool
 
 
 @_lowers(nn.ReLU)
@@ -182,8 +160,8 @@ def _batch_norm(m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> Callable
     w, b, mean, var, eps = (
         _const(m.weight),
         _const(m.bias),
-        m.running_mean.detach(),
-        m.running_var.detach(),
+        _const(m.running_mean),
+        _const(m.running_var),
         m.eps,
     )
     cudnn = torch.backends.cudnn
@@ -191,7 +169,7 @@ def _batch_norm(m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> Callable
     def batch_norm(x):  # the call F.batch_norm makes in eval mode
         return torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, cudnn.enabled)
 
-    return _fresh(batch_norm)
+    return batch_norm
 
 
 @_lowers(PaperHead)
@@ -200,17 +178,10 @@ def _paper_head(m: PaperHead) -> Callable | None:
     if bn is None or type(m.act) is not nn.ReLU:
         return None
 
-    def head(x):
-        # PaperHead's eval path: pooled in cache-sized slices without autograd on the CPU
-        if (
-            not torch.is_grad_enabled()
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and x.dim() == 4
-            and x.device.type == "cpu"
-            and x.numel() * x.element_size() > _EVAL_SLICE_BYTES
-        ):
-            return fc(torch.cat([torch.relu_(bn(x[s])).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]))
-        return fc(torch.relu_(bn(x)).mean((2, 3)))
+    def norm_act(x):  # the head's ReLU works in place on BatchNorm's fresh output, as PaperHead's does
+        return torch.relu_(bn(x))
+
+    def head(x):  # PaperHead's eval path, the same calls
+        return eval_pool(x, norm_act, fc)
 
     return head

@@ -157,6 +157,27 @@ class _BatchNormReLUPool(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
+def eval_pool(x: torch.Tensor, norm_act: Callable, fc: Callable) -> torch.Tensor:
+    """``fc(mean over H×W of norm_act(x))`` for the paper head in eval (``norm_act`` its BatchNorm with
+    running statistics and its ReLU; ``annify.freeze`` passes the same calls as plain functions).
+
+    Without autograd on the CPU (evaluation, early exit, serving) samples are independent, so a map
+    above ``_EVAL_SLICE_BYTES`` goes through in cache-sized slices of the batch, value for value what
+    the whole batch gives; tracers (FLOP counting, ONNX export, torch.compile/export) get the
+    whole-batch chain.
+    """
+    if (
+        not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.numel() * x.element_size() > _EVAL_SLICE_BYTES  # one slice: no slicing to pay for
+    ):
+        return fc(torch.cat([norm_act(x[s]).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]))
+    return fc(norm_act(x).mean((2, 3)))
+
+
 class PaperHead(nn.Module):
     """BatchNorm, ReLU, global average pooling, linear (Hu et al. 2019, appendix B).
 
@@ -196,20 +217,8 @@ class PaperHead(nn.Module):
             # at 64x32x16x16, 0.65x at 8x256x56x56, 0.93x at 8x2048x7x7; 1.01-1.07x at 64x64x8x8)
             and x.numel() >= FUSED_MIN_NUMEL
         )
-        sliced = (  # eval without autograd (evaluation, early exit, serving): samples are independent
-            not bn.training
-            and not torch.is_grad_enabled()
-            # tracers (FLOP counting, ONNX export, torch.compile/export) record the whole-batch chain
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and bn.running_mean is not None
-            and x.dim() == 4
-            and x.device.type == "cpu"
-            and x.numel() * x.element_size() > _EVAL_SLICE_BYTES  # one slice: no slicing to pay for
-        )
-        if sliced:
-            parts = [self.act(bn(x[s])).mean((2, 3)) for s in _slices(x, _EVAL_SLICE_BYTES)]
-            return self.fc(torch.cat(parts))
+        if not bn.training and bn.running_mean is not None:  # eval with running statistics
+            return eval_pool(x, lambda t: self.act(bn(t)), self.fc)
         if not fused:
             return self.fc(self.act(bn(x)).mean((2, 3)))
         pooled, mu, var = _BatchNormReLUPool.apply(x, bn.weight, bn.bias, bn.eps)

@@ -38,7 +38,7 @@ from annify.trace import Traced, overwritten
 if TYPE_CHECKING:
     from annify.spec import Spec
 
-__all__ = ["AnytimeNet", "Segment", "add_into", "cut", "make_segment", "residual_adds"]
+__all__ = ["AnytimeNet", "Segment", "add_into", "cut", "fresh_module", "make_segment", "residual_adds"]
 
 # Producers whose output is a fresh tensor (never a view of an input) that their own backward does not
 # save: writing into it later changes nothing autograd needs. Exact types only: a subclass may do more
@@ -107,7 +107,7 @@ def residual_adds(graph: fx.Graph, model: nn.Module, keep: set[fx.Node]) -> dict
         if type(m) is nn.Identity:
             inner = fresh(n.args[0]) if len(n.args) == 1 and isinstance(n.args[0], fx.Node) else None
             return None if inner is None else {n, *inner}
-        return {n} if type(m) in _FRESH_MODULES or _plain_norm_act(m) else None
+        return {n} if fresh_module(m) else None
 
     found = {}
     for n in graph.nodes:
@@ -119,6 +119,13 @@ def residual_adds(graph: fx.Graph, model: nn.Module, keep: set[fx.Node]) -> dict
             if chain is not None:
                 found[n] = chain
     return found
+
+
+def fresh_module(m: nn.Module) -> bool:
+    """Whether ``m``'s output is always a new tensor that its own backward does not save (``_FRESH_MODULES``,
+    exact types, or a timm norm layer without activation): a later op may write into it (``add_into``,
+    and ``annify.freeze``'s in-place ReLU)."""
+    return type(m) in _FRESH_MODULES or _plain_norm_act(m)
 
 
 def _plain_norm_act(m: nn.Module) -> bool:
@@ -323,13 +330,17 @@ class AnytimeNet(nn.Module):
         # its head reads a copy, or backward would find the value it saved already changed
         modes = [False, True] if traced.train_graph is not None else [False]
         self._copy_tap = [any(overwritten(traced.node(q, m), traced.model) for m in modes) for q in taps]
-        # set by annify.freeze on its copy: the heads as plain functions, and the refusals of a frozen net
-        self.frozen = False
+        # set by annify.freeze on its copy: the heads as plain functions (see ``frozen``)
         self._frozen_heads: list[Callable] | None = None
         self.train(traced.model.training)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether this is an ``annify.freeze`` copy: for inference only, its weights held as constants."""
+        return self._frozen_heads is not None
+
     def train(self, mode: bool = True) -> AnytimeNet:
-        if mode and getattr(self, "frozen", False):
+        if mode and self.frozen:
             raise InferenceError(
                 "this network is frozen for inference (annify.freeze): train the network it was frozen "
                 "from, then freeze it again"
@@ -337,9 +348,7 @@ class AnytimeNet(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        if getattr(
-            self, "frozen", False
-        ):  # its code holds the tensors it was frozen with: they would not follow
+        if self.frozen:  # its code holds the tensors it was frozen with: they would not follow
             raise InferenceError(
                 "a frozen network cannot be moved or converted: do it before freezing, "
                 "annify.freeze(net.to(...))"
@@ -347,7 +356,7 @@ class AnytimeNet(nn.Module):
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if getattr(self, "frozen", False):
+        if self.frozen:
             raise InferenceError(
                 "a frozen network holds the weights it was frozen with: load them into the network "
                 "it was frozen from, then freeze it again"
